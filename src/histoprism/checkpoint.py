@@ -1,0 +1,64 @@
+"""Run directories: weights as safetensors, everything else as JSON. No pickle anywhere.
+
+A run describes itself (model kind and config, gene panel, cancer vocabulary, encoder name and
+dim, package and format version) and refuses to load into a mismatching use.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__, keys
+from .errors import InputError
+from .io import atomic_path, write_text_atomic
+
+FORMAT_VERSION = 1
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write tensors to a safetensors file atomically (contiguous CPU copies)."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp))
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.exists():
+        raise InputError("weights file not found", path)
+    return load_file(str(path))
+
+
+def save_run(run_dir: str | Path, *, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` (weights first: a run with a config is complete)."""
+    run_dir = Path(run_dir)
+    save_tensors(run_dir / keys.RUN_WEIGHTS, tensors)
+    meta = {"format_version": FORMAT_VERSION, "histoprism_version": __version__, **config}
+    write_text_atomic(run_dir / keys.RUN_CONFIG, json.dumps(meta, indent=1))
+    return run_dir
+
+
+def load_run(run_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read a run directory -> (config, tensors); an unknown format version is an error."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / keys.RUN_CONFIG
+    if not cfg_path.exists():
+        raise InputError("not a trained run (no config.json)", run_dir)
+    config = json.loads(cfg_path.read_text())
+    if config.get("format_version") != FORMAT_VERSION:
+        raise InputError(
+            f"run format version {config.get('format_version')} is not {FORMAT_VERSION}", cfg_path
+        )
+    return config, load_tensors(run_dir / keys.RUN_WEIGHTS)
+
+
+def check_encoder(config: dict, encoder: str, *, run_dir: str | Path) -> None:
+    """Refuse embeddings of another encoder than the run was trained on."""
+    if config.get("encoder") != encoder:
+        raise InputError(
+            f"model was trained on '{config.get('encoder')}' embeddings, not '{encoder}'", run_dir
+        )

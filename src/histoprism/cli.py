@@ -1,0 +1,159 @@
+"""``histoprism`` command line: a thin shell over the Python API (same parameter names)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .errors import InputError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Predict spatial gene expression from H&E embeddings (HistoPrism) and score it (HVG, GPC).",
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+_state = {"debug": False}
+
+Data = Annotated[Path, typer.Option("--data", help="Cohort directory (DESIGN.md layout).")]
+Encoder = Annotated[str, typer.Option("--encoder", help="Embedding folder name under embeddings/.")]
+Split = Annotated[
+    Path | None, typer.Option("--split", help="Folder with {train,val,test}_split.csv.")
+]
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO if debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _run(fn, *args, **kwargs):
+    """Call the API; bad input becomes one line on stderr and exit code 2 (traceback with --debug)."""
+    try:
+        return fn(*args, **kwargs)
+    except (InputError, FileNotFoundError, PermissionError) as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print("interrupted; outputs written so far are complete, partial files removed")
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def train(
+    data: Data,
+    encoder: Encoder,
+    out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
+    split: Split = None,
+    model: Annotated[str, typer.Option(help="histoprism | ridge | ridge-knn | mlp")] = "histoprism",
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs (default: recipe's).")] = None,
+    no_conditioning: Annotated[
+        bool, typer.Option("--no-conditioning", help="Ablation: no cancer-type conditioning.")
+    ] = False,
+    positional_encoding: Annotated[
+        bool,
+        typer.Option("--positional-encoding", help="Sinusoidal encoding of spot centres (µm)."),
+    ] = False,
+    genes: Annotated[
+        Path | None,
+        typer.Option(
+            help="Gene panel file (one gene per line); default: genes of the training slides."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    config: Annotated[
+        str, typer.Option(help="Preset (default | paper) or YAML/JSON file.")
+    ] = "default",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.")] = False,
+) -> None:
+    """Train a model on the cohort's train split (early stopping on val)."""
+    from . import train as api
+
+    t0 = time.perf_counter()
+    run = _run(
+        api.train,
+        data,
+        encoder,
+        out,
+        split=split,
+        model=model,
+        epochs=epochs,
+        conditioning=not no_conditioning,
+        positional_encoding=positional_encoding,
+        genes=genes,
+        seed=seed,
+        config=config,
+        resume=resume,
+    )
+    from .checkpoint import load_run
+
+    cfg, _ = load_run(run)
+    best = (
+        f", best epoch {cfg['best_epoch']} (val loss {cfg['best_val_loss']:.4f})"
+        if "best_epoch" in cfg
+        else ""
+    )
+    typer.echo(
+        f"trained {model} on {len(cfg['train_slides'])} slides, {len(cfg['genes'])} genes{best} -> {run} [{time.perf_counter() - t0:.0f}s]"
+    )
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option("--model", help="Run directory written by train.")],
+    data: Data,
+    encoder: Encoder,
+    out: Annotated[Path, typer.Option("--out", help="Folder for PRED/{id}.h5ad.")],
+    split: Split = None,
+    samples: Annotated[str, typer.Option(help="test | all | ID,ID,...")] = "test",
+    unknown_cancer: Annotated[
+        bool,
+        typer.Option(
+            "--unknown-cancer",
+            help="Predict cancer codes the model never saw with its 'Unknown' token instead of failing.",
+        ),
+    ] = False,
+    float16: Annotated[
+        bool, typer.Option("--float16", help="Store predictions as float16 (half the disk).")
+    ] = False,
+) -> None:
+    """Predict whole slides as AnnData (X = log1p expression, obsm['pathways'])."""
+    from . import predict as api
+
+    t0 = time.perf_counter()
+    paths = _run(
+        api.predict,
+        model,
+        data,
+        encoder,
+        out,
+        split=split,
+        samples=samples,
+        unknown_cancer=unknown_cancer,
+        dtype="float16" if float16 else "float32",
+    )
+    typer.echo(f"predicted {len(paths)} slides -> {out} [{time.perf_counter() - t0:.0f}s]")
+
+
+def entry() -> None:  # pragma: no cover - console script
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m histoprism.cli (torchrun)
+    sys.exit(app())

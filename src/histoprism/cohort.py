@@ -1,0 +1,284 @@
+"""A cohort directory (DESIGN.md) -> ``Slide`` records with spots aligned across files."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy.spatial import cKDTree
+
+from . import keys
+from .errors import InputError
+from .readers import EmbeddingFile, read_embeddings, read_st
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Slide:
+    """One slide; row i of every per-spot array is the same spot.
+
+    features: (N, D) float32 patch embeddings.  coords: (N, 2) float64 spot centres, level-0 pixels
+    (x, y).  pixel_size_um: µm per level-0 pixel (None if unknown).  counts: (N, G_s) float32 CSR raw
+    counts of the measured ``genes`` (G_s,), or None for a slide that was never sequenced.
+    """
+
+    id: str
+    cancer: str
+    barcodes: np.ndarray
+    features: np.ndarray
+    coords: np.ndarray
+    pixel_size_um: float | None = None
+    genes: np.ndarray | None = None
+    counts: sp.csr_matrix | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_spots(self) -> int:
+        return len(self.barcodes)
+
+    @property
+    def coords_um(self) -> np.ndarray:
+        """(N, 2) spot centres in µm (pixels if the pixel size is unknown)."""
+        return self.coords * (self.pixel_size_um or 1.0)
+
+    def log1p_counts(self) -> np.ndarray:
+        """(N, G_s) float32 dense log1p(raw counts): the regression target."""
+        if self.counts is None:
+            raise InputError(f"slide {self.id} has no counts")
+        return np.log1p(self.counts.toarray())
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Which rows of the counts file and of the embedding file are the same spot."""
+
+    st_rows: np.ndarray  # (M,) int64 rows of the h5ad, increasing
+    emb_rows: np.ndarray  # (M,) int64 matching rows of the embedding file
+    st_unmatched: int  # spots with counts but no embedding (dropped)
+    emb_unmatched: int  # embeddings with no counts (dropped)
+    by: str  # "barcode" or "position"
+
+
+def align_spots(
+    st_barcodes: np.ndarray, st_coords: np.ndarray, emb: EmbeddingFile, *, path: Path | None = None
+) -> Alignment:
+    """Match spots of a counts file to rows of an embedding file, by barcode or else by position.
+
+    Barcodes may come in any order and either side may hold extra spots. Without barcodes, each
+    spot takes the embedding whose centre is nearest, if within half the spot spacing.
+    """
+    if emb.barcodes is not None:
+        pos = pd.Index(emb.barcodes.astype(str)).get_indexer(np.asarray(st_barcodes, dtype=str))
+        by = "barcode"
+    else:
+        pos, by = _match_by_position(st_coords, emb.coords), "position"
+    st_rows = np.flatnonzero(pos >= 0)
+    if len(st_rows) == 0:
+        raise InputError(f"no spot of the counts file matches an embedding ({by})", path)
+    emb_rows = pos[st_rows]
+    return Alignment(
+        st_rows=st_rows,
+        emb_rows=emb_rows,
+        st_unmatched=len(st_barcodes) - len(st_rows),
+        emb_unmatched=len(emb.features) - len(st_rows),
+        by=by,
+    )
+
+
+def _match_by_position(st_coords: np.ndarray, emb_coords: np.ndarray) -> np.ndarray:
+    """(N,) index of the embedding nearest each spot centre, -1 beyond half the spot spacing."""
+    if len(st_coords) > 1:
+        d_nn, _ = cKDTree(st_coords).query(st_coords, k=2)
+        spacing = float(np.median(d_nn[:, 1]))
+    else:
+        spacing = np.inf
+    dist, idx = cKDTree(emb_coords).query(st_coords, k=1)
+    idx = np.where(dist <= spacing / 2, idx, -1)
+    # one embedding may serve one spot only: keep the closest claim
+    order = np.argsort(dist)
+    taken = np.zeros(len(emb_coords), dtype=bool)
+    out = np.full(len(st_coords), -1, dtype=np.int64)
+    for i in order[idx[order] >= 0]:
+        if not taken[idx[i]]:
+            taken[idx[i]] = True
+            out[i] = idx[i]
+    return out
+
+
+class Cohort:
+    """A cohort directory: metadata, counts, embeddings and splits (layout in DESIGN.md).
+
+    ``split_dir`` overrides ``root/splits``; without either, slides are split by patient (70/15/15,
+    seeded) so that no patient is in two splits.
+    """
+
+    def __init__(self, root: str | Path, *, split_dir: str | Path | None = None, seed: int = 0):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise InputError("cohort directory not found", self.root)
+        self.metadata = _read_metadata(self.root)
+        self.splits, self._split_tables = _read_splits(
+            Path(split_dir) if split_dir else self.root / keys.SPLITS_DIR
+        )
+        self._fill_cancer_codes()
+        if not self.splits:
+            self.splits = _split_by_patient(self.metadata.loc[self.available_ids()], seed=seed)
+
+    # --- paths -------------------------------------------------------------------------------
+    def st_path(self, sample_id: str) -> Path:
+        return self.root / keys.ST_DIR / f"{sample_id}.h5ad"
+
+    def embedding_path(self, sample_id: str, encoder: str) -> Path:
+        return self.root / keys.EMBEDDINGS_DIR / encoder / f"{sample_id}.h5"
+
+    def available_ids(self) -> list[str]:
+        """Metadata ids that have a counts file or an embedding file."""
+        have = {p.stem for p in (self.root / keys.ST_DIR).glob("*.h5ad")}
+        have |= {p.stem for p in (self.root / keys.EMBEDDINGS_DIR).glob("*/*.h5")}
+        return [i for i in self.metadata.index if i in have]
+
+    def ids(self, split: str | None = None) -> list[str]:
+        """Sample ids of one split ('train', 'val', 'test'), or all available ids."""
+        if split is None:
+            return self.available_ids()
+        if split not in self.splits:
+            raise InputError(f"no '{split}' split (have: {', '.join(self.splits) or 'none'})")
+        return list(self.splits[split])
+
+    def cancer(self, sample_id: str) -> str:
+        """The slide's cancer code; empty codes were filled (oncotree_code_filled, else Unknown)."""
+        if sample_id not in self.metadata.index:
+            raise InputError(f"sample '{sample_id}' not in metadata", self.root)
+        return str(self.metadata.at[sample_id, keys.META_CANCER])
+
+    def pixel_size_um(self, sample_id: str) -> float | None:
+        for col in keys.META_PIXEL_SIZE:
+            if col in self.metadata.columns:
+                v = pd.to_numeric(self.metadata.at[sample_id, col], errors="coerce")
+                if np.isfinite(v) and v > 0:
+                    return float(v)
+        return None
+
+    # --- slides ------------------------------------------------------------------------------
+    def slide(self, sample_id: str, encoder: str, *, counts: bool = True) -> Slide:
+        """Load one slide with spots aligned across the counts and embedding files.
+
+        With ``counts=False`` (or no counts file) the slide holds only embeddings: prediction for
+        slides that were never sequenced.
+        """
+        emb = read_embeddings(self.embedding_path(sample_id, encoder))
+        meta = self.metadata.loc[sample_id].to_dict() if sample_id in self.metadata.index else {}
+        common = dict(
+            id=sample_id,
+            cancer=self.cancer(sample_id),
+            pixel_size_um=self.pixel_size_um(sample_id),
+            meta=meta,
+        )
+        st_path = self.st_path(sample_id)
+        if not counts or not st_path.exists():
+            if counts:
+                raise InputError("counts file not found", st_path)
+            barcodes = emb.barcodes if emb.barcodes is not None else _spot_names(len(emb.features))
+            return Slide(barcodes=barcodes, features=emb.features, coords=emb.coords, **common)
+        adata = read_st(st_path)
+        xy = adata.obsm[keys.OBSM_SPATIAL][:, :2]
+        al = align_spots(adata.obs_names.to_numpy(), xy, emb, path=emb.path)
+        if al.st_unmatched or al.emb_unmatched:
+            log.warning(
+                "%s: dropped %d spots without an embedding and %d embeddings without counts (by %s)",
+                sample_id, al.st_unmatched, al.emb_unmatched, al.by,
+            )  # fmt: skip
+        return Slide(
+            barcodes=adata.obs_names.to_numpy().astype(str)[al.st_rows],
+            features=emb.features[al.emb_rows],
+            coords=xy[al.st_rows],
+            genes=adata.var_names.to_numpy().astype(str),
+            counts=adata.X[al.st_rows],
+            **common,
+        )
+
+    def _fill_cancer_codes(self) -> None:
+        """Empty codes take ``oncotree_code_filled`` (metadata or split files), else 'Unknown'."""
+        md = self.metadata
+        code = md[keys.META_CANCER].astype("string").str.strip().replace("", pd.NA)
+        filled = self._filled_codes()
+        code = code.fillna(pd.Series(filled, dtype="string")).fillna(keys.UNKNOWN_CANCER)
+        md[keys.META_CANCER] = code.astype(str)
+
+    def _filled_codes(self) -> dict[str, str]:
+        filled: dict[str, str] = {}
+        for df in [self.metadata.reset_index(drop=True), *self._split_tables]:
+            if keys.META_CANCER_FILLED in df.columns:
+                idcol = keys.META_ID if keys.META_ID in df.columns else keys.SPLIT_ID
+                ok = df[keys.META_CANCER_FILLED].notna() & (df[keys.META_CANCER_FILLED] != "")
+                filled.update(
+                    zip(
+                        df.loc[ok, idcol].astype(str),
+                        df.loc[ok, keys.META_CANCER_FILLED],
+                        strict=True,
+                    )
+                )
+        return filled
+
+
+def _spot_names(n: int) -> np.ndarray:
+    return np.array([f"spot{i}" for i in range(n)], dtype=object)
+
+
+def _read_metadata(root: Path) -> pd.DataFrame:
+    path = next((root / n for n in keys.METADATA_FILES if (root / n).exists()), None)
+    if path is None:
+        raise InputError(f"no {' or '.join(keys.METADATA_FILES)} in cohort", root)
+    md = pd.read_csv(path, dtype={keys.META_ID: str, keys.META_CANCER: str}, encoding="utf-8-sig")
+    for col in (keys.META_ID, keys.META_CANCER):
+        if col not in md.columns:
+            raise InputError(f"missing required column '{col}'", path)
+    dup = md[keys.META_ID][md[keys.META_ID].duplicated()]
+    if len(dup):
+        raise InputError(f"duplicate sample id '{dup.iloc[0]}'", path)
+    return md.set_index(keys.META_ID, drop=False)
+
+
+def _read_splits(split_dir: Path) -> tuple[dict[str, list[str]], list[pd.DataFrame]]:
+    """{split: ids} and the raw split tables (they may carry ``oncotree_code_filled``)."""
+    splits: dict[str, list[str]] = {}
+    tables: list[pd.DataFrame] = []
+    for name in keys.SPLIT_NAMES:
+        path = split_dir / f"{name}_split.csv"
+        if not path.exists():
+            continue
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        idcol = next((c for c in (keys.SPLIT_ID, keys.META_ID) if c in df.columns), None)
+        if idcol is None:
+            raise InputError(f"missing column '{keys.SPLIT_ID}'", path)
+        df = df.rename(columns={idcol: keys.SPLIT_ID})
+        splits[name] = df[keys.SPLIT_ID].tolist()
+        tables.append(df)
+    if split_dir.exists() and not splits and split_dir.name != keys.SPLITS_DIR:
+        raise InputError("no train/val/test_split.csv in split directory", split_dir)
+    return splits, tables
+
+
+def _split_by_patient(md: pd.DataFrame, *, seed: int) -> dict[str, list[str]]:
+    """70/15/15 split of slides by patient (a patient's slides stay together)."""
+    patient = md.get(keys.META_PATIENT, pd.Series(md.index, index=md.index))
+    patient = patient.fillna(pd.Series(md.index, index=md.index)).astype(str)
+    groups = np.array(sorted(set(patient)))
+    np.random.default_rng(seed).shuffle(groups)
+    n = len(groups)
+    n_test = max(1, round(0.15 * n))
+    n_val = max(1, round(0.15 * n)) if n >= 3 else 0
+    part = {
+        "test": set(groups[:n_test]),
+        "val": set(groups[n_test : n_test + n_val]),
+    }
+    out = {"train": [], "val": [], "test": []}
+    for sid, p in patient.items():
+        split = "test" if p in part["test"] else "val" if p in part["val"] else "train"
+        out[split].append(str(sid))
+    return out

@@ -1,0 +1,18 @@
+"""The one exception type for bad user input.
+
+The CLI prints its message as a single line and exits non-zero; library users catch it like any
+``ValueError``. Messages name the file and the problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class InputError(ValueError):
+    """Bad input: a missing file, misaligned barcodes, NaN embeddings, an unknown cancer code ..."""
+
+    def __init__(self, problem: str, path: str | Path | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}" if path is not None else problem)

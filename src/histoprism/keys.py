@@ -1,0 +1,54 @@
+"""Names of files, HDF5 datasets and AnnData slots, in one place.
+
+Readers and writers import these; a layout changes here or nowhere.
+"""
+
+# --- cohort directory (see DESIGN.md) ---------------------------------------------------------
+METADATA_FILES = ("metadata.csv", "HEST_v1_1_0.csv")
+ST_DIR = "st"  # st/{id}.h5ad: raw counts
+EMBEDDINGS_DIR = "embeddings"  # embeddings/{encoder}/{id}.h5
+PATCHES_DIR = "patches"  # patches/{id}.h5 (HEST)
+WSI_DIR = "wsis"
+SPLITS_DIR = "splits"  # splits/{train,val,test}_split.csv
+CEILING_DIR = "ceiling"  # synthetic cohorts only: ceiling/{id}.h5ad, attainable expectation
+SPLIT_NAMES = ("train", "val", "test")
+
+# metadata.csv columns
+META_ID = "id"
+META_CANCER = "oncotree_code"
+META_CANCER_FILLED = "oncotree_code_filled"
+META_PATIENT = "patient"
+META_ORGAN = "organ"
+META_TECH = "st_technology"
+META_PIXEL_SIZE = ("pixel_size_um_embedded", "pixel_size_um_estimated")
+SPLIT_ID = "sample_id"
+UNKNOWN_CANCER = "Unknown"
+
+# --- embedding h5 -----------------------------------------------------------------------------
+H5_FEATURES = "features"  # (N, D) float
+H5_FEATURES_ALT = ("embeddings",)  # HEST-bench name
+H5_COORDS = "coords"  # (N, 2) spot centres (ours) or patch top-left (TRIDENT), level-0 px
+H5_BARCODES = "barcodes"  # (N,) bytes or str
+H5_BARCODES_ALT = ("barcode",)
+
+# --- AnnData slots ----------------------------------------------------------------------------
+OBSM_SPATIAL = "spatial"  # (N, 2) spot centres, level-0 pixels (x, y)
+OBSM_PATHWAYS = "pathways"  # (N, S) predicted pathway activity
+OBS_CANCER = "oncotree_code"
+VAR_GENE_IDS = "gene_ids"
+UNS_HISTOPRISM = "histoprism"
+UNS_PATHWAY_NAMES = "pathway_names"
+UNITS_LOG1P = "log1p(counts)"
+
+# --- run directory ----------------------------------------------------------------------------
+RUN_WEIGHTS = "model.safetensors"
+RUN_CONFIG = "config.json"
+RUN_HISTORY = "history.csv"
+RUN_LAST = "last"  # last/{model.safetensors,optimizer.safetensors,state.json}
+
+# --- evaluation directory ---------------------------------------------------------------------
+EVAL_METRICS = "metrics.json"
+EVAL_PER_SLIDE = "per_slide.csv"
+EVAL_PER_GENE = "per_gene.csv"
+EVAL_PER_PATHWAY = "per_pathway.csv"
+EVAL_REPORT = "report.html"

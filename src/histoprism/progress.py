@@ -1,0 +1,31 @@
+"""Progress bars for long work (rich), silent off rank 0 and when HISTOPRISM_QUIET is set."""
+
+from __future__ import annotations
+
+import os
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+def progress_bar(*, enabled: bool = True) -> Progress:
+    """A rich Progress to use as a context manager; tasks may carry an ``info`` field."""
+    quiet = os.environ.get("HISTOPRISM_QUIET") or int(os.environ.get("RANK", "0")) != 0
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=Console(stderr=True),
+        disable=bool(quiet) or not enabled,
+        transient=False,
+    )

@@ -1,0 +1,93 @@
+"""Embedding files: ours / HEST-bench (``features``|``embeddings``, ``coords``, ``barcodes``) and
+TRIDENT/CLAM (``features``, ``coords`` = patch top-left corner, attr ``patch_size_level0``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .. import keys
+from ..errors import InputError
+
+
+@dataclass
+class EmbeddingFile:
+    """One slide's patch embeddings.
+
+    features: (N, D) float32.  coords: (N, 2) float64 spot centres, level-0 pixels (x, y).
+    barcodes: (N,) str, or None when the file has none (TRIDENT) and spots must be matched by position.
+    """
+
+    features: np.ndarray
+    coords: np.ndarray
+    barcodes: np.ndarray | None
+    path: Path
+
+
+def _decode(arr: np.ndarray) -> np.ndarray:
+    arr = np.asarray(arr).reshape(-1)
+    if arr.dtype.kind in ("S", "O"):
+        return np.array([b.decode() if isinstance(b, bytes) else str(b) for b in arr], dtype=object)
+    return arr.astype(str).astype(object)
+
+
+def _first(h5: h5py.File, names: tuple[str, ...]) -> str | None:
+    return next((n for n in names if n in h5), None)
+
+
+def read_embeddings(path: str | Path) -> EmbeddingFile:
+    """Read one embedding h5 and validate it (finite, 2-D, one coordinate pair per row).
+
+    TRIDENT files store the patch's top-left corner; with ``patch_size_level0`` known, it is shifted
+    by half a patch to the centre so every reader returns spot centres.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError("embedding file not found", path)
+    try:
+        with h5py.File(path, "r") as h5:
+            fname = _first(h5, (keys.H5_FEATURES, *keys.H5_FEATURES_ALT))
+            if fname is None:
+                raise InputError(f"no '{keys.H5_FEATURES}' or 'embeddings' dataset", path)
+            features = np.asarray(h5[fname][...], dtype=np.float32)
+            coords = (
+                np.asarray(h5[keys.H5_COORDS][...], dtype=np.float64)
+                if keys.H5_COORDS in h5
+                else None
+            )
+            bname = _first(h5, (keys.H5_BARCODES, *keys.H5_BARCODES_ALT))
+            barcodes = _decode(h5[bname][...]) if bname else None
+            patch0 = (
+                h5[keys.H5_COORDS].attrs.get("patch_size_level0") if coords is not None else None
+            )
+    except OSError as exc:
+        raise InputError(f"cannot read as HDF5 ({exc})", path) from exc
+    features = features.reshape(features.shape[0], -1) if features.ndim == 3 else features
+    _check(features, coords, barcodes, path)
+    if coords is None:
+        coords = np.full((features.shape[0], 2), np.nan)
+    elif barcodes is None and patch0 is not None:
+        coords = coords + float(patch0) / 2.0
+    return EmbeddingFile(features=features, coords=coords[:, :2], barcodes=barcodes, path=path)
+
+
+def _check(features, coords, barcodes, path: Path) -> None:
+    if features.ndim != 2 or features.shape[0] == 0:
+        raise InputError(f"features have shape {features.shape}, expected (N, D) with N > 0", path)
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        raise InputError(f"{int(bad.sum())} of {len(features)} embeddings contain NaN/inf", path)
+    n = features.shape[0]
+    if coords is not None and coords.shape[0] != n:
+        raise InputError(f"{coords.shape[0]} coords for {n} embeddings", path)
+    if barcodes is not None:
+        if len(barcodes) != n:
+            raise InputError(f"{len(barcodes)} barcodes for {n} embeddings", path)
+        uniq, counts = np.unique(barcodes.astype(str), return_counts=True)
+        if (counts > 1).any():
+            raise InputError(f"duplicate barcode '{uniq[counts > 1][0]}' in embeddings", path)
+    if barcodes is None and coords is None:
+        raise InputError("neither barcodes nor coords: cannot match embeddings to spots", path)

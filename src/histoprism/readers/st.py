@@ -1,0 +1,56 @@
+"""Spatial transcriptomics counts: HEST-style ``st/{id}.h5ad``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+
+from .. import keys
+from ..errors import InputError
+
+
+def read_st(path: str | Path) -> ad.AnnData:
+    """Read and validate one slide's raw counts.
+
+    Returns an AnnData with ``X`` (N, G) float32 CSR raw counts, ``obs_names`` barcodes,
+    ``var_names`` genes, ``obsm['spatial']`` (N, 2) float64 spot centres in level-0 pixels (x, y).
+    Raises ``InputError`` naming the file for a missing file, no spots, duplicate barcodes or genes,
+    missing coordinates or negative / non-finite counts.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError("counts file not found", path)
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as exc:  # h5py/anndata raise many types for a corrupt file
+        raise InputError(f"cannot read as h5ad ({type(exc).__name__}: {exc})", path) from exc
+    _check(adata, path)
+    X = adata.X
+    X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else X.tocsr().astype(np.float32)
+    adata.X = X
+    adata.obsm[keys.OBSM_SPATIAL] = np.asarray(adata.obsm[keys.OBSM_SPATIAL], dtype=np.float64)
+    return adata
+
+
+def _check(adata: ad.AnnData, path: Path) -> None:
+    if adata.n_obs == 0:
+        raise InputError("slide has no spots", path)
+    if adata.n_vars == 0:
+        raise InputError("slide has no genes", path)
+    for what, names in (("barcode", adata.obs_names), ("gene", adata.var_names)):
+        dup = names[names.duplicated()]
+        if len(dup):
+            raise InputError(f"{len(dup)} duplicate {what}s, e.g. '{dup[0]}'", path)
+    if keys.OBSM_SPATIAL not in adata.obsm:
+        raise InputError("no obsm['spatial'] (spot centres in pixels)", path)
+    xy = np.asarray(adata.obsm[keys.OBSM_SPATIAL])
+    if xy.ndim != 2 or xy.shape[1] < 2:
+        raise InputError(f"obsm['spatial'] has shape {xy.shape}, expected (N, 2)", path)
+    if not np.isfinite(xy[:, :2]).all():
+        raise InputError("obsm['spatial'] has NaN or infinite coordinates", path)
+    data = adata.X.data if sp.issparse(adata.X) else np.asarray(adata.X)
+    if data.size and (not np.isfinite(data).all() or data.min() < 0):
+        raise InputError("counts must be finite and non-negative (raw counts expected)", path)

@@ -1,0 +1,149 @@
+"""``Slide`` records -> the tensors a model consumes (features, condition, spatial index, targets)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from . import keys
+from .cohort import Slide
+from .errors import InputError
+from .genes import GenePanel
+
+
+@dataclass(frozen=True)
+class CancerVocabulary:
+    """Cancer codes the model knows, in embedding-row order; always contains 'Unknown'."""
+
+    codes: tuple[str, ...]
+
+    @classmethod
+    def from_codes(cls, codes) -> CancerVocabulary:
+        uniq = sorted({str(c) for c in codes} - {keys.UNKNOWN_CANCER})
+        return cls(tuple([*uniq, keys.UNKNOWN_CANCER]))
+
+    @property
+    def unknown(self) -> int:
+        return self.codes.index(keys.UNKNOWN_CANCER)
+
+    def index(self, code: str, *, fallback: bool = False) -> int:
+        """Row of ``code``; an unseen code is an error unless ``fallback`` maps it to 'Unknown'."""
+        if code in self.codes:
+            return self.codes.index(code)
+        if fallback:
+            return self.unknown
+        raise InputError(
+            f"unknown cancer code '{code}' (model knows: {', '.join(self.codes)}); "
+            "use --unknown-cancer to predict it with the 'Unknown' token"
+        )
+
+
+@dataclass
+class SlideTensors:
+    """One slide ready for the model. Row i is spot i of the ``Slide``.
+
+    features (N, D) float32; coords_um (N, 2) float32 µm; neighbours (N, K) int64 or None;
+    target (N, G_m) float32 log1p(counts) of the measured panel genes at ``target_cols`` (G_m,) int64.
+    """
+
+    id: str
+    cancer: str
+    condition: int
+    features: torch.Tensor
+    coords_um: torch.Tensor
+    neighbours: torch.Tensor | None
+    target: torch.Tensor | None = None
+    target_cols: torch.Tensor | None = None
+
+    @property
+    def n_spots(self) -> int:
+        return self.features.shape[0]
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments of ``HistoPrism.forward`` for this slide as a batch of one."""
+        nb = None if self.neighbours is None else self.neighbours[None]
+        return dict(
+            features=self.features[None],
+            condition=torch.tensor([self.condition]),
+            coords_um=self.coords_um[None],
+            neighbours=nb,
+        )
+
+
+def knn_index(coords: np.ndarray, k: int) -> np.ndarray:
+    """(N, 2) -> (N, k) indices of each spot's k nearest other spots (itself when N <= k)."""
+    n = len(coords)
+    if n == 1:
+        return np.zeros((1, k), dtype=np.int64)
+    kk = min(k + 1, n)
+    _, idx = cKDTree(coords).query(coords, k=kk)
+    idx = idx[:, 1:]  # drop the spot itself
+    if idx.shape[1] < k:  # tiny slide: repeat the farthest neighbour
+        idx = np.concatenate([idx, np.repeat(idx[:, -1:], k - idx.shape[1], axis=1)], axis=1)
+    return idx.astype(np.int64)
+
+
+def slide_targets(slide: Slide, panel: GenePanel) -> tuple[np.ndarray, np.ndarray]:
+    """log1p counts of the slide's genes that are in the panel: (N, G_m) float32 and (G_m,) columns."""
+    cols = panel.locate(slide.genes)
+    keep = np.flatnonzero(cols >= 0)
+    y = np.log1p(slide.counts[:, keep].toarray()).astype(np.float32)
+    return y, cols[keep]
+
+
+def to_tensors(
+    slide: Slide,
+    *,
+    vocab: CancerVocabulary,
+    in_dim: int,
+    neighbours: int = 0,
+    panel: GenePanel | None = None,
+    unknown_cancer: bool = False,
+) -> SlideTensors:
+    """Convert a ``Slide``; with a ``panel`` and counts, also the targets.
+
+    Raises ``InputError`` when the embedding dimension differs from the model's ``in_dim``.
+    """
+    if slide.features.shape[1] != in_dim:
+        raise InputError(
+            f"slide {slide.id}: embeddings have dimension {slide.features.shape[1]}, "
+            f"the model expects {in_dim} (wrong --encoder?)"
+        )
+    nb = torch.from_numpy(knn_index(slide.coords, neighbours)) if neighbours > 0 else None
+    t = SlideTensors(
+        id=slide.id,
+        cancer=slide.cancer,
+        condition=vocab.index(slide.cancer, fallback=unknown_cancer),
+        features=torch.from_numpy(np.ascontiguousarray(slide.features, dtype=np.float32)),
+        coords_um=torch.from_numpy(slide.coords_um.astype(np.float32)),
+        neighbours=nb,
+    )
+    if panel is not None and slide.counts is not None:
+        y, cols = slide_targets(slide, panel)
+        if len(cols) == 0:
+            raise InputError(f"slide {slide.id}: none of its genes is in the model's gene panel")
+        t.target, t.target_cols = torch.from_numpy(y), torch.from_numpy(cols)
+    return t
+
+
+def gene_means(slides: list[SlideTensors], n_genes: int) -> torch.Tensor:
+    """(G,) mean log1p target per panel gene over the spots of the slides measuring it (0 if none)."""
+    total, count = (
+        torch.zeros(n_genes, dtype=torch.float64),
+        torch.zeros(n_genes, dtype=torch.float64),
+    )
+    for s in slides:
+        total.index_add_(0, s.target_cols, s.target.sum(0).double())
+        count.index_add_(
+            0, s.target_cols, torch.full((len(s.target_cols),), float(s.n_spots)).double()
+        )
+    return (total / count.clamp(min=1)).float()
+
+
+def feature_stats(slides: list[SlideTensors]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D,) mean and std of the embeddings over all training spots (std floored to avoid /0)."""
+    x = torch.cat([s.features for s in slides]).double()
+    return x.mean(0).float(), x.std(0).clamp(min=1e-6).float()

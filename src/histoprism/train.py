@@ -1,0 +1,471 @@
+"""Training: cohort -> run directory (weights, config, history, resumable ``last`` checkpoint).
+
+Single process, or ``torchrun --nproc-per-node P -m histoprism.cli train ...`` (DDP: slides sharded
+by rank, gradients all-reduced, rank 0 writes). One slide per optimiser step, as the paper.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from . import keys
+from .baselines import fit_baseline
+from .checkpoint import load_tensors, save_run, save_tensors
+from .cohort import Cohort, Slide
+from .errors import InputError
+from .genes import GenePanel, read_gene_list
+from .io import write_text_atomic
+from .model import HistoPrism, ModelConfig
+from .progress import progress_bar
+from .tensors import CancerVocabulary, SlideTensors, feature_stats, gene_means, to_tensors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 150  # maximum epochs; early stopping usually ends sooner
+    lr: float = 1e-3  # peak AdamW learning rate
+    weight_decay: float = 0.01  # AdamW weight decay
+    warmup_epochs: float = 2.0  # linear warm-up, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.05  # floor of the cosine schedule
+    grad_clip: float = 1.0  # max global gradient norm
+    patience: int = 15  # epochs without a better validation loss before stopping
+    condition_dropout: float = 0.1  # share of steps trained with the 'Unknown' token instead
+    seed: int = 0  # weights, slide order, dropout
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Named recipes. "paper" is HistoPrism as published (lr 5e-5, patience 30, no input scaling, no
+# neighbourhood); its 250-epoch warm-up is not kept because it outlasts its own early stopping.
+PRESETS: dict[str, tuple[dict, dict]] = {
+    "default": (dict(neighbours=8, standardize_inputs=True), {}),
+    "paper": (
+        dict(neighbours=0, standardize_inputs=False),
+        dict(
+            lr=5e-5, patience=30, epochs=500, warmup_epochs=10, condition_dropout=0.0, grad_clip=0.0
+        ),
+    ),
+}
+
+
+def resolve_config(config: str | Path | None = "default") -> tuple[dict, dict]:
+    """A preset name or a YAML/JSON file -> (model overrides, training overrides).
+
+    A file may name a ``preset`` to start from, then ``model:`` and ``train:`` sections.
+    """
+    config = config or "default"
+    if str(config) in PRESETS:
+        return tuple(dict(d) for d in PRESETS[str(config)])  # type: ignore[return-value]
+    path = Path(config)
+    if not path.exists():
+        raise InputError(f"'{config}' is neither a preset ({', '.join(PRESETS)}) nor a file")
+    spec = yaml.safe_load(path.read_text()) or {}
+    model, train = resolve_config(spec.get("preset", "default"))
+    model.update(spec.get("model", {}))
+    train.update(spec.get("train", {}))
+    for name, section, cls in (("model", model, ModelConfig), ("train", train, TrainConfig)):
+        unknown = set(section) - {f.name for f in fields(cls)}
+        if unknown:
+            raise InputError(f"unknown {name} setting(s): {', '.join(sorted(unknown))}", path)
+    return model, train
+
+
+# --- data ------------------------------------------------------------------------------------
+@dataclass
+class TrainingData:
+    """Everything a model is fitted on: aligned slides plus the panel and vocabulary they define."""
+
+    train: list[Slide]
+    val: list[Slide]
+    panel: GenePanel
+    vocab: CancerVocabulary
+    encoder: str
+
+    @property
+    def in_dim(self) -> int:
+        return self.train[0].features.shape[1]
+
+
+def load_training_data(
+    cohort: Cohort, encoder: str, *, genes: str | Path | None = None, seed: int = 0
+) -> TrainingData:
+    """Load train and val slides; the panel is ``genes`` or every gene measured in a training slide."""
+    train_ids, val_ids = cohort.ids("train"), cohort.ids("val") if "val" in cohort.splits else []
+    if not train_ids:
+        raise InputError("no training slides in the split", cohort.root)
+    if not val_ids:  # early stopping needs held-out slides: take a tenth of training
+        rng = np.random.default_rng(seed)
+        val_ids = sorted(rng.choice(train_ids, max(1, len(train_ids) // 10), replace=False))
+        train_ids = [i for i in train_ids if i not in set(val_ids)]
+        log.warning("no validation split: holding out %s from training", ", ".join(val_ids))
+    with progress_bar() as bar:
+        load = bar.add_task("loading slides", total=len(train_ids) + len(val_ids))
+        train = [_load(cohort, i, encoder, bar, load) for i in train_ids]
+        val = [_load(cohort, i, encoder, bar, load) for i in val_ids]
+    dims = {s.features.shape[1] for s in train + val}
+    if len(dims) > 1:
+        raise InputError(f"embedding dimensions differ between slides: {sorted(dims)}")
+    if genes is not None:
+        panel = GenePanel(tuple(read_gene_list(genes)))
+    else:
+        panel = GenePanel(tuple(sorted(set().union(*(s.genes for s in train)))))
+    vocab = CancerVocabulary.from_codes(s.cancer for s in train + val)
+    return TrainingData(train=train, val=val, panel=panel, vocab=vocab, encoder=encoder)
+
+
+def _load(cohort: Cohort, sample_id: str, encoder: str, bar, task) -> Slide:
+    slide = cohort.slide(sample_id, encoder)
+    bar.advance(task)
+    return slide
+
+
+# --- loss and schedule -----------------------------------------------------------------------
+def masked_mse(pred: torch.Tensor, slide: SlideTensors) -> torch.Tensor:
+    """MSE over the slide's measured genes only: (1, N, G) prediction vs (N, G_m) target."""
+    return torch.mean((pred[0][:, slide.target_cols] - slide.target) ** 2)
+
+
+def lr_factor(step: int, *, warmup: int, total: int, floor: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from 1 to ``floor`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# --- the loop --------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """Where training stands; saved in ``last/state.json`` so a run resumes where it stopped."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps taken
+    best_val: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0  # epochs since the best validation loss
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """torchrun's rank and world size (1 process when not launched by torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def from_env(cls) -> DistContext:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cuda = torch.cuda.is_available()
+        if world == 1:
+            return cls(device=torch.device("cuda" if cuda else "cpu"))
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        return cls(rank=dist.get_rank(), world=dist.get_world_size(), device=device)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def shard(self, items: list) -> list:
+        """This rank's share; every rank gets the same count so that DDP steps stay in lockstep."""
+        n = len(items) // self.world * self.world if len(items) >= self.world else len(items)
+        return items[self.rank : n : self.world] if n else items[:1]
+
+
+def train_histoprism(
+    data: TrainingData,
+    out: str | Path,
+    *,
+    model_overrides: dict | None = None,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Fit HistoPrism; write ``model.safetensors`` (best validation epoch), ``config.json``,
+    ``history.csv`` and ``last/`` to ``out``. Returns ``out``."""
+    out, cfg_t = Path(out), config or TrainConfig()
+    ctx = DistContext.from_env()
+    torch.manual_seed(cfg_t.seed)
+    cfg = ModelConfig(
+        in_dim=data.in_dim,
+        n_genes=len(data.panel),
+        n_conditions=len(data.vocab.codes),
+        **(model_overrides or {}),
+    )
+    conv = dict(vocab=data.vocab, in_dim=cfg.in_dim, neighbours=cfg.neighbours, panel=data.panel)
+    train_t = [to_tensors(s, **conv) for s in data.train]
+    val_t = [to_tensors(s, **conv) for s in data.val]
+    model = _init_model(cfg, train_t).to(ctx.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg_t.lr, weight_decay=cfg_t.weight_decay)
+    state, history = TrainState(), []
+    if resume and (out / keys.RUN_LAST / "state.json").exists():
+        state, history = _load_last(out / keys.RUN_LAST, model, opt)
+        log.info("resuming %s after epoch %d", out, state.epoch)
+    best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if resume and (out / keys.RUN_LAST / "best.safetensors").exists():
+        best = load_tensors(out / keys.RUN_LAST / "best.safetensors")
+    net = torch.nn.parallel.DistributedDataParallel(model) if ctx.world > 1 else model
+    steps_per_epoch = len(ctx.shard(train_t))
+    schedule = dict(
+        warmup=max(1, int(cfg_t.warmup_epochs * steps_per_epoch)),
+        total=cfg_t.epochs * steps_per_epoch,
+        floor=cfg_t.min_lr_ratio,
+    )
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task("training", total=cfg_t.epochs, completed=state.epoch, info="")
+        for epoch in range(state.epoch, cfg_t.epochs):
+            t0 = time.perf_counter()
+            rng = np.random.default_rng(cfg_t.seed + epoch)
+            order = [train_t[i] for i in rng.permutation(len(train_t))]
+            train_loss = _train_epoch(
+                net, opt, ctx.shard(order), state, cfg_t, schedule, rng, data, ctx
+            )
+            val_loss, val_r = _validate(model, val_t, ctx)
+            state.epoch = epoch + 1
+            if val_loss < state.best_val:
+                state.best_val, state.best_epoch, state.bad_epochs = val_loss, epoch + 1, 0
+                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                state.bad_epochs += 1
+            history.append(
+                dict(
+                    epoch=epoch + 1,
+                    train_loss=train_loss,
+                    val_loss=val_loss,
+                    val_pearson=val_r,
+                    lr=opt.param_groups[0]["lr"],
+                    seconds=time.perf_counter() - t0,
+                )
+            )
+            if ctx.main:
+                _save_last(out / keys.RUN_LAST, model, opt, best, state, history)
+            bar.update(
+                task, advance=1, info=f"train {train_loss:.4f}  val {val_loss:.4f}  r {val_r:.3f}"
+            )
+            if state.bad_epochs >= cfg_t.patience:
+                break
+    if ctx.main:
+        model.load_state_dict(best)
+        save_run(out, config=_run_config(data, cfg, cfg_t, state), tensors=best)
+    if ctx.world > 1:
+        dist.barrier()
+    return out
+
+
+def _init_model(cfg: ModelConfig, train_t: list[SlideTensors]) -> HistoPrism:
+    """A fresh model whose output starts at each gene's training mean (fast, stable start)."""
+    model = HistoPrism(cfg)
+    with torch.no_grad():
+        model.head_out.bias.copy_(gene_means(train_t, cfg.n_genes))
+        if cfg.standardize_inputs:
+            mean, std = feature_stats(train_t)
+            model.feature_mean.copy_(mean)
+            model.feature_std.copy_(std)
+    return model
+
+
+def _train_epoch(net, opt, slides, state, cfg_t, schedule, rng, data, ctx) -> float:
+    net.train()
+    total = 0.0
+    for s in slides:
+        for g in opt.param_groups:
+            g["lr"] = cfg_t.lr * lr_factor(state.step, **schedule)
+        inputs = _to_device(s.model_inputs(), ctx.device)
+        if rng.random() < cfg_t.condition_dropout:
+            inputs["condition"] = torch.full_like(inputs["condition"], data.vocab.unknown)
+        loss = masked_mse(net(**inputs), _target_on(s, ctx.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg_t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg_t.grad_clip)
+        opt.step()
+        state.step += 1
+        total += float(loss)
+    loss_sum, n = ctx.all_sum([total, float(len(slides))])
+    return loss_sum / max(n, 1)
+
+
+@torch.no_grad()
+def _validate(
+    model: HistoPrism, slides: list[SlideTensors], ctx: DistContext
+) -> tuple[float, float]:
+    """Mean masked MSE over validation slides, and mean per-gene Pearson r (for the history)."""
+    model.eval()
+    loss, r_sum, r_n = 0.0, 0.0, 0.0
+    mine = slides[ctx.rank :: ctx.world]
+    for s in mine:
+        pred = model(**_to_device(s.model_inputs(), ctx.device))[0][:, s.target_cols.to(ctx.device)]
+        y = s.target.to(ctx.device)
+        loss += float(torch.mean((pred - y) ** 2))
+        r = _pearson_columns(pred, y)
+        r_sum, r_n = r_sum + float(r.nansum()), r_n + float((~r.isnan()).sum())
+    loss, n, r_sum, r_n = ctx.all_sum([loss, float(len(mine)), r_sum, r_n])
+    return loss / max(n, 1), r_sum / max(r_n, 1)
+
+
+def _pearson_columns(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, G), (N, G) -> (G,) Pearson r per column; NaN for a constant column."""
+    a, b = a - a.mean(0), b - b.mean(0)
+    den = a.norm(dim=0) * b.norm(dim=0)
+    return torch.where(den > 1e-12, (a * b).sum(0) / den, torch.full_like(den, float("nan")))
+
+
+def _to_device(inputs: dict, device: torch.device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+
+def _target_on(s: SlideTensors, device: torch.device) -> SlideTensors:
+    if device.type == "cpu":
+        return s
+    return replace(s, target=s.target.to(device), target_cols=s.target_cols.to(device))
+
+
+def _run_config(
+    data: TrainingData, cfg: ModelConfig, cfg_t: TrainConfig, state: TrainState
+) -> dict:
+    return dict(
+        model="histoprism",
+        model_config=cfg.to_dict(),
+        train_config=cfg_t.to_dict(),
+        encoder=data.encoder,
+        in_dim=cfg.in_dim,
+        genes=list(data.panel.genes),
+        cancers=list(data.vocab.codes),
+        best_epoch=state.best_epoch,
+        best_val_loss=state.best_val,
+        epochs_run=state.epoch,
+        train_slides=[s.id for s in data.train],
+        val_slides=[s.id for s in data.val],
+    )
+
+
+# --- resumable checkpoint ----------------------------------------------------------------------
+def _save_last(last: Path, model, opt, best, state: TrainState, history: list[dict]) -> None:
+    """Write the resumable checkpoint; state.json last, so it only ever points at complete files."""
+    save_tensors(last / "model.safetensors", model.state_dict())
+    save_tensors(last / "best.safetensors", best)
+    opt_tensors, groups = _flatten_optimizer(opt)
+    save_tensors(last / "optimizer.safetensors", opt_tensors)
+    write_history(last.parent / keys.RUN_HISTORY, history)
+    write_text_atomic(
+        last / "state.json", json.dumps({"state": asdict(state), "param_groups": groups}, indent=1)
+    )
+
+
+def _load_last(last: Path, model, opt) -> tuple[TrainState, list[dict]]:
+    meta = json.loads((last / "state.json").read_text())
+    model.load_state_dict(load_tensors(last / "model.safetensors"))
+    tensors = load_tensors(last / "optimizer.safetensors")
+    per_param: dict[int, dict] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        per_param.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
+    hist_path = last.parent / keys.RUN_HISTORY
+    history = _read_history(hist_path) if hist_path.exists() else []
+    state = TrainState(**meta["state"])
+    return state, history[: state.epoch]
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Optimizer state as flat tensors (for safetensors) plus JSON-able param groups."""
+    sd = opt.state_dict()
+    tensors = {
+        f"{idx}.{name}": (v if isinstance(v, torch.Tensor) else torch.tensor(v))
+        for idx, st in sd["state"].items()
+        for name, v in st.items()
+    }
+    return tensors, sd["param_groups"]
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    lines = [",".join(history[0])] + [",".join(f"{v}" for v in row.values()) for row in history]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _read_history(path: Path) -> list[dict]:
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in rows]
+
+
+# --- one entry point for every model kind --------------------------------------------------------
+MODELS = ("histoprism", "ridge", "ridge-knn", "mlp")
+
+
+def train(
+    data: str | Path,
+    encoder: str,
+    out: str | Path,
+    *,
+    split: str | Path | None = None,
+    model: str = "histoprism",
+    epochs: int | None = None,
+    conditioning: bool = True,
+    positional_encoding: bool = False,
+    genes: str | Path | None = None,
+    seed: int = 0,
+    config: str | Path | None = "default",
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train ``model`` on the cohort at ``data`` and write the run directory ``out``.
+
+    Parameters mirror ``histoprism train``. Returns ``out``.
+    """
+    if model not in MODELS:
+        raise InputError(f"unknown model '{model}' (have: {', '.join(MODELS)})")
+    cohort = Cohort(data, split_dir=split, seed=seed)
+    td = load_training_data(cohort, encoder, genes=genes, seed=seed)
+    if model == "histoprism":
+        m_over, t_over = resolve_config(config)
+        if not conditioning:
+            m_over["conditioning"] = False
+        if positional_encoding:
+            m_over["positional_encoding"] = True
+        t_cfg = TrainConfig(**{**t_over, "seed": seed, **({"epochs": epochs} if epochs else {})})
+        return train_histoprism(
+            td, out, model_overrides=m_over, config=t_cfg, resume=resume, progress=progress
+        )
+    fitted, extra = fit_baseline(
+        model, td.train, td.val, panel=td.panel, vocab=td.vocab, seed=seed, epochs=epochs
+    )
+    run_config = dict(
+        model=model,
+        baseline=extra,
+        encoder=encoder,
+        in_dim=td.in_dim,
+        genes=list(td.panel.genes),
+        cancers=list(td.vocab.codes),
+        seed=seed,
+        train_slides=[s.id for s in td.train],
+        val_slides=[s.id for s in td.val],
+    )
+    return save_run(out, config=run_config, tensors=fitted.tensors())
