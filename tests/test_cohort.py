@@ -41,16 +41,21 @@ def write_emb(path, features, coords=None, barcodes=None, **attrs):
 def small_cohort(root, *, n=6, codes=("IDC", "", "COAD"), emb_order=None):
     rng = np.random.default_rng(0)
     ids = [f"S{i}" for i in range(len(codes))]
-    pd.DataFrame({"id": ids, "oncotree_code": list(codes), "patient": ["p0", "p0", "p1"][: len(ids)]}).to_csv(
-        root / "metadata.csv", index=False
-    )
+    pd.DataFrame(
+        {"id": ids, "oncotree_code": list(codes), "patient": ["p0", "p0", "p1"][: len(ids)]}
+    ).to_csv(root / "metadata.csv", index=False)
     for sid in ids:
         bc = [f"{sid}-BC{i}" for i in range(n)]
         xy = np.stack([np.arange(n) * 200, np.zeros(n)], 1)
         write_st(root / "st" / f"{sid}.h5ad", bc, ["A", "B", "C"], rng.poisson(3, (n, 3)), xy)
         order = emb_order if emb_order is not None else rng.permutation(n)
         feats = np.arange(n)[:, None] * np.ones((1, 4))  # row value = spot number
-        write_emb(root / "embeddings" / "enc" / f"{sid}.h5", feats[order], xy[order], [bc[i] for i in order])
+        write_emb(
+            root / "embeddings" / "enc" / f"{sid}.h5",
+            feats[order],
+            xy[order],
+            [bc[i] for i in order],
+        )
     return ids
 
 
@@ -97,7 +102,9 @@ def test_barcode_alignment_any_order_subset_superset(n, seed, extra, missing):
     keep = rng.permutation(n)[: max(1, n - missing)]
     emb_bc = np.concatenate([st_bc[keep], [f"X{i}" for i in range(extra)]])
     perm = rng.permutation(len(emb_bc))
-    emb = EmbeddingFile(np.zeros((len(perm), 2), np.float32), np.zeros((len(perm), 2)), emb_bc[perm], None)
+    emb = EmbeddingFile(
+        np.zeros((len(perm), 2), np.float32), np.zeros((len(perm), 2)), emb_bc[perm], None
+    )
     al = align_spots(st_bc, np.zeros((n, 2)), emb)
     np.testing.assert_array_equal(st_bc[al.st_rows], emb_bc[perm][al.emb_rows])
     assert al.st_unmatched == n - len(keep) and al.emb_unmatched == extra

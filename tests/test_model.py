@@ -18,7 +18,9 @@ CONFIGS = {
 
 
 def small(**kw) -> ModelConfig:
-    return ModelConfig(in_dim=24, n_genes=30, n_conditions=3, hidden=32, n_heads=4, cross_heads=4, **kw)
+    return ModelConfig(
+        in_dim=24, n_genes=30, n_conditions=3, hidden=32, n_heads=4, cross_heads=4, **kw
+    )
 
 
 def inputs(n=17, k=4, seed=0):
@@ -60,8 +62,9 @@ def test_single_context_token_is_a_per_cancer_shift():
     x = torch.randn(2, 9, 24)
     c = torch.tensor([1, 1])
     shift = cond(x, c) - x
-    torch.testing.assert_close(shift, shift[:1, :1].expand_as(shift))  # same for every spot and slide
-    assert not torch.allclose(cond(x, torch.tensor([0, 0])) - x, shift)  # another cancer, another shift
+    # the same shift for every spot and slide; another cancer, another shift
+    torch.testing.assert_close(shift, shift[:1, :1].expand_as(shift))
+    assert not torch.allclose(cond(x, torch.tensor([0, 0])) - x, shift)
 
 
 def test_conditioning_changes_predictions_and_ablation_ignores_it():
@@ -124,4 +127,4 @@ def test_overfits_one_slide():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.05 * first
+    assert loss.item() < 0.05 * first

@@ -25,7 +25,8 @@ class ModelConfig:
     n_heads: int = 8  # self-attention heads
     cross_heads: int = 4  # cross-attention heads of the conditioning block
     ff_mult: int = 4  # feed-forward width = ff_mult * hidden
-    dropout: float = 0.1  # dropout in attention, feed-forward and head
+    dropout: float = 0.1  # dropout on residual branches, feed-forward and head
+    attn_dropout: float = 0.1  # dropout on attention weights (0 lets CPU/GPU use fused kernels)
     conditioning: bool = True  # False: the no-conditioning ablation
     context_tokens: int = 1  # tokens per condition; 1 reduces to a learned per-cancer shift
     positional_encoding: bool = (
@@ -93,7 +94,7 @@ class EncoderBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h = cfg.hidden
-        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
+        self.n_heads, self.dropout, self.attn_dropout = cfg.n_heads, cfg.dropout, cfg.attn_dropout
         self.qkv, self.out = nn.Linear(h, 3 * h), nn.Linear(h, h)
         self.ff = nn.Sequential(
             nn.Linear(h, cfg.ff_mult * h),

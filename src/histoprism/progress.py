@@ -9,10 +9,19 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
+
+
+class _InfoColumn(ProgressColumn):
+    """Free text a task may carry in its ``info`` field (losses, sample id)."""
+
+    def render(self, task) -> Text:
+        return Text(str(task.fields.get("info", "")))
 
 
 def progress_bar(*, enabled: bool = True) -> Progress:
@@ -24,7 +33,7 @@ def progress_bar(*, enabled: bool = True) -> Progress:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
+        _InfoColumn(),
         console=Console(stderr=True),
         disable=bool(quiet) or not enabled,
         transient=False,

@@ -53,7 +53,7 @@ class TrainConfig:
 # Named recipes. "paper" is HistoPrism as published (lr 5e-5, patience 30, no input scaling, no
 # neighbourhood); its 250-epoch warm-up is not kept because it outlasts its own early stopping.
 PRESETS: dict[str, tuple[dict, dict]] = {
-    "default": (dict(neighbours=8, standardize_inputs=True), {}),
+    "default": (dict(neighbours=8, standardize_inputs=True, attn_dropout=0.0), {}),
     "paper": (
         dict(neighbours=0, standardize_inputs=False),
         dict(

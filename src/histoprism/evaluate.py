@@ -1,0 +1,784 @@
+"""Judge predicted expression against measured counts (DESIGN.md "Metrics", evaluator 1.0).
+
+Data path: per test slide, spots aligned by barcode and genes by name -> r(i, g), Pearson across
+the spots of slide i -> a (slides x genes) matrix R -> HVG-50, GPC and all-genes scores (micro:
+mean over slides; macro: mean over cancer types of the mean over their slides). Per-gene
+co-moments pooled over slides (Chan's parallel update) give the HEST-bench pooled Pearson without
+holding more than one slide in memory. ``evaluate`` writes EVAL/ (metrics.json, per_slide.csv,
+per_gene.csv, per_pathway.csv, report.html).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from . import keys
+from .cohort import Cohort
+from .errors import InputError
+from .genes import (
+    GENESET_COLLECTIONS,
+    bench_hvg,
+    gpc_genesets,
+    looks_like_ensembl,
+    read_gene_list,
+    read_gmt,
+)
+from .io import atomic_path, write_text_atomic
+from .progress import progress_bar
+from .readers import read_st
+from .report import SpatialExample, write_report
+
+log = logging.getLogger(__name__)
+
+EVALUATOR_VERSION = "1.0"
+N_HVG = 50  # genes per cancer type in the HVG score
+N_EXAMPLES = 3  # slides shown as spatial maps in the report
+N_EXAMPLE_GENES = 3  # best-predicted HVG genes per example slide
+_BLOCK = 2**24  # float64 elements per (spots x genes) block: ~128 MB, bounds memory per slide
+_CONST_RTOL = 1e-12  # std below this share of |mean| is rounding error: the column is constant
+MOMENT_COLUMNS = ("n", "mean_pred", "mean_truth", "m2_pred", "m2_truth", "cross")
+
+__all__ = [
+    "EVALUATOR_VERSION",
+    "SlideScore",
+    "align_by_barcode",
+    "all_genes_scores",
+    "comoments",
+    "evaluate",
+    "geneset_scores",
+    "gpc_table",
+    "hvg_scores",
+    "macro",
+    "match_genes",
+    "merge_moments",
+    "micro",
+    "pearson_from_moments",
+    "pearson_per_gene",
+    "per_cancer_mean",
+    "pooled_pearson",
+    "read_hvg_file",
+    "read_prediction",
+    "resolve_genesets",
+    "resolve_hvg",
+    "score_slide",
+    "slide_gene_correlations",
+    "spatial_example",
+    "top_variance_genes",
+    "train_hvg",
+    "truth_gene_names",
+    "win_rate",
+]
+
+
+# --- Pearson r per gene -------------------------------------------------------------------------
+def comoments(pred: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-column co-moments of ``pred`` and ``truth`` over the rows where both are finite.
+
+    pred, truth: (N, G) float, computed in float64. Returns {name: (G,) float64} for the names in
+    ``MOMENT_COLUMNS``: ``n`` rows used, the two means, the two sums of squared deviations
+    (``m2_*``) and the sum of cross products (``cross``).
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    if pred.ndim == 1:
+        pred, truth = pred[:, None], truth.reshape(-1, 1)
+    if pred.shape != truth.shape or pred.ndim != 2:
+        raise ValueError(f"pred {pred.shape} and truth {truth.shape} must be the same (N, G)")
+    ok = np.isfinite(pred) & np.isfinite(truth)
+    n = ok.sum(axis=0).astype(np.float64)
+    zero = np.zeros_like(n)
+    mean_p = np.divide(np.where(ok, pred, 0.0).sum(axis=0), n, out=zero.copy(), where=n > 0)
+    mean_t = np.divide(np.where(ok, truth, 0.0).sum(axis=0), n, out=zero.copy(), where=n > 0)
+    # two-pass (centred) sums: exact zeros for constant columns, no cancellation
+    dp = np.where(ok, pred - mean_p, 0.0)
+    dt = np.where(ok, truth - mean_t, 0.0)
+    return {
+        "n": n,
+        "mean_pred": mean_p,
+        "mean_truth": mean_t,
+        "m2_pred": np.einsum("ij,ij->j", dp, dp),
+        "m2_truth": np.einsum("ij,ij->j", dt, dt),
+        "cross": np.einsum("ij,ij->j", dp, dt),
+    }
+
+
+def pearson_from_moments(m: Mapping[str, np.ndarray] | pd.DataFrame) -> np.ndarray:
+    """(G,) Pearson r from co-moments; NaN with < 2 rows or a constant column on either side."""
+    n, mean_p, mean_t, m2_p, m2_t, cross = (
+        np.asarray(m[k], dtype=np.float64) for k in MOMENT_COLUMNS
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        const_p = np.sqrt(m2_p / n) <= _CONST_RTOL * np.abs(mean_p)
+        const_t = np.sqrt(m2_t / n) <= _CONST_RTOL * np.abs(mean_t)
+        r = cross / np.sqrt(m2_p * m2_t)
+    return np.where((n < 2) | const_p | const_t | ~np.isfinite(r), np.nan, np.clip(r, -1.0, 1.0))
+
+
+def pearson_per_gene(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Pearson r across rows (spots) for each column (gene).
+
+    pred, truth: (N, G) float. Returns (G,) float64; NaN where either column is constant (up to
+    float rounding) or fewer than 2 rows are finite in both. Non-finite rows are left out per column.
+    """
+    return pearson_from_moments(comoments(pred, truth))
+
+
+def merge_moments(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """Pool the spots of two co-moment tables (rows = genes; Chan et al.'s parallel update).
+
+    A gene missing from one table contributes nothing from it; ``n_slides`` (how many slides
+    measured the gene) adds up.
+    """
+    genes = a.index.union(b.index, sort=False)
+    a = a.reindex(genes, fill_value=0.0)
+    b = b.reindex(genes, fill_value=0.0)
+    n = a["n"] + b["n"]
+    w = (b["n"] / n).where(n > 0, 0.0)  # weight of b in the pooled mean
+    k = a["n"] * w  # = n_a n_b / n
+    d_p = b["mean_pred"] - a["mean_pred"]
+    d_t = b["mean_truth"] - a["mean_truth"]
+    return pd.DataFrame(
+        {
+            "n": n,
+            "mean_pred": a["mean_pred"] + d_p * w,
+            "mean_truth": a["mean_truth"] + d_t * w,
+            "m2_pred": a["m2_pred"] + b["m2_pred"] + d_p * d_p * k,
+            "m2_truth": a["m2_truth"] + b["m2_truth"] + d_t * d_t * k,
+            "cross": a["cross"] + b["cross"] + d_p * d_t * k,
+            "n_slides": a["n_slides"] + b["n_slides"],
+        },
+        index=genes,
+    )
+
+
+def pooled_pearson(moments: pd.DataFrame, n_slides: int) -> pd.Series:
+    """Pooled r per gene (HEST-bench protocol): only genes measured in all ``n_slides`` slides."""
+    full = moments[moments["n_slides"] >= n_slides]
+    return pd.Series(pearson_from_moments(full), index=full.index, name="pooled_r")
+
+
+# --- one slide ----------------------------------------------------------------------------------
+def align_by_barcode(
+    pred_barcodes: Sequence[str], st_barcodes: Sequence[str], *, path: Path | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the prediction and of the counts file that hold the same spot.
+
+    Returns (pred_rows, st_rows), both (M,) int64, ``st_rows`` increasing. Either side may hold
+    extra spots, in any order. Raises ``InputError`` on duplicate or entirely unmatched barcodes.
+    """
+    index = pd.Index(np.asarray(pred_barcodes, dtype=str))
+    if index.has_duplicates:
+        raise InputError(f"duplicate barcode '{index[index.duplicated()][0]}' in prediction", path)
+    pos = index.get_indexer(np.asarray(st_barcodes, dtype=str))
+    st_rows = np.flatnonzero(pos >= 0)
+    if len(st_rows) == 0:
+        raise InputError("no barcode of the prediction matches a spot of the measured slide", path)
+    return pos[st_rows].astype(np.int64), st_rows.astype(np.int64)
+
+
+def truth_gene_names(st: ad.AnnData, *, ensembl: bool) -> pd.Index:
+    """Gene names of a counts file in the predictions' naming (``var['gene_ids']`` for Ensembl)."""
+    names = pd.Index(st.var_names.astype(str))
+    if ensembl and not looks_like_ensembl(names) and keys.VAR_GENE_IDS in st.var:
+        names = pd.Index(st.var[keys.VAR_GENE_IDS].astype(str))
+    return names
+
+
+def match_genes(pred_genes: pd.Index, truth_genes: pd.Index) -> np.ndarray:
+    """(G_pred,) int64 column of each predicted gene in the counts (first of duplicates), -1 if absent."""
+    keep = np.flatnonzero(~truth_genes.duplicated())
+    pos = pd.Index(truth_genes[keep]).get_indexer(pred_genes)
+    return np.where(pos >= 0, keep[pos], -1).astype(np.int64)
+
+
+def _dense(X, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(len(rows), len(cols)) float64 block of a dense or sparse matrix."""
+    if sp.issparse(X):
+        return np.asarray(X[rows][:, cols].toarray(), dtype=np.float64)
+    return np.asarray(np.asarray(X)[np.ix_(rows, cols)], dtype=np.float64)
+
+
+@dataclass
+class SlideScore:
+    """Scores of one slide.
+
+    r: (G_pred,) Pearson r per predicted gene (index = gene); NaN where not measured or constant.
+    moments: co-moments (``MOMENT_COLUMNS`` + ``n_slides``) of the genes measured and predicted,
+    for pooling. n_spots: spots of the measured slide; n_spots_matched: of them, in the prediction.
+    """
+
+    r: pd.Series
+    moments: pd.DataFrame
+    n_spots: int
+    n_spots_matched: int
+
+
+def score_slide(pred: ad.AnnData, st: ad.AnnData, *, path: Path | None = None) -> SlideScore:
+    """r(i, g) of one slide: ``pred.X`` (log1p, any spot order) vs log1p(``st.X`` raw counts).
+
+    Target = log1p(raw counts), no library-size normalisation. Spots aligned by barcode, genes by
+    name; the work goes in blocks of genes so a 38,982-gene panel stays within ~1 GB.
+    """
+    pred_rows, st_rows = align_by_barcode(pred.obs_names, st.obs_names, path=path)
+    genes = pd.Index(pred.var_names.astype(str))
+    cols = match_genes(genes, truth_gene_names(st, ensembl=looks_like_ensembl(genes)))
+    have = np.flatnonzero(cols >= 0)
+    # matched spots only, column-major: blocks of genes are cheap to cut
+    truth = sp.csc_matrix(st.X[st_rows]) if sp.issparse(st.X) else np.asarray(st.X)[st_rows]
+    all_rows = np.arange(len(st_rows))
+    step = max(1, _BLOCK // len(st_rows))
+    blocks = []
+    for start in range(0, len(have), step):
+        g = have[start : start + step]
+        pred_block = _dense(pred.X, pred_rows, g)  # (M, b) log1p
+        truth_block = np.log1p(_dense(truth, all_rows, cols[g]))  # (M, b) log1p(raw counts)
+        blocks.append(comoments(pred_block, truth_block))
+    m = {
+        k: np.concatenate([b[k] for b in blocks]) if blocks else np.empty(0) for k in MOMENT_COLUMNS
+    }
+    moments = pd.DataFrame(m, index=genes[have]).assign(n_slides=1.0)
+    r = pd.Series(np.nan, index=genes, name="r")
+    r.iloc[have] = pearson_from_moments(m)
+    if len(have) == 0:
+        log.warning("%s: no predicted gene is measured on this slide", path)
+    return SlideScore(r, moments, n_spots=st.n_obs, n_spots_matched=len(st_rows))
+
+
+def spatial_example(
+    pred: ad.AnnData,
+    st: ad.AnnData,
+    r: pd.Series,
+    *,
+    sample_id: str,
+    cancer: str,
+    hvg: Sequence[str] | None,
+    n_genes: int = N_EXAMPLE_GENES,
+) -> SpatialExample | None:
+    """Measured vs predicted values of the slide's best-predicted HVG genes (all genes without a
+    list), for the report's spatial maps; None when no gene has a finite r."""
+    pool, source = r.reindex(list(dict.fromkeys(hvg or []))).dropna(), "HVG"
+    if pool.empty:
+        pool, source = r.dropna(), "all genes"
+    if pool.empty:
+        return None
+    top = pool.sort_values(ascending=False, kind="stable").index[:n_genes]
+    pred_rows, st_rows = align_by_barcode(pred.obs_names, st.obs_names)
+    pred_genes = pd.Index(pred.var_names.astype(str))
+    tcols = match_genes(top, truth_gene_names(st, ensembl=looks_like_ensembl(pred_genes)))
+    return SpatialExample(
+        sample_id=sample_id,
+        cancer=cancer,
+        coords=np.asarray(st.obsm[keys.OBSM_SPATIAL])[st_rows, :2].astype(np.float64),
+        genes=[str(g) for g in top],
+        measured=np.log1p(_dense(st.X, st_rows, tcols)),
+        predicted=_dense(pred.X, pred_rows, pred_genes.get_indexer(top)),
+        r=pool[top].to_numpy(dtype=np.float64),
+        gene_source=source,
+    )
+
+
+# --- slides x genes -> scores -------------------------------------------------------------------
+def slide_gene_correlations(r_by_slide: Mapping[str, pd.Series]) -> pd.DataFrame:
+    """(n_slides, G) matrix R of r(i, g) over the union of predicted genes (first-seen order).
+
+    NaN where slide i did not measure, or the model did not predict, gene g.
+    """
+    if not r_by_slide:
+        return pd.DataFrame(dtype=np.float64)
+    R = pd.concat(
+        list(r_by_slide.values()), axis=1, keys=list(r_by_slide), join="outer", sort=False
+    )
+    return R.T.astype(np.float64)
+
+
+def micro(values: pd.Series) -> float:
+    """Mean over slides (NaN left out)."""
+    return float(pd.Series(values, dtype=np.float64).mean())
+
+
+def macro(values: pd.Series, cancers: pd.Series) -> float:
+    """Mean over cancer types of the mean over their slides (NaN left out at both levels)."""
+    return float(per_cancer_mean(values, cancers).mean())
+
+
+def per_cancer_mean(values: pd.Series, cancers: pd.Series) -> pd.Series:
+    """Mean over the slides of each cancer type; ``values`` and ``cancers`` indexed by slide."""
+    return pd.Series(values, dtype=np.float64).groupby(cancers.reindex(values.index)).mean()
+
+
+def hvg_scores(
+    R: pd.DataFrame, cancers: pd.Series, hvg: Mapping[str, Sequence[str] | None]
+) -> pd.DataFrame:
+    """Per slide: mean r over the HVG list of its cancer type (genes with NaN r left out).
+
+    Returns (n_slides, 2): ``hvg`` (NaN without a list) and ``n_hvg`` (genes that had a finite r).
+    """
+    out = pd.DataFrame({"hvg": np.nan, "n_hvg": 0}, index=R.index)
+    slide_cancer = cancers.reindex(R.index)
+    for cancer, ids in slide_cancer.groupby(slide_cancer).groups.items():
+        genes = list(dict.fromkeys(hvg.get(cancer) or []))
+        if genes:
+            sub = R.loc[ids].reindex(columns=genes)
+            out.loc[ids, "hvg"] = sub.mean(axis=1)
+            out.loc[ids, "n_hvg"] = sub.count(axis=1)
+    return out
+
+
+def all_genes_scores(R: pd.DataFrame) -> pd.DataFrame:
+    """Per slide: mean r over all its genes with a finite r (``all_genes``) and their number."""
+    return pd.DataFrame({"n_genes": R.count(axis=1), "all_genes": R.mean(axis=1)})
+
+
+def geneset_scores(R: pd.DataFrame, genesets: Mapping[str, Sequence[str]]) -> pd.DataFrame:
+    """(n_slides, n_sets): mean r(i, g) over the genes g of each set with a finite r on slide i.
+
+    One matrix product over a (sets x genes) membership matrix; NaN where no gene of the set has
+    a finite r on the slide.
+    """
+    membership = _membership(R.columns, genesets)  # (S, G)
+    V = R.to_numpy(dtype=np.float64)
+    ok = np.isfinite(V)
+    sums = np.where(ok, V, 0.0) @ membership.T
+    counts = ok.astype(np.float64) @ membership.T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scores = np.where(counts > 0, sums / counts, np.nan)
+    return pd.DataFrame(scores, index=R.index, columns=list(genesets))
+
+
+def _membership(genes: pd.Index, genesets: Mapping[str, Sequence[str]]) -> np.ndarray:
+    """(S, G) float64: 1 where gene g belongs to set s."""
+    pos = [genes.get_indexer(list(dict.fromkeys(m))) for m in genesets.values()]
+    rows = np.repeat(np.arange(len(pos)), [len(p) for p in pos])
+    cols = np.concatenate(pos) if pos else np.empty(0, dtype=np.int64)
+    out = np.zeros((len(pos), len(genes)))
+    out[rows[cols >= 0], cols[cols >= 0]] = 1.0
+    return out
+
+
+def gpc_table(
+    scores: pd.DataFrame,
+    cancers: pd.Series,
+    genesets: Mapping[str, Sequence[str]],
+    *,
+    panel: pd.Index,
+    collection: str,
+) -> pd.DataFrame:
+    """Tidy GPC table, one row per gene set: collection, gene_set, n_genes_in_panel, s_micro
+    (mean over slides of ``scores``), s_macro (mean over cancer types)."""
+    by_cancer = scores.groupby(cancers.reindex(scores.index)).mean()
+    return pd.DataFrame(
+        {
+            "collection": collection,
+            "gene_set": list(genesets),
+            "n_genes_in_panel": [int(panel.isin(set(g)).sum()) for g in genesets.values()],
+            "s_micro": scores.mean(axis=0).to_numpy(),
+            "s_macro": by_cancer.mean(axis=0).to_numpy(),
+        }
+    )
+
+
+def win_rate(s_a: pd.Series | np.ndarray, s_b: pd.Series | np.ndarray) -> float:
+    """Share of gene sets where model A has the higher s_m than model B.
+
+    Series are aligned by gene-set name, arrays by position; sets NaN in either are ignored, a tie
+    is not a win. NaN when no set is comparable.
+    """
+    if isinstance(s_a, pd.Series) and isinstance(s_b, pd.Series):
+        s_a, s_b = s_a.align(s_b, join="inner")
+    a, b = np.asarray(s_a, dtype=np.float64), np.asarray(s_b, dtype=np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    return float(np.mean(a[ok] > b[ok])) if ok.any() else float("nan")
+
+
+# --- HVG lists and gene sets --------------------------------------------------------------------
+def resolve_hvg(
+    hvg: str | Path, cohort: Cohort, cancers: Sequence[str], *, ensembl: bool
+) -> dict[str, list[str] | None]:
+    """{cancer: HVG list or None} from 'bench' (bundled HEST-bench), 'train' or a file."""
+    if str(hvg) == "bench":
+        ids = "ensembl" if ensembl else "symbols"
+        return {c: bench_hvg(c, ids=ids) for c in cancers}
+    if str(hvg) == "train":
+        return train_hvg(cohort, cancers, ensembl=ensembl)
+    return read_hvg_file(hvg, cancers)
+
+
+def train_hvg(
+    cohort: Cohort, cancers: Sequence[str], *, ensembl: bool = False, n: int = N_HVG
+) -> dict[str, list[str] | None]:
+    """Top-``n`` genes by variance of log1p counts over all spots of each cancer's training slides
+    (genes measured in all of them); None for a cancer type without training slides."""
+    train = cohort.ids("train")
+    out: dict[str, list[str] | None] = {}
+    for cancer in cancers:
+        paths = [cohort.st_path(i) for i in train if cohort.cancer(i) == cancer]
+        out[cancer] = top_variance_genes(paths, n=n, ensembl=ensembl) if paths else None
+    return out
+
+
+def top_variance_genes(
+    paths: Sequence[Path], *, n: int = N_HVG, ensembl: bool = False
+) -> list[str]:
+    """Top-``n`` genes by variance of log1p(raw counts) over all spots of the slides pooled.
+
+    Only genes measured in every slide count; ties go to the alphabetically first gene. Slides are
+    read one at a time and reduced to per-gene sums.
+    """
+    total: pd.DataFrame | None = None
+    for path in paths:
+        st = read_st(path)
+        x = sp.csr_matrix(st.X, dtype=np.float64)
+        x.sum_duplicates()
+        x.data = np.log1p(x.data)  # log1p(0) = 0 keeps the matrix sparse
+        sums = pd.DataFrame(
+            {
+                "n": float(st.n_obs),
+                "s": np.asarray(x.sum(axis=0)).ravel(),
+                "ss": np.asarray(x.multiply(x).sum(axis=0)).ravel(),
+            },
+            index=truth_gene_names(st, ensembl=ensembl),
+        )
+        sums = sums[~sums.index.duplicated()]
+        total = sums if total is None else total.add(sums).dropna()  # inner: measured in all
+    if total is None or total.empty:
+        return []
+    var = total["ss"] / total["n"] - (total["s"] / total["n"]) ** 2
+    return var.sort_index().sort_values(ascending=False, kind="stable").index[:n].tolist()
+
+
+def read_hvg_file(path: str | Path, cancers: Sequence[str]) -> dict[str, list[str] | None]:
+    """{cancer: genes} from a JSON ``{"genes": [...]}`` or plain one-per-line list (same genes for
+    every cancer) or a JSON mapping ``{cancer: [genes] | {"genes": [...]}}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("HVG list not found (--hvg takes 'train', 'bench' or a file)", path)
+    text = path.read_text()
+    head = text.lstrip()[:1]
+    if path.suffix.lower() == ".json" or (head and head in "{["):
+        try:
+            lists = _hvg_from_json(json.loads(text), path)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"not valid JSON ({exc})", path) from exc
+    else:
+        lists = read_gene_list(path)
+    if isinstance(lists, list):
+        return {c: lists for c in cancers}
+    return {c: lists.get(c) for c in cancers}
+
+
+def _hvg_from_json(obj, path: Path) -> list[str] | dict[str, list[str]]:
+    def genes(v) -> list[str] | None:
+        v = v.get("genes") if isinstance(v, dict) else v
+        return [str(g) for g in v] if isinstance(v, list) else None
+
+    if isinstance(obj, list) or (isinstance(obj, dict) and "genes" in obj):
+        out = genes(obj)
+        if out is not None:
+            return out
+    elif isinstance(obj, dict) and all(genes(v) is not None for v in obj.values()):
+        return {str(c): genes(v) for c, v in obj.items()}
+    raise InputError("expected {'genes': [...]}, a list, or {cancer: [genes]}", path)
+
+
+def resolve_genesets(
+    genesets: Sequence[str | Path] | None, *, ensembl: bool
+) -> dict[str, dict[str, list[str]]]:
+    """{collection: {set: genes}}: 'gpc' (default) = bundled Hallmark + GO; a GMT path = the
+    collection named by the file's stem."""
+    ids = "ensembl" if ensembl else "symbols"
+    out: dict[str, dict[str, list[str]]] = {}
+    for item in genesets or ["gpc"]:
+        if str(item) == "gpc":
+            out.update({c: gpc_genesets(c, ids=ids) for c in GENESET_COLLECTIONS})
+            continue
+        name = Path(item).name.removesuffix(".gmt")
+        if name in out:
+            raise InputError(f"two gene set collections named '{name}'", item)
+        out[name] = read_gmt(item)
+    return out
+
+
+# --- EVAL directory -----------------------------------------------------------------------------
+def read_prediction(path: Path) -> ad.AnnData:
+    """Read PRED/{id}.h5ad; ``InputError`` for an unreadable file, no X, duplicate spots or genes."""
+    try:
+        pred = ad.read_h5ad(path)
+    except Exception as exc:  # h5py/anndata raise many types for a corrupt file
+        raise InputError(f"cannot read as h5ad ({type(exc).__name__}: {exc})", path) from exc
+    if pred.X is None or pred.n_obs == 0 or pred.n_vars == 0:
+        raise InputError("prediction has no X (spots x genes)", path)
+    if pred.var_names.has_duplicates:
+        raise InputError(f"duplicate gene '{pred.var_names[pred.var_names.duplicated()][0]}'", path)
+    return pred
+
+
+def _peek_prediction(path: Path) -> tuple[pd.Index, dict]:
+    """Gene names and ``uns['histoprism']`` of a prediction, without loading X."""
+    try:
+        pred = ad.read_h5ad(path, backed="r")
+    except Exception as exc:
+        raise InputError(f"cannot read as h5ad ({type(exc).__name__}: {exc})", path) from exc
+    try:
+        info = pred.uns.get(keys.UNS_HISTOPRISM)
+        return pd.Index(pred.var_names.astype(str)), dict(info) if isinstance(info, Mapping) else {}
+    finally:
+        pred.file.close()
+
+
+def _pick_examples(cancers: pd.Series, n: int = N_EXAMPLES) -> list[str]:
+    """Up to ``n`` slides for the spatial maps: one per cancer type first, in slide order."""
+    first = cancers.drop_duplicates().index.tolist()
+    return (first + [i for i in cancers.index if i not in first])[:n]
+
+
+@dataclass
+class _Setup:
+    """What is fixed before any slide is scored."""
+
+    paths: dict[str, Path]  # slide id -> PRED/{id}.h5ad
+    cancers: pd.Series  # slide id -> oncotree code
+    split: str  # the split evaluated, or "samples"
+    hvg_source: str  # 'train', 'bench' or the file
+    hvg: dict[str, list[str] | None]  # cancer -> HVG list (None: no list)
+    collections: dict[str, dict[str, list[str]]]  # collection -> {gene set: genes}
+    ensembl: bool  # predictions name genes by Ensembl id
+    model: dict  # uns['histoprism'] of the first prediction
+
+
+def _setup(
+    pred_dir: Path,
+    cohort: Cohort,
+    *,
+    split: str,
+    hvg: str,
+    genesets: Sequence[str] | None,
+    samples: Sequence[str] | None,
+) -> _Setup:
+    """Slides, their prediction files and cancer types, HVG lists and gene sets."""
+    ids = list(dict.fromkeys(samples)) if samples else cohort.ids(split)
+    if not ids:
+        raise InputError(f"no slides to evaluate in the '{split}' split", cohort.root)
+    if not pred_dir.is_dir():
+        raise InputError("prediction directory not found", pred_dir)
+    paths = {i: pred_dir / f"{i}.h5ad" for i in ids}
+    for path in paths.values():
+        if not path.exists():
+            raise InputError("prediction file not found", path)
+    cancers = pd.Series({i: cohort.cancer(i) for i in ids}, name=keys.META_CANCER, dtype=object)
+    genes, model = _peek_prediction(paths[ids[0]])
+    ensembl = looks_like_ensembl(genes)
+    return _Setup(
+        paths=paths,
+        cancers=cancers,
+        split="samples" if samples else split,
+        hvg_source=str(hvg),
+        hvg=resolve_hvg(hvg, cohort, list(dict.fromkeys(cancers)), ensembl=ensembl),
+        collections=resolve_genesets(genesets, ensembl=ensembl),
+        ensembl=ensembl,
+        model=model,
+    )
+
+
+@dataclass
+class _Run:
+    """What the pass over the slides keeps: per-slide r, spot counts, pooled moments, maps."""
+
+    r: dict[str, pd.Series]
+    spots: dict[str, tuple[int, int]]  # slide -> (n_spots, n_spots_matched)
+    pooled: dict[str, pd.DataFrame]  # cancer -> co-moments pooled over its slides
+    examples: list[SpatialExample]
+
+
+def _score_slides(s: _Setup, cohort: Cohort, *, progress: bool = True) -> _Run:
+    """One pass, one slide in memory at a time."""
+    run = _Run(r={}, spots={}, pooled={}, examples=[])
+    show = set(_pick_examples(s.cancers))
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task("evaluating", total=len(s.paths), info="")
+        for sid, path in s.paths.items():
+            _score_one(s, cohort, sid, path, run, show=sid in show)
+            bar.update(task, advance=1, info=sid)
+    return run
+
+
+def _score_one(s: _Setup, cohort: Cohort, sid: str, path: Path, run: _Run, *, show: bool) -> None:
+    """Score one slide into ``run``: r, spot counts, pooled moments, spatial example."""
+    pred, st = read_prediction(path), read_st(cohort.st_path(sid))
+    score = score_slide(pred, st, path=path)
+    run.r[sid], run.spots[sid] = score.r, (score.n_spots, score.n_spots_matched)
+    c = s.cancers[sid]
+    pooled = run.pooled.get(c)
+    run.pooled[c] = score.moments if pooled is None else merge_moments(pooled, score.moments)
+    if show:
+        ex = spatial_example(pred, st, score.r, sample_id=sid, cancer=c, hvg=s.hvg.get(c))
+        run.examples += [ex] if ex is not None else []
+    log.info(
+        "%s: %d of %d spots matched (%d predicted), %d genes scored",
+        sid,
+        score.n_spots_matched,
+        score.n_spots,
+        pred.n_obs,
+        int(score.r.notna().sum()),
+    )
+
+
+@dataclass
+class _Tables:
+    per_slide: pd.DataFrame
+    per_gene: pd.DataFrame
+    per_pathway: pd.DataFrame
+    gpc_by_cancer: dict[str, pd.Series]  # collection -> per cancer, mean over sets
+    pooled_by_cancer: dict[str, pd.Series]  # cancer -> pooled r per gene
+
+
+def _tables(run: _Run, s: _Setup) -> _Tables:
+    R = slide_gene_correlations(run.r)
+    spots = pd.DataFrame.from_dict(
+        run.spots, orient="index", columns=["n_spots", "n_spots_matched"]
+    )
+    scores = [all_genes_scores(R), hvg_scores(R, s.cancers, s.hvg)]
+    per_slide = pd.concat([s.cancers, spots, *scores], axis=1)
+    pathways, gpc_by_cancer = [], {}
+    for name, sets in s.collections.items():
+        scores = geneset_scores(R, sets)
+        per_slide[f"gpc_{name}"] = scores.mean(axis=1)
+        gpc_by_cancer[name] = scores.groupby(s.cancers).mean().mean(axis=1)
+        pathways.append(gpc_table(scores, s.cancers, sets, panel=R.columns, collection=name))
+    counts = s.cancers.value_counts()
+    pooled_by_cancer = {c: pooled_pearson(m, int(counts[c])) for c, m in run.pooled.items()}
+    pooled = pooled_pearson(functools.reduce(merge_moments, run.pooled.values()), len(s.cancers))
+    per_slide.index.name = keys.SPLIT_ID
+    cols = [keys.META_CANCER, "n_spots", "n_spots_matched", "n_genes", "n_hvg", "hvg", "all_genes"]
+    per_slide = per_slide[cols + [f"gpc_{c}" for c in s.collections]]
+    return _Tables(
+        per_slide, _per_gene(R, pooled), pd.concat(pathways), gpc_by_cancer, pooled_by_cancer
+    )
+
+
+def _per_gene(R: pd.DataFrame, pooled: pd.Series) -> pd.DataFrame:
+    """gene, mean_r over slides, n_slides with a finite r, pooled_r; genes with no score dropped."""
+    out = pd.DataFrame(
+        {
+            "mean_r": R.mean(axis=0),
+            "n_slides": R.count(axis=0),
+            "pooled_r": pooled.reindex(R.columns),
+        }
+    )
+    out = out[(out["n_slides"] > 0) | out["pooled_r"].notna()]
+    return out.rename_axis("gene").reset_index()
+
+
+def _headline(t: _Tables, cancers: pd.Series) -> dict[str, float]:
+    s = t.per_slide
+    head = {"hvg_micro": micro(s["hvg"]), "hvg_macro": macro(s["hvg"], cancers)}
+    for name, table in t.per_pathway.groupby("collection", sort=False):
+        head[f"gpc_{name}_micro"] = float(table["s_micro"].mean())
+        head[f"gpc_{name}_macro"] = float(table["s_macro"].mean())
+    head["all_genes_micro"] = micro(s["all_genes"])
+    head["all_genes_macro"] = macro(s["all_genes"], cancers)
+    head["pooled_pearson"] = float(t.per_gene["pooled_r"].mean())
+    head["n_genes_pooled"] = int(t.per_gene["pooled_r"].notna().sum())
+    return head
+
+
+def _per_cancer(t: _Tables, cancers: pd.Series, hvg: Mapping) -> dict[str, dict]:
+    hvg_mean = per_cancer_mean(t.per_slide["hvg"], cancers)
+    all_mean = per_cancer_mean(t.per_slide["all_genes"], cancers)
+    out = {}
+    for c in dict.fromkeys(cancers):
+        pooled = t.pooled_by_cancer[c]
+        out[c] = {
+            "n_slides": int((cancers == c).sum()),
+            "hvg": hvg_mean[c],
+            **{f"gpc_{k}": v.get(c, np.nan) for k, v in t.gpc_by_cancer.items()},
+            "all_genes": all_mean[c],
+            "pooled_pearson": float(pooled.mean()),
+            # HEST-bench's number for a task: pooled r over the task's HVG list
+            "pooled_hvg": float(pooled.reindex(hvg.get(c) or []).mean()),
+        }
+    return out
+
+
+def _metrics(s: _Setup, t: _Tables) -> dict:
+    """The content of metrics.json (JSON types, NaN as None)."""
+    return _jsonable(
+        {
+            "evaluator_version": EVALUATOR_VERSION,
+            "n_slides": len(s.cancers),
+            "split": s.split,
+            "hvg_source": s.hvg_source,
+            "hvg_missing": [c for c, g in s.hvg.items() if not g],
+            "gene_ids": "ensembl" if s.ensembl else "symbols",
+            "gene_sets": {name: len(sets) for name, sets in s.collections.items()},
+            "n_spots": int(t.per_slide["n_spots"].sum()),
+            "n_spots_matched": int(t.per_slide["n_spots_matched"].sum()),
+            "headline": _headline(t, s.cancers),
+            "per_cancer": _per_cancer(t, s.cancers, s.hvg),
+            "hvg_genes": s.hvg,
+            "model": s.model or None,
+        }
+    )
+
+
+def _jsonable(obj):
+    """Plain JSON types; NaN and inf become null."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray, pd.Index)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer, int)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if np.isfinite(obj) else None
+    return obj if obj is None or isinstance(obj, str) else str(obj)
+
+
+def evaluate(
+    pred_dir: str | Path,
+    cohort: Cohort,
+    out_dir: str | Path,
+    *,
+    split: str = "test",
+    hvg: str = "train",
+    genesets: list[str] | None = None,
+    samples: list[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Score PRED/{id}.h5ad against the cohort's counts and write EVAL/ (DESIGN.md "Outputs").
+
+    Slides: ``samples``, else the cohort's ``split``; a missing prediction is an ``InputError``.
+    ``hvg``: 'train', 'bench' or a file (see ``resolve_hvg``); ``genesets``: 'gpc' (bundled
+    Hallmark + GO, the default) and/or GMT paths. Writes metrics.json, per_slide.csv,
+    per_gene.csv, per_pathway.csv and report.html, each atomically; ``progress`` shows a bar.
+    Returns the metrics as written to metrics.json (NaN as None).
+    """
+    setup = _setup(Path(pred_dir), cohort, split=split, hvg=hvg, genesets=genesets, samples=samples)
+    run = _score_slides(setup, cohort, progress=progress)
+    tables = _tables(run, setup)
+    metrics = _metrics(setup, tables)
+    _write_outputs(Path(out_dir), metrics, tables)
+    write_report(out_dir, examples=run.examples)
+    return metrics
+
+
+def _write_outputs(out_dir: Path, metrics: dict, t: _Tables) -> None:
+    write_text_atomic(out_dir / keys.EVAL_METRICS, json.dumps(metrics, indent=2, allow_nan=False))
+    for name, df, index in (
+        (keys.EVAL_PER_SLIDE, t.per_slide, True),
+        (keys.EVAL_PER_GENE, t.per_gene, False),
+        (keys.EVAL_PER_PATHWAY, t.per_pathway, False),
+    ):
+        with atomic_path(out_dir / name) as tmp:
+            df.to_csv(tmp, index=index)
