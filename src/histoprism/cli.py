@@ -151,6 +151,75 @@ def predict(
     typer.echo(f"predicted {len(paths)} slides -> {out} [{time.perf_counter() - t0:.0f}s]")
 
 
+@app.command()
+def evaluate(
+    pred: Annotated[Path, typer.Option("--pred", help="Folder of PRED/{id}.h5ad.")],
+    data: Data,
+    out: Annotated[Path, typer.Option("--out", help="Folder for metrics.json, CSVs, report.html.")],
+    split: Split = None,
+    hvg: Annotated[
+        str, typer.Option(help="train | bench | FILE (JSON or one gene per line).")
+    ] = "train",
+    genesets: Annotated[
+        list[str] | None,
+        typer.Option("--genesets", help="gpc (bundled Hallmark + GO) or FILE.gmt; repeatable."),
+    ] = None,
+    samples: Annotated[
+        str | None, typer.Option(help="Comma-separated ids instead of the test split.")
+    ] = None,
+) -> None:
+    """Score predictions against measured counts: HVG-50, GPC, all genes, pooled Pearson."""
+    from . import evaluate as api
+    from .cohort import Cohort
+
+    cohort = _run(Cohort, data, split_dir=split)
+    ids = [s.strip() for s in samples.split(",")] if samples else None
+    m = _run(api.evaluate, pred, cohort, out, hvg=hvg, genesets=genesets, samples=ids)
+    h = m["headline"]
+    typer.echo(
+        f"{m['n_slides']} slides: HVG-50 {h['hvg_micro']:.3f} (macro {h['hvg_macro']:.3f}), "
+        f"GPC Hallmark {h['gpc_hallmark_micro']:.3f}, GO {h['gpc_go_micro']:.3f}, "
+        f"all genes {h['all_genes_micro']:.3f} -> {out}"
+    )
+
+
+@app.command()
+def demo(
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for the cohort, runs, predictions and table.")
+    ] = Path("demo_out"),
+    epochs: Annotated[
+        int | None, typer.Option(help="Cap training epochs (default: recipe's).")
+    ] = None,
+) -> None:
+    """Built-in cohort -> train HistoPrism, its no-conditioning ablation and ridge baselines
+    -> predict -> evaluate -> one table with the attainable ceiling."""
+    from .demo import run_demo
+
+    t0 = time.perf_counter()
+    table = _run(run_demo, out, epochs=epochs)
+    _print_table(table, title="histoprism demo: test slides of the built-in cohort (Pearson r)")
+    typer.echo(
+        f"demo finished in {time.perf_counter() - t0:.0f}s; results in {out}/results.md, reports in {out}/eval/*/report.html"
+    )
+
+
+def _print_table(table, *, title: str) -> None:
+    from rich.table import Table
+
+    t = Table(title=title)
+    t.add_column(table.index.name or "")
+    for col in table.columns:
+        t.add_column(str(col), justify="right")
+    for idx, row in table.iterrows():
+        cells = [
+            f"{v:.3f}" if isinstance(v, float) and col != "train s" else f"{v}"
+            for col, v in row.items()
+        ]
+        t.add_row(str(idx), *cells)
+    Console().print(t)
+
+
 def entry() -> None:  # pragma: no cover - console script
     app()
 

@@ -52,7 +52,9 @@ class CancerConditioning(nn.Module):
         super().__init__()
         d, self.n_heads, self.t = cfg.in_dim, cfg.cross_heads, cfg.context_tokens
         self.tokens = nn.Embedding(cfg.n_conditions * cfg.context_tokens, d)
-        self.q, self.kv, self.out = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+        # one token needs no query projection (see _single_token): DDP wants no unused weights
+        self.q = nn.Linear(d, d) if cfg.context_tokens > 1 else None
+        self.kv, self.out = nn.Linear(d, 2 * d), nn.Linear(d, d)
         self.norm = nn.LayerNorm(d)
         self.dropout = cfg.dropout
 
@@ -60,14 +62,26 @@ class CancerConditioning(nn.Module):
         B, N, D = x.shape
         ids = condition[:, None] * self.t + torch.arange(self.t, device=x.device)  # (B, T)
         ctx = self.tokens(ids)  # (B, T, D)
-        q = self.q(x).view(B, N, self.n_heads, -1).transpose(1, 2)  # (B, h, N, D/h)
-        k, v = (
-            self.kv(ctx).view(B, self.t, 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        )  # (B, h, T, D/h)
         p = self.dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, h, N, D/h)
-        a = a.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        if self.t == 1:
+            a = self._single_token(ctx, N, p)  # (B, N, D)
+        else:
+            q = self.q(x).view(B, N, self.n_heads, -1).transpose(1, 2)  # (B, h, N, D/h)
+            kv = self.kv(ctx).view(B, self.t, 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=p)  # (B, h, N, D/h)
+            a = a.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         return self.norm(x + F.dropout(self.out(a), p, self.training))
+
+    def _single_token(self, ctx: torch.Tensor, N: int, p: float) -> torch.Tensor:
+        """Softmax over one key is 1, so every query receives the value whatever the query is:
+        the same result as the general path without the (N, D) x (D, D) query projection."""
+        B, _, D = ctx.shape
+        v = self.kv(ctx)[..., D:]  # (B, 1, D)
+        a = v.expand(B, N, D)  # (B, N, D)
+        if p > 0:  # dropout on the attention weight, per spot and head, as SDPA would apply it
+            keep = (torch.rand(B, N, self.n_heads, 1, device=v.device) >= p).to(v.dtype)
+            a = (a.reshape(B, N, self.n_heads, -1) * keep / (1 - p)).reshape(B, N, D)
+        return a
 
 
 class SinusoidalPosition(nn.Module):

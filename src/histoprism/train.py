@@ -305,7 +305,7 @@ def _train_epoch(net, opt, slides, state, cfg_t, schedule, rng, data, ctx) -> fl
             torch.nn.utils.clip_grad_norm_(net.parameters(), cfg_t.grad_clip)
         opt.step()
         state.step += 1
-        total += float(loss)
+        total += loss.item()
     loss_sum, n = ctx.all_sum([total, float(len(slides))])
     return loss_sum / max(n, 1)
 
