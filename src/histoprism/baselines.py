@@ -270,7 +270,9 @@ def fit_baseline(
         knn = 8 if kind == "ridge-knn" else 0
         return RidgeBaseline(panel=panel, knn=knn, seed=seed).fit(train), {"knn": knn}
     if kind == "mlp":
-        mlp = MLPBaseline(panel=panel, vocab=vocab, seed=seed, epochs=epochs or 60)
+        mlp = MLPBaseline(
+            panel=panel, vocab=vocab, seed=seed, epochs=60 if epochs is None else epochs
+        )
         return mlp.fit(train, val), {"hidden": mlp.hidden}
     raise ValueError(f"unknown baseline '{kind}' (have: {', '.join(BASELINES)})")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,15 @@ def _run(fn, *args, **kwargs):
             raise
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except Exception as exc:  # a bug or an unforeseen input: still one line, details with --debug
+        if _state["debug"]:
+            raise
+        err.print(
+            f"[red]error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("interrupted; outputs written so far are complete, partial files removed")
         raise typer.Exit(130) from None
@@ -101,6 +111,8 @@ def train(
         config=config,
         resume=resume,
     )
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one summary from rank 0
+        return
     from .checkpoint import load_run
 
     cfg, _ = load_run(run)

@@ -122,6 +122,8 @@ class Cohort:
         if not self.root.is_dir():
             raise InputError("cohort directory not found", self.root)
         self.metadata = _read_metadata(self.root)
+        if split_dir is not None and not Path(split_dir).is_dir():
+            raise InputError("split directory not found", split_dir)
         self.splits, self._split_tables = _read_splits(
             Path(split_dir) if split_dir else self.root / keys.SPLITS_DIR
         )

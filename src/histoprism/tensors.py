@@ -74,13 +74,19 @@ class SlideTensors:
 
 
 def knn_index(coords: np.ndarray, k: int) -> np.ndarray:
-    """(N, 2) -> (N, k) indices of each spot's k nearest other spots (itself when N <= k)."""
+    """(N, 2) -> (N, k) indices of each spot's k nearest other spots (itself when N <= k).
+
+    Ties (a hex grid has rings of equidistant spots) are broken by position, not by row, so the
+    neighbours of a spot do not depend on the order of spots in the file.
+    """
     n = len(coords)
     if n == 1:
         return np.zeros((1, k), dtype=np.int64)
-    kk = min(k + 1, n)
-    _, idx = cKDTree(coords).query(coords, k=kk)
-    idx = idx[:, 1:]  # drop the spot itself
+    kk = min(k + 13, n)  # enough candidates to cover the ties of the last ring kept
+    dist, idx = cKDTree(coords).query(coords, k=kk)
+    x, y = coords[idx, 0], coords[idx, 1]  # (N, kk)
+    order = np.lexsort((y, x, np.round(dist, 6)), axis=1)  # distance first, then x, then y
+    idx = np.take_along_axis(idx, order, axis=1)[:, 1 : k + 1]  # drop the spot itself (distance 0)
     if idx.shape[1] < k:  # tiny slide: repeat the farthest neighbour
         idx = np.concatenate([idx, np.repeat(idx[:, -1:], k - idx.shape[1], axis=1)], axis=1)
     return idx.astype(np.int64)

@@ -193,8 +193,10 @@ class DistContext:
 
     def shard(self, items: list) -> list:
         """This rank's share; every rank gets the same count so that DDP steps stay in lockstep."""
-        n = len(items) // self.world * self.world if len(items) >= self.world else len(items)
-        return items[self.rank : n : self.world] if n else items[:1]
+        if self.world == 1:
+            return items
+        n = max(1, len(items) // self.world)  # fewer slides than ranks: some ranks repeat a slide
+        return [items[(self.rank + i * self.world) % len(items)] for i in range(n)]
 
 
 def train_histoprism(
@@ -240,6 +242,9 @@ def train_histoprism(
         task = bar.add_task("training", total=cfg_t.epochs, completed=state.epoch, info="")
         for epoch in range(state.epoch, cfg_t.epochs):
             t0 = time.perf_counter()
+            torch.manual_seed(
+                cfg_t.seed + epoch
+            )  # dropout draws depend on the epoch: resume = rerun
             rng = np.random.default_rng(cfg_t.seed + epoch)
             order = [train_t[i] for i in rng.permutation(len(train_t))]
             train_loss = _train_epoch(
@@ -278,7 +283,7 @@ def train_histoprism(
 
 
 def _init_model(cfg: ModelConfig, train_t: list[SlideTensors]) -> HistoPrism:
-    """A fresh model whose output starts at each gene's training mean (fast, stable start)."""
+    """A fresh model whose output bias is each gene's training mean (fast, stable start)."""
     model = HistoPrism(cfg)
     with torch.no_grad():
         model.head_out.bias.copy_(gene_means(train_t, cfg.n_genes))
@@ -442,6 +447,8 @@ def train(
     """
     if model not in MODELS:
         raise InputError(f"unknown model '{model}' (have: {', '.join(MODELS)})")
+    if epochs is not None and epochs < 1:
+        raise InputError(f"--epochs must be at least 1, got {epochs}")
     cohort = Cohort(data, split_dir=split, seed=seed)
     td = load_training_data(cohort, encoder, genes=genes, seed=seed)
     if model == "histoprism":
@@ -450,7 +457,9 @@ def train(
             m_over["conditioning"] = False
         if positional_encoding:
             m_over["positional_encoding"] = True
-        t_cfg = TrainConfig(**{**t_over, "seed": seed, **({"epochs": epochs} if epochs else {})})
+        t_cfg = TrainConfig(
+            **{**t_over, "seed": seed, **({} if epochs is None else {"epochs": epochs})}
+        )
         return train_histoprism(
             td, out, model_overrides=m_over, config=t_cfg, resume=resume, progress=progress
         )

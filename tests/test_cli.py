@@ -1,0 +1,238 @@
+"""The command line (DESIGN.md "Command line"): flags in --help, train -> predict -> evaluate, and
+bad input as exit code != 0 with one line on stderr (the exception itself with --debug)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from histoprism import keys
+from histoprism.cli import app
+from histoprism.cohort import Cohort
+from histoprism.errors import InputError
+
+ENCODER = "synthetic"
+CONSOLE_SCRIPT = Path(sys.executable).parent / "histoprism"
+
+FLAGS = {
+    "train": "--data --encoder --out --split --model --epochs --no-conditioning "
+    "--positional-encoding --genes --seed --config",
+    "predict": "--model --data --encoder --out --split --samples",
+    "evaluate": "--pred --data --out --split --hvg --genesets",
+}
+
+
+def invoke(*args):
+    # a wide terminal, so that help tables never shorten option names
+    return CliRunner(env={"COLUMNS": "160"}).invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("command", FLAGS)
+def test_help_lists_design_flags(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    words = set(result.stdout.replace("│", " ").split())
+    missing = [f for f in FLAGS[command].split() if f not in words]
+    assert not missing, f"{command} --help lacks {missing}"
+    assert "Usage:" in result.stdout and len(result.stdout.splitlines()) > 10
+
+
+def test_top_level_help_lists_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in FLAGS:
+        assert command in result.stdout
+
+
+# --- train -> predict -> evaluate ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pipeline(tiny_cohort, tmp_path_factory):
+    """Run the three commands once; returns their results and output folders."""
+    root = tmp_path_factory.mktemp("cli")
+    run, pred, ev = root / "run", root / "pred", root / "eval"
+    results = {
+        "train": invoke(
+            "train", "--data", tiny_cohort, "--encoder", ENCODER, "--out", run, "--epochs", 2
+        ),
+        "predict": invoke(
+            "predict", "--model", run, "--data", tiny_cohort, "--encoder", ENCODER, "--out", pred
+        ),
+        "evaluate": invoke("evaluate", "--pred", pred, "--data", tiny_cohort, "--out", ev),
+    }
+    return results, run, pred, ev
+
+
+@pytest.mark.parametrize(
+    "command, start",
+    [("train", "trained histoprism on 4 slides, 300 genes"), ("predict", "predicted 2 slides")],
+)
+def test_pipeline_commands_succeed_with_one_line_summary(pipeline, command, start):
+    result = pipeline[0][command]
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(start), result.stdout
+
+
+def test_pipeline_writes_every_output(pipeline, tiny_cohort):
+    results, run, pred, ev = pipeline
+    assert results["evaluate"].exit_code == 0, results["evaluate"].stderr
+    lines = results["evaluate"].stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("2 slides: HVG-50 ")
+    assert {p.name for p in run.iterdir()} >= {"model.safetensors", "config.json", "history.csv"}
+    assert len((run / keys.RUN_HISTORY).read_text().splitlines()) == 1 + 2  # header + 2 epochs
+    test_ids = Cohort(tiny_cohort).ids("test")
+    assert sorted(p.name for p in pred.iterdir()) == sorted(f"{i}.h5ad" for i in test_ids)
+    names = {p.name for p in ev.iterdir()}
+    assert names >= {"metrics.json", "per_slide.csv", "per_gene.csv", "per_pathway.csv"}
+    assert "report.html" in names
+
+
+# --- bad input: one line on stderr, no traceback; --debug raises ---------------------------------------
+def _first_train_id(root: Path) -> str:
+    return Cohort(root).ids("train")[0]
+
+
+def _case(name, cc, runs, pipeline_pred, tmp):
+    """(args, words the error line must contain) for one kind of bad input."""
+    train = ["train", "--encoder", ENCODER, "--out", tmp / "run", "--model", "ridge"]
+    train += ["--data", cc.root]
+    sid = _first_train_id(cc.root)
+    test_id = Cohort(cc.root).ids("test")[0]
+    predict = ["predict", "--model", runs["histoprism"], "--data", cc.root]
+    predict += ["--encoder", ENCODER, "--out", tmp / "pred", "--samples", test_id]
+    if name == "missing cohort dir":
+        return ["train", "--data", tmp / "nope", "--encoder", ENCODER, "--out", tmp / "r"], [
+            "nope",
+            "not found",
+        ]
+    if name == "missing embedding file":
+        cc.emb_path(sid).unlink()
+        return train, [f"{sid}.h5", "not found"]
+    if name == "NaN embeddings":
+        cc.edit_embedding(sid, lambda f: np.where(np.arange(len(f))[:, None] == 3, np.nan, f))
+        return train, [f"{sid}.h5", "NaN"]
+    if name == "duplicate barcodes":
+        cc.edit_st(sid, _rename_obs)
+        return train, [f"{sid}.h5ad", "duplicate barcode"]
+    if name == "duplicate genes":
+        cc.edit_st(sid, _rename_var)
+        return train, [f"{sid}.h5ad", "duplicate gene"]
+    if name == "empty slide":
+        cc.edit_st(sid, lambda a: a[:0].copy())
+        return train, [f"{sid}.h5ad", "no spots"]
+    if name == "empty embedding file":
+        cc.edit_embedding(sid, lambda f: f[:0])
+        return train, [f"{sid}.h5", "(0, 32)"]
+    if name == "embedding dim differs from model":
+        cc.edit_embedding(test_id, lambda f: f[:, :16])
+        return predict, [test_id, "dimension", "16", "32"]
+    if name == "unknown cancer at predict":
+        cc.set_cancer(test_id, "MESO")
+        return predict, ["MESO", "--unknown-cancer"]
+    if name == "missing prediction file":
+        pred = tmp / "partial_pred"
+        pred.mkdir()
+        only = sorted(pipeline_pred.iterdir())[0]
+        (pred / only.name).write_bytes(only.read_bytes())
+        missing = next(i for i in Cohort(cc.root).ids("test") if i != only.stem)
+        return ["evaluate", "--pred", pred, "--data", cc.root, "--out", tmp / "ev"], [
+            f"{missing}.h5ad",
+            "not found",
+        ]
+    if name == "missing split dir":
+        return train + ["--split", tmp / "nosplit"], ["nosplit", "not found"]
+    if name == "unknown model":
+        return ["train", "--data", cc.root, "--encoder", ENCODER, "--out", tmp / "r"] + [
+            "--model",
+            "foo",
+        ], ["foo", "histoprism"]
+    raise AssertionError(name)
+
+
+def _rename_obs(a: ad.AnnData) -> ad.AnnData:
+    names = list(a.obs_names)
+    names[1] = names[0]
+    a.obs_names = names
+    return a
+
+
+def _rename_var(a: ad.AnnData) -> ad.AnnData:
+    names = list(a.var_names)
+    names[1] = names[0]
+    a.var_names = names
+    return a
+
+
+BAD_INPUTS = [
+    "missing cohort dir",
+    "missing embedding file",
+    "NaN embeddings",
+    "duplicate barcodes",
+    "duplicate genes",
+    "empty slide",
+    "empty embedding file",
+    "embedding dim differs from model",
+    "unknown cancer at predict",
+    "missing prediction file",
+    "unknown model",
+    "missing split dir",
+]
+
+
+@pytest.mark.filterwarnings("ignore:.*not unique")
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_one_line_on_stderr(name, cohort_copy, trained_runs, pipeline, tmp_path):
+    args, words = _case(name, cohort_copy(), trained_runs, pipeline[2], tmp_path)
+    result = invoke(*args)
+    assert result.exit_code not in (0, 1), (result.exit_code, result.exception)
+    assert isinstance(result.exception, SystemExit)  # a clean exit, not an escaped exception
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    debug = invoke("--debug", *args)
+    assert isinstance(debug.exception, InputError), debug.exception
+    assert debug.exit_code != 0
+
+
+@pytest.mark.parametrize("name", ["missing cohort dir", "unknown cancer at predict"])
+def test_bad_input_through_console_script(name, cohort_copy, trained_runs, pipeline, tmp_path):
+    """The installed ``histoprism`` executable: real stderr, real logging set-up."""
+    if not CONSOLE_SCRIPT.exists():
+        pytest.skip(f"no console script at {CONSOLE_SCRIPT}")
+    args, words = _case(name, cohort_copy(), trained_runs, pipeline[2], tmp_path)
+    env = {**os.environ, "HISTOPRISM_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(CONSOLE_SCRIPT), *map(str, args)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode not in (0, 1)
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in words), proc.stderr
+
+
+# --- no half-written outputs -------------------------------------------------------------------------
+def test_failed_predict_leaves_only_complete_files(cohort_copy, trained_runs, tmp_path):
+    cc = cohort_copy()
+    first, second = Cohort(cc.root).ids("test")
+    cc.edit_embedding(second, lambda f: np.where(np.arange(len(f))[:, None] == 0, np.nan, f))
+    out = tmp_path / "pred"
+    result = invoke(
+        "predict", "--model", trained_runs["histoprism"], "--data", cc.root, "--encoder", ENCODER,
+        "--out", out, "--samples", f"{first},{second}",
+    )  # fmt: skip
+    assert result.exit_code == 2 and f"{second}.h5" in result.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert files == [f"{first}.h5ad"]  # no temporary or partial file, no file for the failure
+    pred = ad.read_h5ad(out / files[0])
+    assert pred.X.shape == (ad.read_h5ad(cc.st_path(first)).n_obs, 300)
+    assert np.isfinite(pred.X).all()

@@ -1,0 +1,283 @@
+"""Whole-slide prediction: the PRED/{id}.h5ad contract (DESIGN.md "Outputs"), chunking, pathway
+scores, refusals, slides without counts, atomic writes, and evaluate on real predictions."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import pearsonr
+
+from histoprism import __version__, keys
+from histoprism import predict as predict_mod
+from histoprism.cohort import Cohort
+from histoprism.errors import InputError
+from histoprism.evaluate import evaluate
+from histoprism.genes import GENESET_COLLECTIONS, gpc_genesets
+from histoprism.predict import load, predict, predict_slide
+from histoprism.tensors import knn_index
+
+ENCODER = "synthetic"
+
+
+def _st(cohort, sid) -> ad.AnnData:
+    return ad.read_h5ad(cohort / keys.ST_DIR / f"{sid}.h5ad")
+
+
+@pytest.fixture(scope="module")
+def split_test_ids(tiny_cohort) -> list[str]:
+    return Cohort(tiny_cohort).ids("test")
+
+
+@pytest.fixture(scope="module")
+def predictions(tiny_cohort, trained_runs, tmp_path_factory):
+    """PRED/ of the HistoPrism run on the test split (float32)."""
+    out = tmp_path_factory.mktemp("pred")
+    paths = predict(trained_runs["histoprism"], tiny_cohort, ENCODER, out, progress=False)
+    return out, paths
+
+
+def _all_gpc_sets() -> dict[str, list[str]]:
+    sets = {}
+    for collection in GENESET_COLLECTIONS:
+        sets.update(gpc_genesets(collection))
+    return sets
+
+
+# --- the file contract ---------------------------------------------------------------------------------
+def test_prediction_h5ad_contract(tiny_cohort, trained_runs, predictions, split_test_ids):
+    out, paths = predictions
+    assert sorted(p.name for p in paths) == sorted(f"{i}.h5ad" for i in split_test_ids)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{i}.h5ad" for i in split_test_ids)
+    genes = json.loads((trained_runs["histoprism"] / keys.RUN_CONFIG).read_text())["genes"]
+    cohort = Cohort(tiny_cohort)
+    sets = _all_gpc_sets()
+    for sid in split_test_ids:
+        pred, st = ad.read_h5ad(out / f"{sid}.h5ad"), _st(tiny_cohort, sid)
+        assert isinstance(pred.X, np.ndarray) and pred.X.dtype == np.float32
+        assert pred.X.shape == (st.n_obs, len(genes)) and np.isfinite(pred.X).all()
+        assert list(pred.var_names) == genes
+        # every spot of the counts file has an embedding here: all of them, in the st order
+        assert list(pred.obs_names) == list(st.obs_names)
+        np.testing.assert_array_equal(pred.obsm[keys.OBSM_SPATIAL], st.obsm[keys.OBSM_SPATIAL])
+        assert (pred.obs[keys.OBS_CANCER] == cohort.cancer(sid)).all()
+        pw = pred.obsm[keys.OBSM_PATHWAYS]
+        assert isinstance(pw, pd.DataFrame) and list(pw.index) == list(pred.obs_names)
+        assert len(pw.columns) > 10 and set(pw.columns) <= set(sets)
+        assert np.isfinite(pw.to_numpy()).all()
+        info = pred.uns[keys.UNS_HISTOPRISM]
+        assert info["version"] == __version__ and info["model"] == "histoprism"
+        assert info["encoder"] == ENCODER and info["units"] == "log1p(counts)"
+        # log1p scale: non-negative up to the model's error, and varying across spots
+        assert pred.X.mean() > 0 and pred.X.std(0).max() > 0.05
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, "7 genes"])
+def test_chunked_head_equals_single_block(
+    tiny_cohort, trained_runs, predictions, split_test_ids, tmp_path, monkeypatch, chunk_bytes
+):
+    sid = split_test_ids[0]
+    run = load(trained_runs["histoprism"])
+    slide = Cohort(tiny_cohort).slide(sid, ENCODER)
+    if chunk_bytes == "7 genes":  # 300 genes = 42 chunks of 7 and a last one of 6
+        chunk_bytes = 4 * slide.n_spots * 7
+    full = ad.read_h5ad(predictions[0] / f"{sid}.h5ad")
+    assert predict_mod.CHUNK_BYTES // (4 * slide.n_spots) >= len(run.panel)  # it was one block
+    monkeypatch.setattr(predict_mod, "CHUNK_BYTES", chunk_bytes)
+    chunked = ad.read_h5ad(predict_slide(run, slide, tmp_path / f"{sid}.h5ad"))
+    np.testing.assert_allclose(chunked.X, full.X, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        chunked.obsm[keys.OBSM_PATHWAYS].to_numpy(),
+        full.obsm[keys.OBSM_PATHWAYS].to_numpy(),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_pathway_score_is_mean_zscore_of_set_genes(predictions, split_test_ids):
+    pred = ad.read_h5ad(predictions[0] / f"{split_test_ids[0]}.h5ad")
+    x = pred.X.astype(np.float64)
+    sd = x.std(0)
+    z = pd.DataFrame(
+        np.where(sd > 0, (x - x.mean(0)) / np.where(sd > 0, sd, 1.0), 0.0),
+        columns=pred.var_names,
+    )
+    sets = _all_gpc_sets()
+    pw = pred.obsm[keys.OBSM_PATHWAYS]
+    for name in pw.columns:
+        members = [g for g in dict.fromkeys(sets[name]) if g in z.columns]
+        assert members, name
+        np.testing.assert_allclose(pw[name], z[members].mean(axis=1), atol=1e-4, err_msg=name)
+    # every set with a panel gene is there, none without
+    have = {n for n, g in sets.items() if set(g) & set(pred.var_names)}
+    assert set(pw.columns) == have
+
+
+def test_float16_output(tiny_cohort, trained_runs, predictions, split_test_ids, tmp_path):
+    sid = split_test_ids[0]
+    predict(
+        trained_runs["histoprism"],
+        tiny_cohort,
+        ENCODER,
+        tmp_path,
+        samples=sid,
+        dtype="float16",
+        progress=False,
+    )
+    half = ad.read_h5ad(tmp_path / f"{sid}.h5ad")
+    full = ad.read_h5ad(predictions[0] / f"{sid}.h5ad")
+    assert half.X.dtype == np.float16 and half.X.shape == full.X.shape
+    # float16 keeps 11 significant bits: relative rounding error <= 2**-11
+    np.testing.assert_allclose(half.X.astype(np.float32), full.X, rtol=2**-11, atol=1e-4)
+    assert list(half.obs_names) == list(full.obs_names)
+
+
+# --- refusals and fallbacks ------------------------------------------------------------------------------
+def test_unknown_cancer_code_refused_or_predicted_as_unknown(
+    trained_runs, cohort_copy, split_test_ids, tmp_path
+):
+    sid = split_test_ids[0]
+    cc = cohort_copy()
+    cc.set_cancer(sid, "MESO")
+    run = trained_runs["histoprism"]
+    with pytest.raises(InputError, match="MESO"):
+        predict(run, cc.root, ENCODER, tmp_path / "refused", samples=sid, progress=False)
+    assert not (tmp_path / "refused" / f"{sid}.h5ad").exists()
+    out = tmp_path / "fallback"
+    predict(run, cc.root, ENCODER, out, samples=sid, unknown_cancer=True, progress=False)
+    pred = ad.read_h5ad(out / f"{sid}.h5ad")
+    assert (pred.obs[keys.OBS_CANCER] == keys.UNKNOWN_CANCER).all()
+    assert pred.uns[keys.UNS_HISTOPRISM]["cancer_requested"] == "MESO"
+    assert np.isfinite(pred.X).all()
+
+
+def test_embedding_dimension_mismatch_refused(trained_runs, cohort_copy, split_test_ids, tmp_path):
+    sid = split_test_ids[0]
+    cc = cohort_copy()
+    cc.edit_embedding(sid, lambda f: f[:, :16])
+    with pytest.raises(InputError, match="dimension"):
+        predict(trained_runs["histoprism"], cc.root, ENCODER, tmp_path, samples=sid, progress=False)
+
+
+def test_wrong_encoder_name_refused(tiny_cohort, trained_runs, tmp_path):
+    with pytest.raises(InputError, match="uni"):
+        predict(trained_runs["histoprism"], tiny_cohort, "uni", tmp_path, progress=False)
+
+
+def test_slide_without_counts_predicted_from_embeddings(
+    tiny_cohort, trained_runs, cohort_copy, split_test_ids, tmp_path
+):
+    sid = split_test_ids[0]
+    cc = cohort_copy()
+    cc.st_path(sid).unlink()
+    run = trained_runs["histoprism"]
+    predict(run, cc.root, ENCODER, tmp_path, samples=sid, progress=False)
+    pred = ad.read_h5ad(tmp_path / f"{sid}.h5ad")
+    with h5py.File(cc.emb_path(sid), "r") as f:
+        barcodes = [b.decode() for b in f[keys.H5_BARCODES][...]]
+        coords = f[keys.H5_COORDS][...]
+    assert list(pred.obs_names) == barcodes  # the embedding file's spots, in its order
+    np.testing.assert_allclose(pred.obsm[keys.OBSM_SPATIAL], coords)
+    assert pred.X.dtype == np.float32 and pred.X.shape == (len(barcodes), 300)
+    assert np.isfinite(pred.X).all() and pred.X.std(0).max() > 0.05
+    assert (pred.obs[keys.OBS_CANCER] == Cohort(tiny_cohort).cancer(sid)).all()
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "histoprism",
+        "ridge",
+        "ridge-knn",
+    ],
+)
+def test_prediction_does_not_depend_on_spot_order(
+    tiny_cohort, trained_runs, cohort_copy, split_test_ids, tmp_path, kind
+):
+    """With counts, spots come in the counts file's order; without, in the (shuffled) embedding
+    file's order. The same spots must get the same predictions."""
+    sid = split_test_ids[0]
+    cc = cohort_copy()
+    cc.st_path(sid).unlink()
+    predict(trained_runs[kind], cc.root, ENCODER, tmp_path / "emb", samples=sid, progress=False)
+    predict(trained_runs[kind], tiny_cohort, ENCODER, tmp_path / "st", samples=sid, progress=False)
+    pred = ad.read_h5ad(tmp_path / "emb" / f"{sid}.h5ad")
+    ref = ad.read_h5ad(tmp_path / "st" / f"{sid}.h5ad")
+    assert list(pred.obs_names) != list(ref.obs_names)  # really another order
+    np.testing.assert_allclose(pred.X, ref[pred.obs_names].X, atol=1e-5, rtol=0)
+
+
+def test_knn_index_is_permutation_equivariant():
+    """A hex patch with an edge: neighbour sets must not depend on the order of the spots."""
+    rows, cols = np.meshgrid(np.arange(6), np.arange(6), indexing="ij")
+    xy = np.stack([2 * cols.ravel() + rows.ravel() % 2, rows.ravel() * np.sqrt(3)], axis=1)
+    perm = np.random.default_rng(0).permutation(len(xy))
+    a = knn_index(xy, 8)
+    b = knn_index(xy[perm], 8)
+    b_in_a = perm[b]  # neighbours of spot perm[i], as indices of the original order
+    for i, p in enumerate(perm):
+        assert set(a[p]) == set(b_in_a[i]), p
+
+
+# --- atomic writes -----------------------------------------------------------------------------------------
+def test_failure_mid_write_leaves_no_partial_file(
+    tiny_cohort, trained_runs, split_test_ids, tmp_path, monkeypatch
+):
+    sid = split_test_ids[0]
+    run = load(trained_runs["histoprism"])
+    slide = Cohort(tiny_cohort).slide(sid, ENCODER)
+    target = tmp_path / f"{sid}.h5ad"
+    target.write_bytes(b"previous complete file")
+    calls = []
+
+    def failing(block):
+        calls.append(1)
+        if len(calls) == 3:  # after two chunks are in the file
+            raise RuntimeError("disk full")
+        return real(block)
+
+    real = predict_mod._zscore
+    monkeypatch.setattr(predict_mod, "CHUNK_BYTES", 4 * slide.n_spots * 50)
+    monkeypatch.setattr(predict_mod, "_zscore", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        predict_slide(run, slide, target)
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+    assert target.read_bytes() == b"previous complete file"
+
+
+# --- evaluate on real predictions ----------------------------------------------------------------------------
+def _reference_hvg(cohort: Cohort, root, cancer: str) -> list[str]:
+    """Top 50 by variance of log1p counts over the cancer's train slides, genes in all of them."""
+    slides = [_st(root, i) for i in cohort.ids("train") if cohort.cancer(i) == cancer]
+    common = sorted(set.intersection(*(set(s.var_names) for s in slides)))
+    x = np.vstack([np.log1p(s[:, common].X.toarray().astype(np.float64)) for s in slides])
+    var = x.var(axis=0)
+    order = sorted(range(len(common)), key=lambda j: (-var[j], common[j]))
+    return [common[j] for j in order[:50]]
+
+
+def test_evaluate_headline_matches_independent_hvg_score(tiny_cohort, predictions, tmp_path):
+    pred_dir, _ = predictions
+    cohort = Cohort(tiny_cohort)
+    metrics = evaluate(pred_dir, cohort, tmp_path, progress=False)
+    assert json.loads((tmp_path / keys.EVAL_METRICS).read_text()) == metrics
+    per_slide = {}
+    for sid in cohort.ids("test"):
+        pred, st = ad.read_h5ad(pred_dir / f"{sid}.h5ad"), _st(tiny_cohort, sid)
+        pred = pred[list(st.obs_names)]  # align by barcode
+        rs = []
+        for g in _reference_hvg(cohort, tiny_cohort, cohort.cancer(sid)):
+            p = pred[:, g].X.ravel().astype(np.float64)
+            t = np.log1p(st[:, g].X.toarray().ravel().astype(np.float64))
+            if p.std() > 0 and t.std() > 0:
+                rs.append(pearsonr(p, t)[0])
+        assert len(rs) >= 40
+        per_slide[sid] = np.mean(rs)
+    head = metrics["headline"]
+    assert metrics["n_slides"] == len(per_slide)
+    assert head["hvg_micro"] == pytest.approx(np.mean(list(per_slide.values())), abs=1e-4)
+    assert head["hvg_micro"] > 0.05  # 3 epochs already learn something on the HVGs
