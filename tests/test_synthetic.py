@@ -16,6 +16,7 @@ from scipy.spatial import cKDTree
 from sklearn.linear_model import Ridge
 
 from histoprism import keys, synthetic
+from histoprism.genes import bench_hvg
 from histoprism.synthetic import SyntheticConfig, make_cohort, tiny
 
 META_COLUMNS = [
@@ -174,7 +175,7 @@ def test_targeted_slides_measure_a_panel(cohort: Path) -> None:
         xenium = _st(cohort, sid)
         assert xenium.n_vars < visium.n_vars
         assert set(xenium.var_names) <= set(visium.var_names)
-    bench = {g for c in ("IDC", "COAD") for g in synthetic._bench_hvg(c)}
+    bench = {g for c in ("IDC", "COAD") for g in bench_hvg(c)}
     assert bench <= set(visium.var_names)  # the HEST-bench HVGs are all in the universe
 
 

@@ -35,7 +35,7 @@ from .genes import (
 )
 from .io import atomic_path, write_text_atomic
 from .progress import progress_bar
-from .readers import read_st
+from .readers import read_h5ad, read_st
 from .report import SpatialExample, write_report
 
 log = logging.getLogger(__name__)
@@ -511,10 +511,7 @@ def resolve_genesets(
 # --- EVAL directory -----------------------------------------------------------------------------
 def read_prediction(path: Path) -> ad.AnnData:
     """Read PRED/{id}.h5ad; ``InputError`` for an unreadable file, no X, duplicate spots or genes."""
-    try:
-        pred = ad.read_h5ad(path)
-    except Exception as exc:  # h5py/anndata raise many types for a corrupt file
-        raise InputError(f"cannot read as h5ad ({type(exc).__name__}: {exc})", path) from exc
+    pred = read_h5ad(path)
     if pred.X is None or pred.n_obs == 0 or pred.n_vars == 0:
         raise InputError("prediction has no X (spots x genes)", path)
     if pred.var_names.has_duplicates:
@@ -524,10 +521,7 @@ def read_prediction(path: Path) -> ad.AnnData:
 
 def _peek_prediction(path: Path) -> tuple[pd.Index, dict]:
     """Gene names and ``uns['histoprism']`` of a prediction, without loading X."""
-    try:
-        pred = ad.read_h5ad(path, backed="r")
-    except Exception as exc:
-        raise InputError(f"cannot read as h5ad ({type(exc).__name__}: {exc})", path) from exc
+    pred = read_h5ad(path, backed="r")
     try:
         info = pred.uns.get(keys.UNS_HISTOPRISM)
         return pd.Index(pred.var_names.astype(str)), dict(info) if isinstance(info, Mapping) else {}

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .errors import InputError
 
@@ -137,6 +139,25 @@ def bench_hvg(cancer: str, *, ids: str = "symbols") -> list[str] | None:
 def stpath_panel() -> list[str]:
     """The 38,982-gene STPath/HistoPrism panel (Ensembl ids)."""
     return read_gene_list(data_path("stpath_gene_panel.ensembl.txt"))
+
+
+def gene_table() -> pd.DataFrame:
+    """The bundled NCBI human gene table (2022), one row per symbol.
+
+    Index: gene symbol (unique; the first row of a repeated symbol wins). Columns: ``ensembl``
+    (str, the first Ensembl id listed, NaN when none) and ``in_panel`` (bool, that id is in the
+    STPath panel). A fresh copy on each call; the file is read once per process.
+    """
+    return _gene_table().copy()
+
+
+@cache
+def _gene_table() -> pd.DataFrame:
+    with data_path("genes", "human_genes.ncbi2022.tsv.gz").open("rb") as fh:
+        table = pd.read_csv(fh, sep="\t", dtype=str, compression="gzip")
+    table = table.drop_duplicates("symbol").set_index("symbol")
+    ensembl = table["ensembl_id"].str.split(";").str[0]
+    return pd.DataFrame({"ensembl": ensembl, "in_panel": ensembl.isin(set(stpath_panel()))})
 
 
 def looks_like_ensembl(names) -> bool:

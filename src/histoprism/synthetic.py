@@ -27,16 +27,12 @@ Generative model, per slide (all randomness from ``SyntheticConfig.seed``):
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 import zlib
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import anndata as ad
 import h5py
@@ -47,9 +43,8 @@ from scipy.spatial import cKDTree
 from scipy.special import digamma
 
 from histoprism import __version__, keys
-
-if TYPE_CHECKING:
-    from importlib.resources.abc import Traversable
+from histoprism.genes import GENESET_COLLECTIONS, bench_hvg, gene_table, gpc_genesets
+from histoprism.io import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +57,7 @@ ORGANS = {
     "CCRCC": "Kidney",
     "LUAD": "Lung",
 }
-BENCH_TASKS = {"IDC": "IDC", "COAD": "COAD", "PRAD": "PRAD", "SKCM": "SKCM", "CCRCC": "CCRCC"}
-BENCH_TASKS["LUAD"] = "LUNG"
 PANEL_SIZE = 38_982  # genes in the STPath/HistoPrism panel
-GPC_FILES = ("gpc_hallmark.symbols.gmt", "gpc_go.symbols.gmt")
 
 NICHES = ("tumour", "stroma", "immune", "epithelium", "necrosis", "adipose")
 # log relative niche abundance per cancer (rows: CANCERS, columns: NICHES)
@@ -208,44 +200,19 @@ def tiny(seed: int = 0) -> SyntheticConfig:
 # --- bundled data -------------------------------------------------------------------------------
 
 
-def _data_file(*parts: str) -> Traversable:
-    """A bundled file under ``histoprism/data`` (works from wheels and zips too)."""
-    return resources.files("histoprism").joinpath("data", *parts)
+def _gpc_sets() -> dict[str, list[str]]:
+    """The bundled GPC gene sets as programmes: Hallmark then GO, name -> symbols."""
+    return {n: g for c in GENESET_COLLECTIONS for n, g in gpc_genesets(c).items()}
 
 
-@cache
-def _gpc_sets() -> dict[str, tuple[str, ...]]:
-    """GPC gene sets (Hallmark then GO), name -> symbols; GMT: name, description, genes."""
-    sets: dict[str, tuple[str, ...]] = {}
-    for name in GPC_FILES:
-        for line in _data_file("genesets", name).read_text().splitlines():
-            fields = line.rstrip("\n").split("\t")
-            if len(fields) > 2:
-                sets[fields[0]] = tuple(dict.fromkeys(g for g in fields[2:] if g))
-    return sets
-
-
-@cache
-def _bench_hvg(cancer: str) -> tuple[str, ...]:
-    """The HEST-bench 50 HVG symbols of a cancer code."""
-    text = _data_file("hest_bench", BENCH_TASKS[cancer], "var_50genes.json").read_text()
-    return tuple(json.loads(text)["genes"])
-
-
-@cache
-def _gene_table() -> pd.DataFrame:
-    """NCBI human genes: index = symbol, column ``ensembl`` (first id or NaN), ``in_panel``."""
-    with _data_file("genes", "human_genes.ncbi2022.tsv.gz").open("rb") as fh:
-        table = pd.read_csv(fh, sep="\t", dtype=str, compression="gzip")
-    table = table.drop_duplicates("symbol").set_index("symbol")
-    ensembl = table["ensembl_id"].str.split(";").str[0]
-    panel = set(_data_file("stpath_gene_panel.ensembl.txt").read_text().split())
-    return pd.DataFrame({"ensembl": ensembl, "in_panel": ensembl.isin(panel)})
+def _bench_symbols(n_cancers: int) -> list[str]:
+    """HEST-bench HVG symbols of the first ``n_cancers`` CANCERS (all have a task), no repeats."""
+    return list(dict.fromkeys(g for c in CANCERS[:n_cancers] for g in bench_hvg(c) or ()))
 
 
 def _ensembl_ids(symbols: np.ndarray) -> np.ndarray:
     """Ensembl id per symbol (first listed); a stable made-up ENSG9... id where none is known."""
-    known = _gene_table()["ensembl"].reindex(symbols).to_numpy(dtype=object)
+    known = gene_table()["ensembl"].reindex(symbols).to_numpy(dtype=object)
     for i in np.flatnonzero(pd.isna(known)):
         known[i] = f"ENSG9{zlib.crc32(str(symbols[i]).encode()) % 10**10:010d}"
     return known.astype(str)
@@ -267,14 +234,14 @@ class _Genes:
 def _pick_symbols(cfg: SyntheticConfig, rng: np.random.Generator) -> list[str]:
     """Bench HVGs first, then whole GPC sets (random order) while they fit, then panel fillers."""
     n_genes = min(cfg.n_genes, PANEL_SIZE)
-    chosen = dict.fromkeys(g for c in CANCERS[: cfg.n_cancers] for g in _bench_hvg(c))
+    chosen = dict.fromkeys(_bench_symbols(cfg.n_cancers))
     sets = list(_gpc_sets().values())
     for i in rng.permutation(len(sets)):
         new = [g for g in sets[i] if g not in chosen]
         if len(chosen) + len(new) <= n_genes:
             chosen.update(dict.fromkeys(new))
     if len(chosen) < n_genes:  # fill with panel genes, so the model's panel covers them
-        table = _gene_table()
+        table = gene_table()
         pool = np.array(sorted(set(table.index[table["in_panel"]]) - set(chosen)))
         chosen.update(dict.fromkeys(rng.choice(pool, n_genes - len(chosen), replace=False)))
     return list(chosen)[:n_genes]
@@ -289,8 +256,7 @@ def _gene_universe(cfg: SyntheticConfig, rng: np.random.Generator) -> _Genes:
         idx = np.array([index[g] for g in genes if g in index], dtype=np.int64)
         if len(idx) >= 3:  # a programme needs a few genes to be a programme
             sets[name] = idx
-    bench = {g for c in CANCERS[: cfg.n_cancers] for g in _bench_hvg(c)}
-    hvg = np.isin(symbols, list(bench))
+    hvg = np.isin(symbols, _bench_symbols(cfg.n_cancers))
     return _Genes(symbols, _ensembl_ids(symbols), sets, hvg)
 
 
@@ -730,30 +696,6 @@ def _metadata(table: pd.DataFrame, n_genes: list[int], rng: np.random.Generator)
 # --- writers ------------------------------------------------------------------------------------
 
 
-def _replace_when_done(path: Path) -> Path:
-    """Temporary sibling name for ``path``; rename it onto ``path`` once written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(path.name + ".tmp")
-
-
-def _write_h5ad(adata: ad.AnnData, path: Path) -> None:
-    tmp = _replace_when_done(path)
-    adata.write_h5ad(tmp)
-    os.replace(tmp, path)
-
-
-def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    tmp = _replace_when_done(path)
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def _write_text(text: str, path: Path) -> None:
-    tmp = _replace_when_done(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _barcode_whitelist(n: int, rng: np.random.Generator) -> np.ndarray:
     """n unique 10x-style barcodes (16 ACGT + '-1'), one per frame position, like Visium."""
     while True:
@@ -818,14 +760,12 @@ def _write_embedding(
     """features (N, D), coords (N, 2) float32 px, barcodes (N,) bytes, in a shuffled spot order
     (extractors do not keep the h5ad's order; readers must align by barcode)."""
     order = rng.permutation(len(barcodes))
-    tmp = _replace_when_done(path)
-    with h5py.File(tmp, "w") as fh:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
         fh.create_dataset(keys.H5_FEATURES, data=features[order])
         fh.create_dataset(keys.H5_COORDS, data=xy[order].astype(np.float32))
         fh.create_dataset(keys.H5_BARCODES, data=np.char.encode(barcodes[order], "ascii"))
         fh.attrs["encoder"] = encoder
         fh.attrs["coords_are"] = "spot centres, level-0 px (x, y)"
-    os.replace(tmp, path)
 
 
 # --- the cohort ---------------------------------------------------------------------------------
@@ -914,14 +854,16 @@ def make_cohort(out: str | Path, *, config: SyntheticConfig = SyntheticConfig())
     for slide, seq in zip(table.to_dict("records"), slide_seqs, strict=True):
         rng = np.random.default_rng(seq)
         sim = _simulate_slide(world, cfg, slide, shape, whitelist, rng)
-        _write_h5ad(sim["st"], out / keys.ST_DIR / f"{slide['id']}.h5ad")
-        _write_h5ad(sim["ceiling"], out / keys.CEILING_DIR / f"{slide['id']}.h5ad")
+        for folder, adata in ((keys.ST_DIR, sim["st"]), (keys.CEILING_DIR, sim["ceiling"])):
+            with atomic_path(out / folder / f"{slide['id']}.h5ad") as tmp:
+                adata.write_h5ad(tmp)
         h5 = out / keys.EMBEDDINGS_DIR / cfg.encoder / f"{slide['id']}.h5"
         _write_embedding(h5, sim["features"], sim["xy"], sim["barcodes"], rng, cfg.encoder)
         n_genes.append(sim["st"].n_vars)
     _write_splits(out, table)
-    _write_csv(_metadata(table, n_genes, table_rng), out / keys.METADATA_FILES[0])
-    _write_text(_readme(cfg), out / "README.txt")
+    with atomic_path(out / keys.METADATA_FILES[0]) as tmp:
+        _metadata(table, n_genes, table_rng).to_csv(tmp, index=False)
+    write_text_atomic(out / "README.txt", _readme(cfg))
     log.info(
         "synthetic cohort: %d slides in %.1f s -> %s", len(table), time.perf_counter() - start, out
     )
@@ -933,7 +875,8 @@ def _write_splits(out: Path, table: pd.DataFrame) -> None:
         part = table[table["split"] == s]
         codes = [CANCERS[c] for c in part["cancer"]]
         frame = pd.DataFrame({keys.SPLIT_ID: part["id"], keys.META_CANCER: codes})
-        _write_csv(frame, out / keys.SPLITS_DIR / f"{name}_split.csv")
+        with atomic_path(out / keys.SPLITS_DIR / f"{name}_split.csv") as tmp:
+            frame.to_csv(tmp, index=False)
 
 
 __all__ = ["CANCERS", "NICHES", "SyntheticConfig", "make_cohort", "tiny"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import anndata as ad
 import numpy as np
@@ -23,16 +24,21 @@ def read_st(path: str | Path) -> ad.AnnData:
     path = Path(path)
     if not path.exists():
         raise InputError("counts file not found", path)
-    try:
-        adata = ad.read_h5ad(path)
-    except Exception as exc:  # h5py/anndata raise many types for a corrupt file
-        raise InputError(f"cannot read as h5ad ({type(exc).__name__}: {exc})", path) from exc
+    adata = read_h5ad(path)
     _check(adata, path)
     X = adata.X
     X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else X.tocsr().astype(np.float32)
     adata.X = X
     adata.obsm[keys.OBSM_SPATIAL] = np.asarray(adata.obsm[keys.OBSM_SPATIAL], dtype=np.float64)
     return adata
+
+
+def read_h5ad(path: str | Path, *, backed: Literal["r"] | None = None) -> ad.AnnData:
+    """``anndata.read_h5ad``, raising ``InputError`` naming the file when it cannot be read."""
+    try:
+        return ad.read_h5ad(path, backed=backed)
+    except Exception as exc:  # h5py/anndata raise many types for a corrupt file
+        raise InputError(f"cannot read as h5ad ({type(exc).__name__}: {exc})", path) from exc
 
 
 def _check(adata: ad.AnnData, path: Path) -> None:
