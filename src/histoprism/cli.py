@@ -201,7 +201,7 @@ def demo(
         Path, typer.Option("--out", help="Folder for the cohort, runs, predictions and table.")
     ] = Path("demo_out"),
     epochs: Annotated[
-        int | None, typer.Option(help="Cap training epochs (default: recipe's).")
+        int | None, typer.Option(help="Training epochs of the HistoPrism models (default 25).")
     ] = None,
 ) -> None:
     """Built-in cohort -> train HistoPrism, its no-conditioning ablation and ridge baselines
@@ -217,19 +217,10 @@ def demo(
 
 
 def _print_table(table, *, title: str) -> None:
-    from rich.table import Table
+    """Plain pipe table: readable in a terminal of any width and in CI logs."""
+    from .demo import markdown_table
 
-    t = Table(title=title)
-    t.add_column(table.index.name or "")
-    for col in table.columns:
-        t.add_column(str(col), justify="right")
-    for idx, row in table.iterrows():
-        cells = [
-            f"{v:.3f}" if isinstance(v, float) and col != "train s" else f"{v}"
-            for col, v in row.items()
-        ]
-        t.add_row(str(idx), *cells)
-    Console().print(t)
+    typer.echo(f"\n{title}\n\n{markdown_table(table)}")
 
 
 def entry() -> None:  # pragma: no cover - console script

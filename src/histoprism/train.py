@@ -50,10 +50,14 @@ class TrainConfig:
         return asdict(self)
 
 
-# Named recipes. "paper" is HistoPrism as published (lr 5e-5, patience 30, no input scaling, no
-# neighbourhood); its 250-epoch warm-up is not kept because it outlasts its own early stopping.
+# Named recipes. "paper" is HistoPrism as published (lr 5e-5, patience 30, no input scaling); its
+# 250-epoch warm-up is not kept because it outlasts its own early stopping. "default" is the same
+# architecture with z-scored inputs and a schedule that converges in minutes (lr 1e-3, 2-epoch
+# warm-up, cosine, clipping): on the built-in cohort at 40 epochs, HVG-50 0.725 vs 0.623 for the
+# paper's lr (README, "Model recipes"); neighbourhood features and attention dropout 0 made no
+# measurable difference there and stay switches.
 PRESETS: dict[str, tuple[dict, dict]] = {
-    "default": (dict(neighbours=8, standardize_inputs=True, attn_dropout=0.0), {}),
+    "default": (dict(standardize_inputs=True), {}),
     "paper": (
         dict(neighbours=0, standardize_inputs=False),
         dict(
