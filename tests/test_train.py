@@ -25,6 +25,7 @@ from histoprism import __version__, keys
 from histoprism import train as train_mod
 from histoprism.checkpoint import FORMAT_VERSION, load_tensors
 from histoprism.cohort import Cohort
+from histoprism.distributed import DistContext
 from histoprism.errors import InputError
 from histoprism.model import ModelConfig
 from histoprism.predict import load
@@ -284,7 +285,7 @@ def test_unknown_preset_is_an_input_error(tmp_path):
 @pytest.mark.parametrize("n_slides, world", [(2, 2), (3, 2), (4, 2), (7, 2), (3, 3), (5, 3)])
 def test_shard_gives_every_rank_the_same_number_of_slides(n_slides, world):
     items = list(range(n_slides))
-    shards = [train_mod.DistContext(rank=r, world=world).shard(items) for r in range(world)]
+    shards = [DistContext(rank=r, world=world).shard(items) for r in range(world)]
     assert len({len(s) for s in shards}) == 1  # DDP steps stay in lockstep
     assert len(shards[0]) == n_slides // world
     flat = [i for s in shards for i in s]
@@ -292,7 +293,7 @@ def test_shard_gives_every_rank_the_same_number_of_slides(n_slides, world):
 
 
 def test_shard_with_fewer_slides_than_ranks_keeps_lockstep():
-    shards = [train_mod.DistContext(rank=r, world=2).shard(["only"]) for r in range(2)]
+    shards = [DistContext(rank=r, world=2).shard(["only"]) for r in range(2)]
     assert [len(s) for s in shards] == [1, 1]
 
 

@@ -62,3 +62,25 @@ def check_encoder(config: dict, encoder: str, *, run_dir: str | Path) -> None:
         raise InputError(
             f"model was trained on '{config.get('encoder')}' embeddings, not '{encoder}'", run_dir
         )
+
+
+def save_optimizer(path: str | Path, opt: torch.optim.Optimizer) -> list[dict]:
+    """Write the optimiser's tensors (``{param}.{name}``) as safetensors; return its param groups
+    (plain numbers, for JSON)."""
+    sd = opt.state_dict()
+    tensors = {
+        f"{idx}.{name}": (v if isinstance(v, torch.Tensor) else torch.tensor(v))
+        for idx, st in sd["state"].items()
+        for name, v in st.items()
+    }
+    save_tensors(path, tensors)
+    return sd["param_groups"]
+
+
+def load_optimizer(path: str | Path, opt: torch.optim.Optimizer, param_groups: list[dict]) -> None:
+    """Restore an optimiser written by ``save_optimizer``."""
+    per_param: dict[int, dict] = {}
+    for key, value in load_tensors(path).items():
+        idx, name = key.split(".", 1)
+        per_param.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": per_param, "param_groups": param_groups})

@@ -23,7 +23,7 @@ ENCODER = "synthetic"
 DEMO_COHORT = SyntheticConfig(
     n_slides=24, n_cancers=3, spots=(250, 650), n_genes=2000, split=(0.55, 0.15, 0.3)
 )
-DEMO_EPOCHS = 25  # the cosine schedule spans these; the full recipe allows 150 with early stopping
+DEMO_EPOCHS = 25  # the cosine schedule spans these; the full recipe trains up to 60
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ import csv
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -22,8 +21,9 @@ import yaml
 
 from . import keys
 from .baselines import fit_baseline
-from .checkpoint import load_tensors, save_run, save_tensors
+from .checkpoint import load_optimizer, load_tensors, save_optimizer, save_run, save_tensors
 from .cohort import Cohort, Slide
+from .distributed import DistContext
 from .errors import InputError
 from .genes import GenePanel, read_gene_list
 from .io import write_text_atomic
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    epochs: int = 150  # maximum epochs; early stopping usually ends sooner
+    epochs: int = 60  # cosine schedule length; early stopping may end sooner
     lr: float = 1e-3  # peak AdamW learning rate
     weight_decay: float = 0.01  # AdamW weight decay
     warmup_epochs: float = 2.0  # linear warm-up, then cosine decay to min_lr_ratio * lr
@@ -162,45 +162,6 @@ class TrainState:
     best_val: float = math.inf
     best_epoch: int = -1
     bad_epochs: int = 0  # epochs since the best validation loss
-
-
-@dataclass(frozen=True)
-class DistContext:
-    """torchrun's rank and world size (1 process when not launched by torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @classmethod
-    def from_env(cls) -> DistContext:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        cuda = torch.cuda.is_available()
-        if world == 1:
-            return cls(device=torch.device("cuda" if cuda else "cpu"))
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if cuda else "gloo")
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device(f"cuda:{local}" if cuda else "cpu")
-        return cls(rank=dist.get_rank(), world=dist.get_world_size(), device=device)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def shard(self, items: list) -> list:
-        """This rank's share; every rank gets the same count so that DDP steps stay in lockstep."""
-        if self.world == 1:
-            return items
-        n = max(1, len(items) // self.world)  # fewer slides than ranks: some ranks repeat a slide
-        return [items[(self.rank + i * self.world) % len(items)] for i in range(n)]
 
 
 def train_histoprism(
@@ -378,8 +339,7 @@ def _save_last(last: Path, model, opt, best, state: TrainState, history: list[di
     """Write the resumable checkpoint; state.json last, so it only ever points at complete files."""
     save_tensors(last / "model.safetensors", model.state_dict())
     save_tensors(last / "best.safetensors", best)
-    opt_tensors, groups = _flatten_optimizer(opt)
-    save_tensors(last / "optimizer.safetensors", opt_tensors)
+    groups = save_optimizer(last / "optimizer.safetensors", opt)
     write_history(last.parent / keys.RUN_HISTORY, history)
     write_text_atomic(
         last / "state.json", json.dumps({"state": asdict(state), "param_groups": groups}, indent=1)
@@ -389,27 +349,11 @@ def _save_last(last: Path, model, opt, best, state: TrainState, history: list[di
 def _load_last(last: Path, model, opt) -> tuple[TrainState, list[dict]]:
     meta = json.loads((last / "state.json").read_text())
     model.load_state_dict(load_tensors(last / "model.safetensors"))
-    tensors = load_tensors(last / "optimizer.safetensors")
-    per_param: dict[int, dict] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        per_param.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
+    load_optimizer(last / "optimizer.safetensors", opt, meta["param_groups"])
     hist_path = last.parent / keys.RUN_HISTORY
     history = _read_history(hist_path) if hist_path.exists() else []
     state = TrainState(**meta["state"])
     return state, history[: state.epoch]
-
-
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Optimizer state as flat tensors (for safetensors) plus JSON-able param groups."""
-    sd = opt.state_dict()
-    tensors = {
-        f"{idx}.{name}": (v if isinstance(v, torch.Tensor) else torch.tensor(v))
-        for idx, st in sd["state"].items()
-        for name, v in st.items()
-    }
-    return tensors, sd["param_groups"]
 
 
 def write_history(path: Path, history: list[dict]) -> None:

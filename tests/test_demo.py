@@ -1,0 +1,33 @@
+"""The demo pipeline on a tiny cohort: every model row, the ceiling row, the tables on disk."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from histoprism.demo import DEMO_MODELS, markdown_table, run_demo
+from histoprism.synthetic import tiny
+
+
+def test_demo_table_has_every_model_and_the_ceiling(tmp_path):
+    table = run_demo(tmp_path, cohort=tiny(), models=DEMO_MODELS, epochs=1, progress=False)
+    assert list(table.index) == [m.name for m in DEMO_MODELS] + [table.index[-1]]
+    assert table.index[-1].startswith("ceiling")
+    hvg = table["HVG-50 micro"].astype(float)
+    assert hvg.notna().all() and (hvg.between(-1, 1)).all()
+    # the ceiling is the expectation given what the images show: no trained model should beat it
+    assert hvg.iloc[-1] > hvg.iloc[:-1].max()
+    on_disk = pd.read_csv(tmp_path / "results.csv", index_col=0)
+    assert list(on_disk.index) == list(table.index)
+    md = (tmp_path / "results.md").read_text()
+    assert md.count("\n") == len(table) + 2 and "| HistoPrism |" in md
+    for m in DEMO_MODELS:
+        assert (tmp_path / "eval" / m.slug / "metrics.json").exists()
+        assert (tmp_path / "eval" / m.slug / "report.html").exists()
+
+
+def test_markdown_table_formats_floats_and_text():
+    t = pd.DataFrame({"a": [0.12345, float("nan")], "b": ["7", "—"]}, index=["x", "y"])
+    t.index.name = "model"
+    lines = markdown_table(t).splitlines()
+    assert lines[0] == "| model | a | b |"
+    assert lines[2] == "| x | 0.123 | 7 |" and lines[3] == "| y | nan | — |"
