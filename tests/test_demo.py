@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from histoprism.demo import DEMO_MODELS, markdown_table, run_demo
+from histoprism.compare import pipe_table
+from histoprism.demo import DEMO_MODELS, run_demo
 from histoprism.synthetic import tiny
 
 
@@ -25,9 +26,9 @@ def test_demo_table_has_every_model_and_the_ceiling(tmp_path):
         assert (tmp_path / "eval" / m.slug / "report.html").exists()
 
 
-def test_markdown_table_formats_floats_and_text():
+def test_pipe_table_formats_floats_and_text():
     t = pd.DataFrame({"a": [0.12345, float("nan")], "b": ["7", "—"]}, index=["x", "y"])
     t.index.name = "model"
-    lines = markdown_table(t).splitlines()
+    lines = pipe_table(t).splitlines()
     assert lines[0] == "| model | a | b |"
-    assert lines[2] == "| x | 0.123 | 7 |" and lines[3] == "| y | nan | — |"
+    assert lines[2] == "| x | 0.123 | 7 |" and lines[3] == "| y | — | — |"

@@ -483,8 +483,9 @@ def test_evaluate_report(evaluated):
         "per-pathway-mine",
     ):
         assert f'id="{table}"' in page
-    # per-cancer bars, 3 collections, per-gene histogram, 3 spatial examples
-    assert page.count("<img ") == 1 + 3 + 1 + 3
+    # per-cancer bars, 3 collections, per-gene histogram, 3 spatial examples (genes, pathways)
+    assert page.count("<img ") == 1 + 3 + 1 + 3 + 3
+    assert 'id="pathway-maps"' in page and "HALLMARK_" in page
     links = re.findall(r'(?:src|href)="([^"]*)"', page)
     assert links and all(v.startswith("data:image/png;base64,") for v in links)
     assert "http" not in re.sub(r'src="data:[^"]*"', "", page)

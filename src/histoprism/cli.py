@@ -196,6 +196,79 @@ def evaluate(
 
 
 @app.command()
+def benchmark(
+    data: Data,
+    encoder: Encoder,
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Folder for runs, predictions, evaluations and the comparison."),
+    ],
+    split: Split = None,
+    models: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated subset of: histoprism, no-conditioning, positional-encoding, context-tokens, mlp, ridge-knn, ridge."
+        ),
+    ] = None,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            help="'split': one split (--split or the cohort's); 'paper': the paper's split_0 and split_1 with HEST-bench HVG lists."
+        ),
+    ] = "split",
+    hvg: Annotated[
+        str, typer.Option(help="HVG lists for --protocol split: train | bench | FILE.")
+    ] = "train",
+    epochs: Annotated[int | None, typer.Option(help="Cap training epochs of every model.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train, predict and evaluate every model on the same split; write comparison.md/.csv/.json
+    (bootstrap CIs, sign tests, win rates, time and memory) and report.html."""
+    from . import benchmark as api
+
+    t0 = time.perf_counter()
+    names = [m.strip() for m in models.split(",")] if models else None
+    if protocol == "paper":
+        paths = _run(
+            api.benchmark_paper, data, encoder, out, models=names, epochs=epochs, seed=seed
+        )
+    elif protocol == "split":
+        paths = _run(
+            api.benchmark,
+            data,
+            encoder,
+            out,
+            models=names,
+            split=split,
+            hvg=hvg,
+            epochs=epochs,
+            seed=seed,
+        )
+    else:
+        _run(_bad, f"unknown --protocol '{protocol}' (split | paper)")
+    typer.echo(f"benchmark finished in {time.perf_counter() - t0:.0f}s -> {paths['md']}")
+
+
+@app.command()
+def report(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="An EVAL folder (metrics.json) or a benchmark folder (comparison.json)."
+        ),
+    ],
+) -> None:
+    """Regenerate report.html of an evaluation or a benchmark folder."""
+    from .report import regenerate
+
+    typer.echo(f"wrote {_run(regenerate, path)}")
+
+
+def _bad(message: str) -> None:
+    raise InputError(message)
+
+
+@app.command()
 def demo(
     out: Annotated[
         Path, typer.Option("--out", help="Folder for the cohort, runs, predictions and table.")
@@ -218,9 +291,9 @@ def demo(
 
 def _print_table(table, *, title: str) -> None:
     """Plain pipe table: readable in a terminal of any width and in CI logs."""
-    from .demo import markdown_table
+    from .compare import pipe_table
 
-    typer.echo(f"\n{title}\n\n{markdown_table(table)}")
+    typer.echo(f"\n{title}\n\n{pipe_table(table)}")
 
 
 def entry() -> None:  # pragma: no cover - console script

@@ -11,7 +11,9 @@ import pandas as pd
 
 from . import keys
 from .cohort import Cohort
+from .compare import pipe_table
 from .evaluate import evaluate
+from .io import write_text_atomic
 from .predict import predict
 from .synthetic import SyntheticConfig, make_cohort
 from .train import train
@@ -81,18 +83,8 @@ def run_demo(
     rows.append(_row("ceiling (what the images can show)", ceiling, None))
     table = pd.DataFrame(rows).set_index("model")
     table.to_csv(out / "results.csv")
-    (out / "results.md").write_text(markdown_table(table))
+    write_text_atomic(out / "results.md", pipe_table(table))
     return table
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    """A pipe table of the frame (index first), floats to 3 decimals."""
-    cols = [table.index.name or "", *table.columns]
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for idx, row in table.iterrows():
-        lines.append("| " + " | ".join([str(idx), *(fmt(v) for v in row)]) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def _row(name: str, metrics: dict, seconds: float | None) -> dict:

@@ -36,7 +36,7 @@ from .genes import (
 from .io import atomic_path, write_text_atomic
 from .progress import progress_bar
 from .readers import read_h5ad, read_st
-from .report import SpatialExample, write_report
+from .report import PathwayMaps, SpatialExample, write_report
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,9 @@ EVALUATOR_VERSION = "1.0"
 N_HVG = 50  # genes per cancer type in the HVG score
 N_EXAMPLES = 3  # slides shown as spatial maps in the report
 N_EXAMPLE_GENES = 3  # best-predicted HVG genes per example slide
+N_EXAMPLE_SETS = 2  # best-predicted gene sets per example slide (pathway maps)
+EXAMPLE_COLLECTION = "hallmark"  # where the example gene sets come from, if evaluated
+MIN_EXAMPLE_SET_GENES = 5  # a set needs this many genes (or the most any set has) to be shown
 _BLOCK = 2**24  # float64 elements per (spots x genes) block: ~128 MB, bounds memory per slide
 _CONST_RTOL = 1e-12  # std below this share of |mean| is rounding error: the column is constant
 MOMENT_COLUMNS = ("n", "mean_pred", "mean_truth", "m2_pred", "m2_truth", "cross")
@@ -63,6 +66,7 @@ __all__ = [
     "merge_moments",
     "micro",
     "pearson_from_moments",
+    "pathway_scores",
     "pearson_per_gene",
     "per_cancer_mean",
     "pooled_pearson",
@@ -254,6 +258,71 @@ def score_slide(pred: ad.AnnData, st: ad.AnnData, *, path: Path | None = None) -
     return SlideScore(r, moments, n_spots=st.n_obs, n_spots_matched=len(st_rows))
 
 
+def _zscore_columns(X: np.ndarray) -> np.ndarray:
+    """(N, G) float64: each column minus its mean over finite rows, over its std (ddof 0).
+
+    A constant column (std within rounding of its mean) becomes 0; non-finite entries become 0.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    ok = np.isfinite(X)
+    n = np.maximum(ok.sum(axis=0), 1)
+    mean = np.where(ok, X, 0.0).sum(axis=0) / n
+    d = np.where(ok, X - mean, 0.0)
+    std = np.sqrt((d * d).sum(axis=0) / n)
+    const = std <= _CONST_RTOL * np.maximum(np.abs(mean), 1e-300)
+    return np.divide(d, std, out=np.zeros_like(d), where=~const & (std > 0))
+
+
+def pathway_scores(
+    X: np.ndarray, genes: Sequence[str], genesets: Mapping[str, Sequence[str]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-spot pathway scores: mean over each set's genes in ``genes`` of the z-scored ``X``.
+
+    X: (N, G) log1p expression of one slide, column g = ``genes[g]``; z per gene across the N
+    spots, a constant gene contributes 0 (and still counts in the mean). Returns (N, S) float64
+    scores (NaN for a set with no gene in ``genes``) and (S,) int genes per set.
+    """
+    membership = _membership(pd.Index(genes), genesets)  # (S, G)
+    counts = membership.sum(axis=1)  # (S,)
+    sums = _zscore_columns(X) @ membership.T  # (N, S)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scores = np.where(counts > 0, sums / counts, np.nan)
+    return scores, counts.astype(np.int64)
+
+
+def _example_pathways(
+    truth: np.ndarray,
+    pred: np.ndarray,
+    genes: pd.Index,
+    genesets: Mapping[str, Sequence[str]],
+    *,
+    collection: str,
+    n_sets: int,
+) -> PathwayMaps | None:
+    """The ``n_sets`` sets with the best r(measured score, predicted score) on the slide.
+
+    truth, pred: (N, G) log1p(counts) and prediction of the genes ``genes`` (measured and
+    predicted). Candidates: sets with at least ``MIN_EXAMPLE_SET_GENES`` genes (or the most
+    any set has). None when no set has a finite r.
+    """
+    measured, n_genes = pathway_scores(truth, genes, genesets)  # (N, S), (S,)
+    predicted, _ = pathway_scores(pred, genes, genesets)
+    r = pearson_per_gene(predicted, measured)  # (S,)
+    ok = np.isfinite(r) & (n_genes >= min(MIN_EXAMPLE_SET_GENES, max(n_genes.max(initial=0), 1)))
+    if not ok.any():
+        return None
+    best = np.flatnonzero(ok)[np.argsort(-r[ok], kind="stable")][:n_sets]
+    names = list(genesets)
+    return PathwayMaps(
+        collection=collection,
+        names=[names[i] for i in best],
+        measured=measured[:, best],
+        predicted=predicted[:, best],
+        r=r[best],
+        n_genes=n_genes[best],
+    )
+
+
 def spatial_example(
     pred: ad.AnnData,
     st: ad.AnnData,
@@ -263,9 +332,16 @@ def spatial_example(
     cancer: str,
     hvg: Sequence[str] | None,
     n_genes: int = N_EXAMPLE_GENES,
+    genesets: Mapping[str, Sequence[str]] | None = None,
+    collection: str = EXAMPLE_COLLECTION,
+    n_sets: int = N_EXAMPLE_SETS,
 ) -> SpatialExample | None:
     """Measured vs predicted values of the slide's best-predicted HVG genes (all genes without a
-    list), for the report's spatial maps; None when no gene has a finite r."""
+    list), for the report's spatial maps; None when no gene has a finite r.
+
+    genesets: the sets of ``collection``; if given, ``pathways`` holds the scores of the
+    ``n_sets`` sets best predicted on this slide (see ``pathway_scores``).
+    """
     pool, source = r.reindex(list(dict.fromkeys(hvg or []))).dropna(), "HVG"
     if pool.empty:
         pool, source = r.dropna(), "all genes"
@@ -274,8 +350,9 @@ def spatial_example(
     top = pool.sort_values(ascending=False, kind="stable").index[:n_genes]
     pred_rows, st_rows = align_by_barcode(pred.obs_names, st.obs_names)
     pred_genes = pd.Index(pred.var_names.astype(str))
-    tcols = match_genes(top, truth_gene_names(st, ensembl=looks_like_ensembl(pred_genes)))
-    return SpatialExample(
+    truth_names = truth_gene_names(st, ensembl=looks_like_ensembl(pred_genes))
+    tcols = match_genes(top, truth_names)
+    ex = SpatialExample(
         sample_id=sample_id,
         cancer=cancer,
         coords=np.asarray(st.obsm[keys.OBSM_SPATIAL])[st_rows, :2].astype(np.float64),
@@ -285,6 +362,20 @@ def spatial_example(
         r=pool[top].to_numpy(dtype=np.float64),
         gene_source=source,
     )
+    if genesets:
+        # only genes in both truth and prediction, and in some set: bounded memory
+        wanted = {g for members in genesets.values() for g in members}
+        cols = match_genes(pred_genes, truth_names)
+        have = np.flatnonzero((cols >= 0) & pred_genes.isin(wanted))
+        ex.pathways = _example_pathways(
+            np.log1p(_dense(st.X, st_rows, cols[have])),
+            _dense(pred.X, pred_rows, have),
+            pred_genes[have],
+            genesets,
+            collection=collection,
+            n_sets=n_sets,
+        )
+    return ex
 
 
 # --- slides x genes -> scores -------------------------------------------------------------------
@@ -614,7 +705,18 @@ def _score_one(s: _Setup, cohort: Cohort, sid: str, path: Path, run: _Run, *, sh
     pooled = run.pooled.get(c)
     run.pooled[c] = score.moments if pooled is None else merge_moments(pooled, score.moments)
     if show:
-        ex = spatial_example(pred, st, score.r, sample_id=sid, cancer=c, hvg=s.hvg.get(c))
+        name = EXAMPLE_COLLECTION if EXAMPLE_COLLECTION in s.collections else None
+        name = name or next(iter(s.collections), None)  # custom GMT only: its first collection
+        ex = spatial_example(
+            pred,
+            st,
+            score.r,
+            sample_id=sid,
+            cancer=c,
+            hvg=s.hvg.get(c),
+            genesets=s.collections.get(name) if name else None,
+            collection=name or EXAMPLE_COLLECTION,
+        )
         run.examples += [ex] if ex is not None else []
     log.info(
         "%s: %d of %d spots matched (%d predicted), %d genes scored",
@@ -705,7 +807,7 @@ def _per_cancer(t: _Tables, cancers: pd.Series, hvg: Mapping) -> dict[str, dict]
 
 def _metrics(s: _Setup, t: _Tables) -> dict:
     """The content of metrics.json (JSON types, NaN as None)."""
-    return _jsonable(
+    return jsonable(
         {
             "evaluator_version": EVALUATOR_VERSION,
             "n_slides": len(s.cancers),
@@ -724,12 +826,12 @@ def _metrics(s: _Setup, t: _Tables) -> dict:
     )
 
 
-def _jsonable(obj):
+def jsonable(obj):
     """Plain JSON types; NaN and inf become null."""
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, np.ndarray, pd.Index)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.bool_, bool)):
         return bool(obj)
     if isinstance(obj, (np.integer, int)):

@@ -52,3 +52,9 @@ EVAL_PER_SLIDE = "per_slide.csv"
 EVAL_PER_GENE = "per_gene.csv"
 EVAL_PER_PATHWAY = "per_pathway.csv"
 EVAL_REPORT = "report.html"
+
+# --- benchmark directory ----------------------------------------------------------------------
+COMPARE_TABLE = "comparison.csv"
+COMPARE_JSON = "comparison.json"
+COMPARE_MD = "comparison.md"
+BENCH_TIMING = "timing.json"

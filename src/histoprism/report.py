@@ -30,13 +30,39 @@ R_LABEL = "Pearson r"
 SCORE_COLUMNS = ("hvg", "all_genes")  # per-cancer bars, followed by every gpc_<collection>
 
 __all__ = [
+    "PathwayMaps",
     "SpatialExample",
     "plot_gene_r_hist",
+    "plot_model_bars",
+    "plot_models_per_cancer",
+    "plot_pathway_maps",
+    "plot_pathway_scatter",
     "plot_pathways",
     "plot_per_cancer",
     "plot_spatial_example",
+    "regenerate",
+    "write_benchmark_report",
     "write_report",
 ]
+
+
+@dataclass
+class PathwayMaps:
+    """Measured vs predicted pathway scores of a few gene sets on one slide.
+
+    Score of a set at a spot: mean over the set's genes (measured and predicted) of the z-scored
+    log1p expression, z per gene across the slide's spots (a constant gene contributes 0).
+    measured, predicted: (N, P) float64 scores, column p = ``names[p]``, rows = the spots of the
+    ``SpatialExample``.  r: (P,) Pearson r(measured, predicted) on the slide.  n_genes: (P,) int
+    genes of each set that entered the score.  collection: where the sets come from ("hallmark").
+    """
+
+    collection: str
+    names: list[str]
+    measured: np.ndarray
+    predicted: np.ndarray
+    r: np.ndarray
+    n_genes: np.ndarray
 
 
 @dataclass
@@ -46,6 +72,7 @@ class SpatialExample:
     coords: (N, 2) float64 spot centres, level-0 pixels (x, y).  measured, predicted: (N, K)
     float64 log1p(counts), column k = ``genes[k]``.  r: (K,) Pearson r of each gene on the slide.
     gene_source: how the genes were chosen ("HVG": best-predicted of the HVG list).
+    pathways: pathway scores on the same spots, or None.
     """
 
     sample_id: str
@@ -56,6 +83,7 @@ class SpatialExample:
     predicted: np.ndarray
     r: np.ndarray
     gene_source: str = "HVG"
+    pathways: PathwayMaps | None = None
 
 
 # --- plots ---------------------------------------------------------------------------------------
@@ -139,27 +167,40 @@ def plot_gene_r_hist(per_gene: pd.DataFrame, *, ax: Axes | None = None) -> Figur
     return fig
 
 
-def plot_spatial_example(ex: SpatialExample, *, axes: np.ndarray | None = None) -> Figure:
-    """Spatial maps, one row per gene: measured | predicted on the same colour scale.
-
-    axes: optional (K, 2) array of axes. The scale of a row spans the 1st-99th percentile of
-    both maps together, so a flat prediction looks flat.
-    """
-    k = len(ex.genes)
+def _map_grid(n_rows: int, axes: np.ndarray | None) -> tuple[Figure, np.ndarray]:
+    """(n_rows, 2) axes: the given ones, or a new Agg-backed figure."""
     if axes is None:
-        fig = Figure(figsize=(7.0, 3.0 * k + 0.5), layout="constrained")
+        fig = Figure(figsize=(7.0, 3.0 * n_rows + 0.5), layout="constrained")
         FigureCanvasAgg(fig)
-        axes = fig.subplots(k, 2, squeeze=False)
-    axes = np.asarray(axes).reshape(k, 2)
+        axes = fig.subplots(n_rows, 2, squeeze=False)
+    axes = np.asarray(axes).reshape(n_rows, 2)
+    return axes[0, 0].figure, axes
+
+
+def _draw_map_pairs(
+    axes: np.ndarray,
+    coords: np.ndarray,
+    names: Sequence[str],
+    measured: np.ndarray,
+    predicted: np.ndarray,
+    r: np.ndarray,
+    *,
+    unit: str,
+) -> None:
+    """Row j of ``axes`` (K, 2): measured | predicted column j of (N, K) values at (N, 2) coords.
+
+    The scale of a row spans the 1st-99th percentile of both maps together, so a flat prediction
+    looks flat.
+    """
     fig = axes[0, 0].figure
-    x, y = ex.coords[:, 0], ex.coords[:, 1]
+    x, y = coords[:, 0], coords[:, 1]
     size = float(np.clip(6000.0 / max(1, len(x)), 1.0, 30.0))
-    for j, gene in enumerate(ex.genes):
-        both = np.concatenate([ex.measured[:, j], ex.predicted[:, j]])
+    for j, name in enumerate(names):
+        both = np.concatenate([measured[:, j], predicted[:, j]])
         vmin, vmax = np.nanpercentile(both, [1, 99]) if np.isfinite(both).any() else (0.0, 1.0)
         vmax = max(vmax, vmin + 1e-6)
         for col, (values, what) in enumerate(
-            ((ex.measured[:, j], "measured"), (ex.predicted[:, j], f"predicted, r = {ex.r[j]:.2f}"))
+            ((measured[:, j], "measured"), (predicted[:, j], f"predicted, r = {r[j]:.2f}"))
         ):
             ax = axes[j, col]
             sc = ax.scatter(x, y, c=values, s=size, cmap="viridis", vmin=vmin, vmax=vmax, lw=0)
@@ -167,9 +208,136 @@ def plot_spatial_example(ex: SpatialExample, *, axes: np.ndarray | None = None) 
             ax.invert_yaxis()  # image orientation: y grows downwards
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{gene} ({what})", fontsize=9)
-        fig.colorbar(sc, ax=list(axes[j]), label="log1p(counts)", shrink=0.85)
+            ax.set_title(f"{_short(name, 36)}\n({what})", fontsize=9)
+        fig.colorbar(sc, ax=list(axes[j]), label=unit, shrink=0.85)
+
+
+def plot_spatial_example(ex: SpatialExample, *, axes: np.ndarray | None = None) -> Figure:
+    """Spatial maps, one row per gene: measured | predicted on the same colour scale.
+
+    axes: optional (K, 2) array of axes. The scale of a row spans the 1st-99th percentile of
+    both maps together, so a flat prediction looks flat.
+    """
+    fig, axes = _map_grid(len(ex.genes), axes)
+    _draw_map_pairs(
+        axes, ex.coords, ex.genes, ex.measured, ex.predicted, ex.r, unit="log1p(counts)"
+    )
     fig.suptitle(f"{ex.sample_id} ({ex.cancer}): best-predicted {ex.gene_source} genes")
+    return fig
+
+
+def plot_pathway_maps(ex: SpatialExample, *, axes: np.ndarray | None = None) -> Figure:
+    """Spatial maps of pathway scores, one row per gene set: measured | predicted, same scale.
+
+    ex: an example with ``pathways`` (ValueError otherwise). axes: optional (P, 2) array of axes.
+    """
+    pw = ex.pathways
+    if pw is None or not pw.names:
+        raise ValueError(f"{ex.sample_id}: the example has no pathway scores")
+    fig, axes = _map_grid(len(pw.names), axes)
+    unit = "mean z(log1p) of the set's genes"
+    _draw_map_pairs(axes, ex.coords, pw.names, pw.measured, pw.predicted, pw.r, unit=unit)
+    fig.suptitle(f"{ex.sample_id} ({ex.cancer}): best-predicted {pw.collection} pathway scores")
+    return fig
+
+
+def plot_pathway_scatter(
+    s_a: pd.Series,
+    s_b: pd.Series,
+    *,
+    name_a: str,
+    name_b: str,
+    collection: str,
+    ax: Axes | None = None,
+) -> Figure:
+    """One point per gene set: s_m (micro) of model A on x, of model B on y, with the diagonal.
+
+    s_a, s_b: s_micro indexed by gene-set name, aligned by name; sets NaN in either are left out.
+    The title gives the share of sets where A (below the diagonal) or B (above) is higher.
+    """
+    a, b = s_a.astype(float).align(s_b.astype(float), join="inner")
+    ok = a.notna() & b.notna()
+    a, b = a[ok].to_numpy(), b[ok].to_numpy()
+    fig, ax = _axes(ax, (4.8, 4.8))
+    ax.scatter(a, b, s=12, alpha=0.7, color="#4c72b0", label="gene sets")
+    both = np.concatenate([a, b])
+    lo, hi = (float(both.min()), float(both.max())) if len(both) else (0.0, 1.0)
+    pad = 0.05 * max(hi - lo, 1e-3)
+    lo, hi = lo - pad, hi + pad
+    ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8, label="y = x")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_aspect("equal")
+    ax.set_xlabel(f"{name_a}: s_m ({R_LABEL})")
+    ax.set_ylabel(f"{name_b}: s_m ({R_LABEL})")
+    n = max(1, len(a))
+    ax.set_title(
+        f"GPC {collection}, {len(a)} sets\n{name_a} higher on {np.sum(a > b) / n:.0%} of sets, "
+        f"{name_b} on {np.sum(b > a) / n:.0%}",
+        fontsize=9,
+    )
+    return fig
+
+
+def plot_models_per_cancer(
+    per_cancer: pd.DataFrame, *, metric: str = "hvg", ax: Axes | None = None
+) -> Figure:
+    """Grouped bars of one score per cancer type: x = cancer code, one bar per model.
+
+    per_cancer: long frame with columns ``model``, ``oncotree_code`` and ``metric`` (mean r).
+    """
+    wide = per_cancer.pivot_table(
+        index=keys.META_CANCER, columns="model", values=metric, aggfunc="first", sort=False
+    )
+    wide = wide.reindex(columns=list(dict.fromkeys(per_cancer["model"])))
+    n_bars = len(wide) * len(wide.columns)
+    fig, ax = _axes(ax, (min(16.0, max(6.0, 2.5 + 0.3 * n_bars)), 3.8))
+    x = np.arange(len(wide))
+    width = 0.8 / max(1, len(wide.columns))
+    for k, model in enumerate(wide.columns):
+        offset = (k - (len(wide.columns) - 1) / 2) * width
+        ax.bar(x + offset, wide[model].to_numpy(dtype=float), width, label=str(model))
+    ax.set_xticks(x, [str(c) for c in wide.index])
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("cancer type (test slides)")
+    ax.set_ylabel(f"{metric}: mean {R_LABEL}")
+    ax.set_title(f"{metric} per cancer type")
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def _by_model(table: pd.DataFrame) -> pd.DataFrame:
+    """The comparison table indexed by model name (a ``model`` column becomes the index)."""
+    return table.set_index("model") if "model" in table.columns else table
+
+
+def plot_model_bars(
+    table: pd.DataFrame,
+    *,
+    columns: Sequence[str] = ("hvg_micro", "gpc_hallmark_micro", "gpc_go_micro"),
+    ax: Axes | None = None,
+) -> Figure:
+    """The headline comparison: grouped bars (one group per metric, one bar per model), labelled.
+
+    table: one row per model (a ``model`` column or the index); ``columns`` missing from it are
+    skipped.
+    """
+    table = _by_model(table)
+    cols = [c for c in columns if c in table.columns]
+    fig, ax = _axes(ax, (max(6.0, 1.5 + 0.5 * len(cols) * len(table)), 4.0))
+    x = np.arange(len(cols))
+    width = 0.8 / max(1, len(table))
+    for k, (model, row) in enumerate(table[cols].iterrows()):
+        offset = (k - (len(table) - 1) / 2) * width
+        bars = ax.bar(x + offset, row.to_numpy(dtype=float), width, label=str(model))
+        ax.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
+    ax.set_xticks(x, cols)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.margins(y=0.15)
+    ax.set_xlabel("metric")
+    ax.set_ylabel(f"mean {R_LABEL}")
+    ax.set_title("Models compared")
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 
@@ -178,6 +346,8 @@ _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; }
 table.data { border-collapse: collapse; font-size: .85em; margin: .5em 0 1em; }
+table.data { display: block; max-width: 100%; overflow-x: auto; }
+div.grid { display: flex; flex-wrap: wrap; gap: 0 1em; } div.grid figure { width: 48%; }
 table.data th, table.data td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
 table.data th { background: #f3f3f3; } table.data td:first-child { text-align: left; }
 figure { margin: 1em 0; } figure img { max-width: 100%; } figcaption { font-size: .85em; color: #555; }
@@ -230,10 +400,19 @@ def _kv_table(rows: dict, table_id: str, *, describe: bool = False) -> str:
     return f'<table id="{table_id}" class="data">{head}{body}</table>'
 
 
-def _img(fig: Figure, caption: str) -> str:
+def _png(fig: Figure) -> bytes:
     buf = BytesIO()
     fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def _img(fig: Figure, caption: str, *, save: Path | None = None) -> str:
+    """An inline <figure> of ``fig``; ``save``: also write the PNG there."""
+    png = _png(fig)
+    if save is not None:
+        save.parent.mkdir(parents=True, exist_ok=True)
+        save.write_bytes(png)
+    data = base64.b64encode(png).decode("ascii")
     cap = html.escape(caption)
     return f'<figure><img src="data:image/png;base64,{data}" alt="{cap}"><figcaption>{cap}</figcaption></figure>'
 
@@ -299,7 +478,7 @@ def _pathway_section(per_pathway: pd.DataFrame) -> str:
 
 
 def _spatial_section(examples: Sequence[SpatialExample]) -> str:
-    out = "<h2>Spatial maps</h2>"
+    out = '<h2 id="spatial-maps">Spatial maps</h2>'
     if not examples:
         return out + '<p class="note">No spatial maps (they are drawn by evaluate()).</p>'
     for ex in examples:
@@ -308,7 +487,30 @@ def _spatial_section(examples: Sequence[SpatialExample]) -> str:
             f"same colour scale per gene; best-predicted {ex.gene_source} genes."
         )
         out += _img(plot_spatial_example(ex), caption)
+    out += '<h3 id="pathway-maps">Pathway maps</h3>'
+    with_sets = [ex for ex in examples if ex.pathways is not None and ex.pathways.names]
+    if not with_sets:
+        return out + '<p class="note">No pathway scores for these slides.</p>'
+    out += (
+        '<p class="note">Pathway score of a spot: mean over the set\'s genes (measured and '
+        "predicted) of log1p expression z-scored per gene across the slide's spots, computed "
+        "alike for the measured counts and the prediction; the sets shown are the slide's best "
+        "by r(measured score, predicted score).</p>"
+    )
+    for ex in with_sets:
+        pw = ex.pathways
+        sets = ", ".join(f"{n} ({k} genes)" for n, k in zip(pw.names, pw.n_genes, strict=True))
+        caption = f"{ex.sample_id} ({ex.cancer}): {pw.collection} pathway scores; {sets}."
+        out += _img(plot_pathway_maps(ex), caption)
     return out
+
+
+def _page(title: str, body: Sequence[str]) -> str:
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
+        f"<body>{''.join(body)}</body></html>\n"
+    )
 
 
 def write_report(eval_dir: str | Path, *, examples: Sequence[SpatialExample] = ()) -> Path:
@@ -316,7 +518,7 @@ def write_report(eval_dir: str | Path, *, examples: Sequence[SpatialExample] = (
 
     Sections: run, headline, per cancer type (table + bars), per slide, GPC per collection
     (ranked plot + table), per-gene r histogram, spatial maps of ``examples`` (measured vs
-    predicted). Self-contained: inline CSS, figures as base64 PNG, no external URL.
+    predicted genes, then pathway scores where ``ex.pathways`` is set). Self-contained: inline CSS, figures as base64 PNG, no external URL.
     """
     eval_dir = Path(eval_dir)
     metrics, per_slide, per_gene, per_pathway = _read_tables(eval_dir)
@@ -332,11 +534,169 @@ def write_report(eval_dir: str | Path, *, examples: Sequence[SpatialExample] = (
         + _img(plot_gene_r_hist(per_gene), "Per-gene Pearson r (per_gene.csv)."),
         _spatial_section(examples),
     ]
-    page = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
-        f"<body>{''.join(body)}</body></html>\n"
-    )
     path = eval_dir / keys.EVAL_REPORT
-    write_text_atomic(path, page)
+    write_text_atomic(path, _page(title, body))
     return path
+
+
+# --- benchmark (several models) -----------------------------------------------------------------
+BENCH_JSON = "comparison.json"  # keys: models, per_cancer, tests, reference
+BENCH_CSV = "comparison.csv"
+BENCH_FIGURES = "figures"
+BENCH_EVAL = "eval"  # bench_dir/eval/<model>/ = that model's EVAL directory
+BENCH_PER_CANCER = ("hvg", "gpc_hallmark")  # per-cancer bar charts
+BENCH_SCATTER = ("hallmark", "go")  # collections of the pathway scatter plots
+
+
+def _fmt_p(v) -> str:
+    return "—" if v is None or not np.isfinite(float(v)) else f"{float(v):.2g}"
+
+
+def _h2(section_id: str, title: str) -> str:
+    return f'<h2 id="{section_id}">{html.escape(title)}</h2>'
+
+
+def _scatter_section(per_pathway: dict[str, pd.DataFrame], reference: str, figs: Path) -> str:
+    out = [_h2("pathway-scatter", f"Gene Pathway Coherence: {reference} vs each model")]
+    if reference not in per_pathway:
+        return out[0] + f'<p class="note">No per_pathway table for {html.escape(reference)}.</p>'
+    s_micro = {
+        m: df.set_index(["collection", "gene_set"])["s_micro"] for m, df in per_pathway.items()
+    }
+    for collection in BENCH_SCATTER:
+        for model in per_pathway:
+            ref, other = s_micro[reference], s_micro[model]
+            if model == reference or collection not in ref.index.get_level_values(0):
+                continue
+            if collection not in other.index.get_level_values(0):
+                continue
+            fig = plot_pathway_scatter(
+                ref.xs(collection),
+                other.xs(collection),
+                name_a=reference,
+                name_b=model,
+                collection=collection,
+            )
+            name = f"scatter-{_slug(collection)}-{_slug(model)}"
+            caption = f"GPC {collection}: s_m per gene set, {reference} (x) vs {model} (y)."
+            out.append(_img(fig, caption, save=figs / f"{name}.png"))
+    return out[0] + f'<div class="grid">{"".join(out[1:])}</div>'
+
+
+def _links_section(models: Sequence[str], bench_dir: Path) -> str:
+    items = []
+    for m in models:
+        href = f"{BENCH_EVAL}/{m}/{keys.EVAL_REPORT}"
+        missing = "" if (bench_dir / href).exists() else " (not found)"
+        items.append(f'<li><a href="{html.escape(href)}">{html.escape(m)}</a>{missing}</li>')
+    return _h2("model-reports", "Reports per model") + f"<ul>{''.join(items)}</ul>"
+
+
+def write_benchmark_report(
+    bench_dir: str | Path,
+    *,
+    table: pd.DataFrame,
+    per_cancer: pd.DataFrame,
+    per_pathway: dict[str, pd.DataFrame],
+    tests: pd.DataFrame | None = None,
+    reference: str | None = None,
+) -> Path:
+    """Write ``bench_dir/report.html`` comparing several models; return its path.
+
+    table: one row per model (``model`` column or index), headline metrics as columns.
+    per_cancer: long frame (model, oncotree_code, hvg, gpc_hallmark, ...). per_pathway: model ->
+    its per_pathway.csv frame (collection, gene_set, s_micro). tests: paired tests (model, metric,
+    diff, ci_low, ci_high, wins, losses, p; whatever columns exist). reference: the model the
+    others are plotted against (default: the first row of ``table``).
+    Sections: comparison, significance, headline bars, per cancer type, pathway scatter, links to
+    ``eval/<model>/report.html``. Self-contained (inline CSS, base64 PNG, no URL); each figure is
+    also written to ``bench_dir/figures/<name>.png``.
+    """
+    bench_dir = Path(bench_dir)
+    figs = bench_dir / BENCH_FIGURES
+    table = _by_model(table)
+    models = [str(m) for m in table.index]
+    reference = reference or (models[0] if models else "")
+    title = f"histoprism benchmark — {len(models)} models"
+    body = [
+        f"<h1>{html.escape(title)}</h1>",
+        _h2("comparison", "Comparison") + _table(table, "comparison-table", index=True),
+        _h2("significance", f"Paired tests against {reference}"),
+    ]
+    if tests is not None and len(tests):
+        if "p" in tests.columns:  # small p-values would read 0.000 at 3 decimals
+            tests = tests.assign(p=[_fmt_p(v) for v in tests["p"]])
+        body.append(_table(tests, "tests-table"))
+    else:
+        body.append('<p class="note">No paired tests.</p>')
+    body.append(_h2("headline-bars", "Headline metrics"))
+    body.append(
+        _img(plot_model_bars(table), "Headline metrics per model.", save=figs / "headline.png")
+    )
+    body.append(_h2("per-cancer", "Per cancer type"))
+    for metric in BENCH_PER_CANCER:
+        if metric in per_cancer.columns and len(per_cancer):
+            fig = plot_models_per_cancer(per_cancer, metric=metric)
+            caption = f"{metric}: mean Pearson r per cancer type and model."
+            body.append(_img(fig, caption, save=figs / f"per-cancer-{_slug(metric)}.png"))
+    body.append(_scatter_section(per_pathway, reference, figs))
+    body.append(_links_section(models, bench_dir))
+    path = bench_dir / keys.EVAL_REPORT
+    write_text_atomic(path, _page(title, body))
+    return path
+
+
+def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
+    if not path.exists():
+        raise InputError("file not found", path)
+    return pd.read_csv(path, keep_default_na=False, na_values=[""], **kwargs)
+
+
+def _long_per_cancer(obj) -> pd.DataFrame:
+    """comparison.json's per_cancer as a long frame: records, columns, or {model: {code: row}}."""
+    if not obj:
+        return pd.DataFrame(columns=["model", keys.META_CANCER])
+    if isinstance(obj, dict) and "model" not in obj:
+        obj = [
+            {"model": m, keys.META_CANCER: c, **row}
+            for m, by_cancer in obj.items()
+            for c, row in by_cancer.items()
+        ]
+    return pd.DataFrame(obj)
+
+
+def _regenerate_benchmark(bench_dir: Path) -> Path:
+    info = json.loads((bench_dir / BENCH_JSON).read_text())
+    table = _read_csv(bench_dir / BENCH_CSV)
+    models = info.get("models") or list(_by_model(table).index)
+    models = [str(m) for m in models]  # a list of names or a {name: details} mapping
+    per_pathway = {}
+    for m in models:
+        p = bench_dir / BENCH_EVAL / m / keys.EVAL_PER_PATHWAY
+        if p.exists():
+            per_pathway[m] = _read_csv(p, dtype={"collection": str, "gene_set": str})
+    tests = pd.DataFrame(info["tests"]) if info.get("tests") else None
+    return write_benchmark_report(
+        bench_dir,
+        table=table,
+        per_cancer=_long_per_cancer(info.get("per_cancer")),
+        per_pathway=per_pathway,
+        tests=tests,
+        reference=info.get("reference"),
+    )
+
+
+def regenerate(path: str | Path) -> Path:
+    """Rebuild the report of a directory (``histoprism report DIR``); return its path.
+
+    An EVAL directory (metrics.json): ``write_report`` from its tables; the spatial maps need
+    the prediction arrays, so they are only drawn by evaluate(). A benchmark directory
+    (comparison.json): ``write_benchmark_report`` from comparison.csv, comparison.json and
+    eval/<model>/per_pathway.csv. Anything else: ``InputError``.
+    """
+    path = Path(path)
+    if (path / keys.EVAL_METRICS).exists():
+        return write_report(path)
+    if (path / BENCH_JSON).exists():
+        return _regenerate_benchmark(path)
+    raise InputError(f"neither {keys.EVAL_METRICS} nor {BENCH_JSON} here: not a report dir", path)

@@ -1,0 +1,223 @@
+"""``histoprism benchmark``: every model on the same split -> one comparison with significance.
+
+Each model is trained and predicted in its own process (``histoprism train`` / ``predict``), so
+that its wall time and peak memory are measured alone (``os.wait4`` gives the child's rusage).
+Finished models are reused when the benchmark is run again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from . import keys
+from .cohort import Cohort
+from .compare import (
+    EvalResult,
+    comparison_table,
+    load_eval,
+    pairwise_tests,
+    per_cancer_table,
+    pipe_table,
+    write_comparison,
+)
+from .errors import InputError
+from .evaluate import evaluate
+from .genes import data_path
+from .io import write_text_atomic
+from .progress import progress_bar
+from .report import write_benchmark_report
+
+log = logging.getLogger(__name__)
+TIMING = keys.BENCH_TIMING
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """One row of the comparison: a model kind plus the flags that make it an ablation."""
+
+    name: str
+    flags: tuple[str, ...] = ()
+    config: dict = field(default_factory=dict)  # YAML overrides written to configs/{name}.yaml
+
+
+BENCH_MODELS = (
+    BenchModel("histoprism"),
+    BenchModel("no-conditioning", ("--no-conditioning",)),
+    BenchModel("positional-encoding", ("--positional-encoding",)),
+    BenchModel("context-tokens", config={"model": {"context_tokens": 4}}),
+    BenchModel("mlp", ("--model", "mlp")),
+    BenchModel("ridge-knn", ("--model", "ridge-knn")),
+    BenchModel("ridge", ("--model", "ridge")),
+)
+
+
+def select_models(names: list[str] | None) -> tuple[BenchModel, ...]:
+    """The registered models named in ``names`` (all when None), in registry order."""
+    if not names:
+        return BENCH_MODELS
+    known = {m.name: m for m in BENCH_MODELS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InputError(f"unknown model(s) {', '.join(unknown)} (have: {', '.join(known)})")
+    return tuple(m for m in BENCH_MODELS if m.name in names)
+
+
+def run_measured(args: list[str]) -> dict:
+    """Run ``histoprism ARGS`` in a child process -> {seconds, peak_rss_mb}; InputError on failure."""
+    cmd = [sys.executable, "-m", "histoprism.cli", *args]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        lines = [ln.strip(" │╭╮╰╯─") for ln in (stderr or stdout).splitlines()]
+        reason = next((ln for ln in reversed(lines) if ln), "no output")
+        raise InputError(f"'histoprism {args[0]}' failed: {reason}")
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def _fit_and_predict(
+    model: BenchModel, data: Path, encoder: str, out: Path, train_flags: list[str], split: list[str]
+) -> dict:
+    """Train and predict one model in child processes; return its timing."""
+    run, pred = out / "runs" / model.name, out / "pred" / model.name
+    flags = list(model.flags)
+    if model.config:
+        cfg = out / "configs" / f"{model.name}.yaml"
+        write_text_atomic(cfg, yaml.safe_dump(model.config))
+        flags += ["--config", str(cfg)]
+    base = ["--data", str(data), "--encoder", encoder, *split]
+    fit = run_measured(["train", *base, "--out", str(run), *train_flags, *flags])
+    pr = run_measured(["predict", "--model", str(run), *base, "--out", str(pred)])
+    return {
+        "train_s": fit["seconds"],
+        "predict_s": pr["seconds"],
+        "peak_rss_mb": max(fit["peak_rss_mb"], pr["peak_rss_mb"]),
+    }
+
+
+def benchmark(
+    data: str | Path,
+    encoder: str,
+    out: str | Path,
+    *,
+    models: list[str] | None = None,
+    split: str | Path | None = None,
+    hvg: str = "train",
+    epochs: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Train, predict and evaluate every model on one split; write the comparison to ``out``.
+
+    Returns the paths written by ``compare.write_comparison`` (comparison.md/.csv/.json) plus
+    ``report``. Models whose evaluation and timing already exist in ``out`` are not rerun.
+    """
+    data, out = Path(data), Path(out)
+    cohort = Cohort(data, split_dir=split, seed=seed)
+    chosen = select_models(models)
+    timing = _read_timing(out)
+    split_flags = ["--split", str(split)] if split else []
+    train_flags = ["--seed", str(seed), *([] if epochs is None else ["--epochs", str(epochs)])]
+    results: list[EvalResult] = []
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task("benchmark", total=len(chosen), info="")
+        for m in chosen:
+            bar.update(task, info=m.name)
+            ev = out / "eval" / m.name
+            if m.name not in timing or not (ev / keys.EVAL_METRICS).exists():
+                timing[m.name] = _fit_and_predict(m, data, encoder, out, train_flags, split_flags)
+                evaluate(out / "pred" / m.name, cohort, ev, hvg=hvg, progress=False)
+                write_text_atomic(out / TIMING, json.dumps(timing, indent=1))
+            results.append(load_eval(m.name, ev))
+            bar.advance(task)
+    return _write_all(out, results, timing)
+
+
+def _write_all(out: Path, results: list[EvalResult], timing: dict) -> dict[str, Path]:
+    names = {r.name for r in results}
+    timing = {k: v for k, v in timing.items() if k in names}
+    paths = write_comparison(out, results, timing=timing, reference=results[0].name)
+    tests = pairwise_tests(results, reference=results[0].name) if len(results) > 1 else None
+    paths["report"] = write_benchmark_report(
+        out,
+        table=comparison_table(results, timing),
+        per_cancer=per_cancer_table(results),
+        per_pathway={r.name: r.per_pathway for r in results},
+        tests=tests,
+        reference=results[0].name,
+    )
+    return paths
+
+
+def _read_timing(out: Path) -> dict:
+    path = out / TIMING
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def paper_splits() -> list[Path]:
+    """The paper's two bundled splits (split_0, split_1)."""
+    return [data_path("splits", f"split_{k}") for k in (0, 1)]
+
+
+def benchmark_paper(
+    data: str | Path,
+    encoder: str,
+    out: str | Path,
+    *,
+    models: list[str] | None = None,
+    splits: list[Path] | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """The paper's protocol: one benchmark per split (HEST-bench HVG lists), then Table 1 numbers.
+
+    Per model and cancer type: macro = mean over splits of the split's mean over that type's
+    test slides; micro = mean over the pooled test slides of all splits. Writes
+    ``out/paper_table.{csv,md}`` beside one benchmark folder per split.
+    """
+    out = Path(out)
+    splits = splits or paper_splits()
+    per_split = []
+    for k, split_dir in enumerate(splits):
+        folder = out / f"split_{k}"
+        benchmark(data, encoder, folder, models=models, split=split_dir, hvg="bench",
+                  epochs=epochs, seed=seed, progress=progress)  # fmt: skip
+        per_split.append(
+            [load_eval(m.name, folder / "eval" / m.name) for m in select_models(models)]
+        )
+    table = paper_table(per_split)
+    table.to_csv(out / "paper_table.csv")
+    write_text_atomic(out / "paper_table.md", pipe_table(table))
+    return {"csv": out / "paper_table.csv", "md": out / "paper_table.md"}
+
+
+def paper_table(per_split: list[list[EvalResult]]) -> pd.DataFrame:
+    """Rows: model x (cancer type | 'all'); columns: HVG-50 and GPC macro (over splits) and micro."""
+    frames = []
+    for k, results in enumerate(per_split):
+        for r in results:
+            frames.append(r.per_slide.assign(model=r.name, split=k))
+    slides = pd.concat(frames, ignore_index=True)
+    scores = [c for c in ("hvg", "gpc_hallmark", "gpc_go", "all_genes") if c in slides.columns]
+    by_split = slides.groupby(["model", "oncotree_code", "split"])[scores].mean()
+    macro = by_split.groupby(["model", "oncotree_code"]).mean().add_suffix("_macro")
+    micro = slides.groupby(["model", "oncotree_code"])[scores].mean().add_suffix("_micro")
+    table = macro.join(micro)
+    overall_macro = macro.groupby("model").mean()
+    overall_micro = slides.groupby("model")[scores].mean().add_suffix("_micro")
+    overall = overall_macro.join(overall_micro).assign(oncotree_code="all")
+    overall = overall.set_index("oncotree_code", append=True)
+    return pd.concat([table, overall]).sort_index()
