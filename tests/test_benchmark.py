@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pandas as pd
@@ -12,6 +13,7 @@ from histoprism import keys
 from histoprism.benchmark import benchmark, benchmark_paper, select_models
 from histoprism.compare import load_eval
 from histoprism.errors import InputError
+from histoprism.report import regenerate
 
 ENCODER = "synthetic"  # embedding folder of the synthetic cohort
 
@@ -46,8 +48,8 @@ def test_metrics_equal_each_models_own_evaluation(bench):
         assert table.at[m, "hvg_micro"] == pytest.approx(own["hvg_micro"], abs=1e-9)
 
 
-def test_rerun_reuses_finished_models(bench, tiny_cohort):
-    out, _ = bench
+def test_rerun_reuses_finished_models(bench, tiny_cohort, tmp_path):
+    out = shutil.copytree(bench[0], tmp_path / "bench", copy_function=shutil.copy2)
     before = (out / "timing.json").read_text()
     stamp = (out / "runs" / "ridge" / keys.RUN_WEIGHTS).stat().st_mtime_ns
     benchmark(tiny_cohort, ENCODER, out, models=["ridge"], progress=False)
@@ -83,3 +85,13 @@ def test_paper_protocol_over_two_splits(tiny_cohort, tmp_path):
     code = pooled["oncotree_code"].iloc[0]
     expected = sum(m[code] for m in split_means) / 2
     assert table.loc[("ridge", code), "hvg_macro"] == pytest.approx(expected)
+
+
+def test_report_regenerates_from_a_benchmark_dir(bench):
+    out, paths = bench
+    original = paths["report"].read_text()
+    regenerated = regenerate(out).read_text()
+    for section in ("comparison", "significance", "headline-bars", "per-cancer", "pathway-scatter"):
+        assert f'id="{section}"' in regenerated
+    assert regenerated.count("<img") == original.count("<img") >= 4
+    assert "http" not in "".join(re.findall(r'(?:src|href)="([^"]*)"', regenerated))

@@ -626,6 +626,8 @@ def write_benchmark_report(
     if tests is not None and len(tests):
         if "p" in tests.columns:  # small p-values would read 0.000 at 3 decimals
             tests = tests.assign(p=[_fmt_p(v) for v in tests["p"]])
+        counts = [c for c in ("n", "wins", "losses", "ties") if c in tests.columns]
+        tests = tests.astype({c: "Int64" for c in counts})  # counts, not measurements
         body.append(_table(tests, "tests-table"))
     else:
         body.append('<p class="note">No paired tests.</p>')
@@ -668,8 +670,8 @@ def _long_per_cancer(obj) -> pd.DataFrame:
 def _regenerate_benchmark(bench_dir: Path) -> Path:
     info = json.loads((bench_dir / BENCH_JSON).read_text())
     table = _read_csv(bench_dir / BENCH_CSV)
-    models = info.get("models") or list(_by_model(table).index)
-    models = [str(m) for m in models]  # a list of names or a {name: details} mapping
+    # the models are named by the comparison table, in its order (comparison.json holds its rows)
+    models = [str(m) for m in _by_model(table).index]
     per_pathway = {}
     for m in models:
         p = bench_dir / BENCH_EVAL / m / keys.EVAL_PER_PATHWAY
