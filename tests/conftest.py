@@ -105,3 +105,12 @@ def cohort_copy(tiny_cohort, tmp_path) -> Callable[[], CohortCopy]:
         return made[-1]
 
     return make
+
+
+def assert_report_tables(page: str, collections=("hallmark", "go")) -> None:
+    """The per-model report shows every table: overview, headline, per cancer, per slide, and
+    one per-pathway table per gene-set collection."""
+    ids = ["overview", "headline", "per-cancer", "per-slide"]
+    ids += [f"per-pathway-{c}" for c in collections]
+    missing = [t for t in ids if f'id="{t}"' not in page]
+    assert not missing, f"report lacks tables {missing}"

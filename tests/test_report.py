@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # only to check that no pyplot figure is left o
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import assert_report_tables
 from matplotlib.figure import Figure
 
 from histoprism import keys
@@ -154,15 +155,7 @@ def test_write_report_is_self_contained(tmp_path):
     path = write_report(_eval_dir(tmp_path), examples=[_example()])
     assert path == tmp_path / keys.EVAL_REPORT
     page = path.read_text()
-    for table in (
-        "overview",
-        "headline",
-        "per-cancer",
-        "per-slide",
-        "per-pathway-hallmark",
-        "per-pathway-go",
-    ):
-        assert f'id="{table}"' in page
+    assert_report_tables(page)
     assert page.count("<img ") == 1 + 2 + 1 + 1  # cancers, 2 collections, genes, 1 example
     links = re.findall(r'(?:src|href)="([^"]*)"', page)
     assert all(v.startswith("data:image/png;base64,") for v in links)
