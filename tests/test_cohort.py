@@ -192,3 +192,19 @@ def test_negative_counts_and_empty_slide_rejected(tmp_path):
     a.write_h5ad(tmp_path / "empty.h5ad")
     with pytest.raises(InputError, match="no spots"):
         read_st(tmp_path / "empty.h5ad")
+
+
+def test_histoprism_repository_pt_embeddings_are_found_and_aligned(tmp_path):
+    import torch
+
+    small_cohort(tmp_path)
+    h5 = tmp_path / "embeddings/enc/S0.h5"
+    ref = Cohort(tmp_path).slide("S0", "enc")
+    h5.unlink()
+    rows = {str(b): torch.full((4,), float(i)) for i, b in enumerate(reversed(ref.barcodes))}
+    torch.save(rows, tmp_path / "embeddings/enc/S0_embeddings.pt")
+    c = Cohort(tmp_path)
+    assert c.embedding_path("S0", "enc").name == "S0_embeddings.pt" and "S0" in c.available_ids()
+    s = c.slide("S0", "enc")
+    np.testing.assert_array_equal(s.barcodes, ref.barcodes)
+    np.testing.assert_array_equal(s.features[:, 0], np.arange(ref.n_spots)[::-1])

@@ -264,6 +264,49 @@ def report(
     typer.echo(f"wrote {_run(regenerate, path)}")
 
 
+@app.command("import")
+def import_sample(
+    fmt: Annotated[
+        str, typer.Option("--format", help="hest (a HEST h5ad) | spaceranger | visium-hd (outs/).")
+    ],
+    src: Annotated[
+        Path, typer.Option("--src", help="Space Ranger outs/ folder, or the HEST sample h5ad.")
+    ],
+    data: Data,
+    sample_id: Annotated[str, typer.Option("--id", help="Sample id: st/{ID}.h5ad, metadata row.")],
+    oncotree_code: Annotated[
+        str | None, typer.Option("--oncotree-code", help="Cancer code for the metadata row.")
+    ] = None,
+    image: Annotated[
+        Path | None, typer.Option("--image", help="Whole-slide image; recorded as wsi_path.")
+    ] = None,
+    bin_um: Annotated[int, typer.Option("--bin-um", help="Visium HD bin size: 2, 8 or 16 µm.")] = 8,
+) -> None:
+    """Import one sample (Space Ranger / Visium HD outs, or HEST h5ad) into a cohort directory:
+    writes st/{ID}.h5ad (raw counts, HEST format) and its metadata.csv row."""
+    from . import importer as api
+
+    t0 = time.perf_counter()
+    path = _run(
+        api.import_sample,
+        fmt,
+        src,
+        data,
+        sample_id,
+        oncotree_code=oncotree_code,
+        image=image,
+        bin_um=bin_um,
+    )
+    from .readers.st import read_h5ad
+
+    adata = _run(read_h5ad, path, backed="r")
+    n_obs, n_vars = adata.n_obs, adata.n_vars
+    adata.file.close()
+    typer.echo(
+        f"imported {sample_id} ({fmt}): {n_obs} spots, {n_vars} genes -> {path} [{time.perf_counter() - t0:.0f}s]"
+    )
+
+
 def _bad(message: str) -> None:
     raise InputError(message)
 

@@ -136,12 +136,18 @@ class Cohort:
         return self.root / keys.ST_DIR / f"{sample_id}.h5ad"
 
     def embedding_path(self, sample_id: str, encoder: str) -> Path:
-        return self.root / keys.EMBEDDINGS_DIR / encoder / f"{sample_id}.h5"
+        """``embeddings/{encoder}/{id}.h5``, or the HistoPrism repository's ``{id}_embeddings.pt``
+        when only that exists."""
+        folder = self.root / keys.EMBEDDINGS_DIR / encoder
+        h5, pt = folder / f"{sample_id}.h5", folder / f"{sample_id}{keys.TORCH_EMBEDDINGS_SUFFIX}"
+        return pt if pt.exists() and not h5.exists() else h5
 
     def available_ids(self) -> list[str]:
         """Metadata ids that have a counts file or an embedding file."""
         have = {p.stem for p in (self.root / keys.ST_DIR).glob("*.h5ad")}
-        have |= {p.stem for p in (self.root / keys.EMBEDDINGS_DIR).glob("*/*.h5")}
+        emb = self.root / keys.EMBEDDINGS_DIR
+        have |= {p.stem for p in emb.glob("*/*.h5")}
+        have |= {p.name.removesuffix(keys.TORCH_EMBEDDINGS_SUFFIX) for p in emb.glob("*/*.pt")}
         return [i for i in self.metadata.index if i in have]
 
     def ids(self, split: str | None = None) -> list[str]:

@@ -6,7 +6,9 @@ Gene names are plain strings: symbols (HEST ``var_names``) or Ensembl ids (the S
 
 from __future__ import annotations
 
+import gzip
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from .errors import InputError
 
@@ -164,3 +167,164 @@ def looks_like_ensembl(names) -> bool:
     """True when most names are Ensembl gene ids (ENSG...)."""
     names = list(names)[:200]
     return bool(names) and sum(str(g).startswith("ENS") for g in names) > len(names) / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Gene identifier mapping (offline: the bundled NCBI table or a user table, never a web call)
+
+_ENSEMBL_RE = re.compile(r"^(ENS[A-Z]*G\d+)(\.\d+)?$")
+GENE_ID_SPACES = ("ensembl", "symbol")
+
+
+def strip_version(name: str) -> str:
+    """``ENSG00000121410.12`` -> ``ENSG00000121410``; anything else unchanged."""
+    m = _ENSEMBL_RE.match(name)
+    return m.group(1) if m else name
+
+
+@dataclass(frozen=True)
+class GeneIdMap:
+    """Offline symbol <-> Ensembl gene id map.
+
+    symbol_to_ensembl: official symbol -> its first Ensembl id.  alias_to_symbol: alias -> official
+    symbol, only for aliases naming one gene and not themselves an official symbol.
+    ensembl_to_symbol: every listed Ensembl id (unversioned) -> the first symbol listing it.
+    """
+
+    symbol_to_ensembl: dict[str, str] = field(repr=False)
+    alias_to_symbol: dict[str, str] = field(repr=False)
+    ensembl_to_symbol: dict[str, str] = field(repr=False)
+    source: str = ""
+
+    @classmethod
+    def bundled(cls) -> GeneIdMap:
+        """The map of the bundled NCBI human gene table (2022); read once per process."""
+        return _bundled_idmap()
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> GeneIdMap:
+        """A user table (TSV or CSV, optionally gzipped): columns symbol, ensembl_id[, alias_symbol].
+
+        ``ensembl_id`` and ``alias_symbol`` may hold several ';'-joined values.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise InputError("gene id table not found", path)
+        try:
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rt") as fh:
+                sep = "\t" if "\t" in fh.readline() else ","
+            table = pd.read_csv(path, sep=sep, dtype=str, compression="infer")
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read gene id table ({exc})", path) from exc
+        missing = {"symbol", "ensembl_id"} - set(table.columns)
+        if missing:
+            raise InputError(f"gene id table lacks column(s) {sorted(missing)}", path)
+        return cls.from_table(table, source=str(path))
+
+    @classmethod
+    def from_table(cls, table: pd.DataFrame, *, source: str = "") -> GeneIdMap:
+        """Build from a frame with columns symbol, ensembl_id[, alias_symbol] (';'-joined lists)."""
+        table = table.dropna(subset=["symbol"]).reset_index(drop=True)
+        symbols = table["symbol"].str.strip()
+        ens_lists = table["ensembl_id"].fillna("").str.split(";")
+        ens = ens_lists.explode().str.strip().map(strip_version)
+        ens = ens[ens != ""]
+        first_ens = ens.groupby(level=0).first()  # row -> first Ensembl id
+        sym_to_ens = pd.Series(first_ens.values, index=symbols[first_ens.index].values)
+        sym_to_ens = sym_to_ens[~sym_to_ens.index.duplicated()]
+        ens_to_sym = pd.Series(symbols[ens.index].values, index=ens.values)
+        ens_to_sym = ens_to_sym[~ens_to_sym.index.duplicated()]
+        alias_map: dict[str, str] = {}
+        if "alias_symbol" in table.columns:
+            alias = table["alias_symbol"].fillna("").str.split(";").explode().str.strip()
+            alias = alias[(alias != "") & ~alias.isin(set(symbols))]
+            pairs = pd.DataFrame({"alias": alias.values, "symbol": symbols[alias.index].values})
+            pairs = pairs.drop_duplicates()
+            n_genes = pairs.groupby("alias")["symbol"].transform("size")
+            unique = pairs[n_genes == 1]  # an alias of two genes says nothing
+            alias_map = dict(zip(unique["alias"], unique["symbol"], strict=True))
+        return cls(
+            symbol_to_ensembl=sym_to_ens.to_dict(),
+            alias_to_symbol=alias_map,
+            ensembl_to_symbol=ens_to_sym.to_dict(),
+            source=source,
+        )
+
+    def to_ensembl(self, names) -> np.ndarray:
+        """(n,) symbols, aliases or Ensembl ids -> (n,) object Ensembl ids, None where unknown.
+
+        Ensembl ids pass through with their version suffix stripped.
+        """
+        out = np.empty(len(names), dtype=object)
+        for i, raw in enumerate(names):
+            name = str(raw).strip()
+            if _ENSEMBL_RE.match(name):
+                out[i] = strip_version(name)
+                continue
+            sym = name if name in self.symbol_to_ensembl else self.alias_to_symbol.get(name)
+            out[i] = self.symbol_to_ensembl.get(sym) if sym is not None else None
+        return out
+
+    def to_symbol(self, ids) -> np.ndarray:
+        """(n,) Ensembl ids (or symbols/aliases) -> (n,) object official symbols, None where unknown."""
+        out = np.empty(len(ids), dtype=object)
+        for i, raw in enumerate(ids):
+            name = str(raw).strip()
+            if _ENSEMBL_RE.match(name):
+                out[i] = self.ensembl_to_symbol.get(strip_version(name))
+            elif name in self.symbol_to_ensembl:
+                out[i] = name
+            else:
+                out[i] = self.alias_to_symbol.get(name)
+        return out
+
+
+@cache
+def _bundled_idmap() -> GeneIdMap:
+    with data_path("genes", "human_genes.ncbi2022.tsv.gz").open("rb") as fh:
+        table = pd.read_csv(fh, sep="\t", dtype=str, compression="gzip")
+    return GeneIdMap.from_table(table, source="bundled NCBI human genes 2022")
+
+
+def harmonise_counts(
+    X: sp.spmatrix, names, *, to: str, idmap: GeneIdMap | None = None
+) -> tuple[sp.csr_matrix, np.ndarray, dict[str, int]]:
+    """Map the columns of a raw-count matrix to one gene id space, summing duplicates.
+
+    Parameters
+    ----------
+    X : (N, G) sparse raw counts (not log1p: counts add, log1p values do not).
+    names : (G,) column names: symbols, aliases or Ensembl ids, mixed freely.
+    to : "ensembl" or "symbol".
+    idmap : the map to use; the bundled NCBI table by default.
+
+    Returns
+    -------
+    X2 : (N, G2) CSR, column k the sum of the input columns mapping to ``names2[k]``.
+    names2 : (G2,) object, unique target ids in order of first appearance.
+    report : ``n_in`` (G), ``n_out`` (G2), ``n_unmapped`` (columns dropped), ``n_merged`` (mapped
+        columns folded into another: mapped - G2).
+    """
+    if to not in GENE_ID_SPACES:
+        raise InputError(f"unknown gene id space '{to}', expected one of {GENE_ID_SPACES}")
+    X = sp.csr_matrix(X)
+    names = np.asarray(names, dtype=object).reshape(-1)
+    if X.shape[1] != len(names):
+        raise InputError(f"{X.shape[1]} count columns for {len(names)} gene names")
+    idmap = idmap or GeneIdMap.bundled()
+    target = idmap.to_ensembl(names) if to == "ensembl" else idmap.to_symbol(names)
+    mapped = np.flatnonzero(pd.notna(target))
+    codes, names2 = pd.factorize(pd.Series(target[mapped], dtype=object))
+    # (G, G2) aggregation matrix: A[j, k] = 1 when input column j maps to output column k
+    agg = sp.csr_matrix(
+        (np.ones(len(mapped), dtype=X.dtype), (mapped, codes)), shape=(len(names), len(names2))
+    )
+    X2 = (X @ agg).tocsr()  # (N, G2)
+    report = {
+        "n_in": len(names),
+        "n_out": len(names2),
+        "n_unmapped": len(names) - len(mapped),
+        "n_merged": len(mapped) - len(names2),
+    }
+    return X2, np.asarray(names2, dtype=object), report

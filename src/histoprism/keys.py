@@ -30,6 +30,7 @@ H5_FEATURES_ALT = ("embeddings",)  # HEST-bench name
 H5_COORDS = "coords"  # (N, 2) spot centres (ours) or patch top-left (TRIDENT), level-0 px
 H5_BARCODES = "barcodes"  # (N,) bytes or str
 H5_BARCODES_ALT = ("barcode",)
+TORCH_EMBEDDINGS_SUFFIX = "_embeddings.pt"  # HistoPrism repository: {id}_embeddings.pt
 
 # --- AnnData slots ----------------------------------------------------------------------------
 OBSM_SPATIAL = "spatial"  # (N, 2) spot centres, level-0 pixels (x, y)

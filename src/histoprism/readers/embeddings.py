@@ -1,5 +1,6 @@
 """Embedding files: ours / HEST-bench (``features``|``embeddings``, ``coords``, ``barcodes``) and
-TRIDENT/CLAM (``features``, ``coords`` = patch top-left corner, attr ``patch_size_level0``)."""
+TRIDENT/CLAM (``features``, ``coords`` = patch top-left corner, attr ``patch_size_level0``), and
+HistoPrism repository ``{id}_embeddings.pt`` (barcode -> 1-D tensor; no coordinates)."""
 
 from __future__ import annotations
 
@@ -39,12 +40,15 @@ def _first(h5: h5py.File, names: tuple[str, ...]) -> str | None:
 
 
 def read_embeddings(path: str | Path) -> EmbeddingFile:
-    """Read one embedding h5 and validate it (finite, 2-D, one coordinate pair per row).
+    """Read one embedding file and validate it (finite, 2-D, one coordinate pair per row).
 
-    TRIDENT files store the patch's top-left corner; with ``patch_size_level0`` known, it is shifted
-    by half a patch to the centre so every reader returns spot centres.
+    A ``.pt`` file goes to ``read_torch_embeddings``; anything else is read as HDF5. TRIDENT files
+    store the patch's top-left corner; with ``patch_size_level0`` known, it is shifted by half a
+    patch to the centre so every reader returns spot centres.
     """
     path = Path(path)
+    if path.suffix == ".pt":
+        return read_torch_embeddings(path)
     if not path.exists():
         raise InputError("embedding file not found", path)
     try:
@@ -72,6 +76,62 @@ def read_embeddings(path: str | Path) -> EmbeddingFile:
     elif barcodes is None and patch0 is not None:
         coords = coords + float(patch0) / 2.0
     return EmbeddingFile(features=features, coords=coords[:, :2], barcodes=barcodes, path=path)
+
+
+def read_torch_embeddings(path: str | Path) -> EmbeddingFile:
+    """Read a HistoPrism repository ``{id}_embeddings.pt`` file.
+
+    The file holds either ``{barcode: (D,) tensor}`` or ``{"embeddings": (N, D) tensor or list of
+    (D,) tensors, "barcodes": (N,) list of str}``. It is loaded with ``weights_only=True`` only, so
+    a file that needs arbitrary unpickling is refused, never executed.
+
+    Returns an ``EmbeddingFile`` with features (N, D) float32, barcodes (N,) str and coords (N, 2)
+    all NaN: these files carry no positions, so spots are matched by barcode.
+    """
+    import torch  # deferred: reading h5 files must not pay for importing torch
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError("embedding file not found", path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError ... on bad files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot load as a weights-only torch file ({first})", path) from exc
+    barcodes, rows = _torch_rows(obj, path)
+    dims = {tuple(r.shape) for r in rows}
+    if len(dims) != 1 or len(next(iter(dims))) != 1:
+        raise InputError(
+            f"embeddings must be 1-D tensors of one size, got shapes {sorted(dims)}", path
+        )
+    features = torch.stack([r.detach().float() for r in rows]).numpy()  # (N, D)
+    _check(features, None, barcodes, path)
+    coords = np.full((features.shape[0], 2), np.nan)
+    return EmbeddingFile(features=features, coords=coords, barcodes=barcodes, path=path)
+
+
+def _torch_rows(obj, path: Path) -> tuple[np.ndarray, list]:
+    """(N,) barcodes and N 1-D tensors from a loaded ``.pt`` object, or InputError."""
+    import torch
+
+    if not isinstance(obj, dict) or not obj:
+        raise InputError(f"expected a non-empty dict, got {type(obj).__name__}", path)
+    if "barcodes" in obj:
+        emb = obj.get("embeddings", obj.get(keys.H5_FEATURES))
+        if isinstance(emb, torch.Tensor) and emb.ndim == 2:
+            rows = list(emb.unbind(0))
+        elif isinstance(emb, list | tuple):
+            rows = list(emb)
+        else:
+            raise InputError("'barcodes' given without an (N, D) 'embeddings' tensor", path)
+        barcodes = list(obj["barcodes"])
+    else:
+        barcodes, rows = list(obj.keys()), list(obj.values())
+    if not all(isinstance(r, torch.Tensor) for r in rows):
+        raise InputError("embeddings must be tensors", path)
+    if not all(isinstance(b, str | bytes) for b in barcodes) or len(barcodes) != len(rows):
+        raise InputError(f"{len(barcodes)} str barcodes expected for {len(rows)} embeddings", path)
+    return _decode(np.array(barcodes, dtype=object)), rows
 
 
 def _check(features, coords, barcodes, path: Path) -> None:
