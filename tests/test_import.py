@@ -4,7 +4,6 @@ and a metadata row, loadable by ``Cohort.slide``."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -24,7 +23,6 @@ from histoprism.errors import InputError
 from histoprism.importer import import_sample
 from histoprism.readers import read_spaceranger, read_st, read_visium_hd
 
-HAS_PYARROW = importlib.util.find_spec("pyarrow") is not None
 ENCODER = "uni"
 
 # features (rows of the 10x matrix): GENEB twice (two Ensembl ids), one antibody to drop
@@ -112,7 +110,7 @@ def make_outs(root: Path, variant: str = "csv") -> Path:
 
 def make_hd_outs(root: Path, bin_um: int = 8) -> Path:
     bins = root / "binned_outputs" / f"square_{bin_um:03d}um"
-    make_outs(bins, "parquet" if HAS_PYARROW else "csv")
+    make_outs(bins, "parquet")
     return root
 
 
@@ -139,25 +137,13 @@ def check_hest(adata: ad.AnnData) -> None:
 VARIANTS = [
     "csv",
     "list",
-    pytest.param(
-        "parquet", marks=pytest.mark.skipif(not HAS_PYARROW, reason="pyarrow not installed")
-    ),
+    "parquet",
 ]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_read_spaceranger_position_variants(tmp_path, variant):
     check_hest(read_spaceranger(make_outs(tmp_path / "outs", variant)))
-
-
-@pytest.mark.skipif(HAS_PYARROW, reason="pyarrow installed")
-def test_parquet_without_pyarrow_says_so(tmp_path):
-    outs = tmp_path / "outs"
-    write_matrix_h5(outs / "filtered_feature_bc_matrix.h5")
-    (outs / "spatial").mkdir()
-    (outs / "spatial" / "tissue_positions.parquet").write_bytes(b"PAR1")
-    with pytest.raises(InputError, match="pyarrow"):
-        read_spaceranger(outs)
 
 
 def test_read_visium_hd(tmp_path):

@@ -21,7 +21,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
-_state = {"debug": False}
 
 Data = Annotated[Path, typer.Option("--data", help="Cohort directory (DESIGN.md layout).")]
 Encoder = Annotated[str, typer.Option("--encoder", help="Embedding folder name under embeddings/.")]
@@ -32,27 +31,28 @@ Split = Annotated[
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
 ) -> None:
-    _state["debug"] = debug
+    ctx.obj = {"debug": debug}  # read back by _run: no module-level state
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO if debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
 
 
-def _run(fn, *args, **kwargs):
+def _run(ctx: typer.Context, fn, *args, **kwargs):
     """Call the API; bad input becomes one line on stderr and exit code 2 (traceback with --debug)."""
     try:
         return fn(*args, **kwargs)
     except (InputError, FileNotFoundError, PermissionError) as exc:
-        if _state["debug"]:
+        if (ctx.obj or {}).get("debug"):
             raise
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except Exception as exc:  # a bug or an unforeseen input: still one line, details with --debug
-        if _state["debug"]:
+        if (ctx.obj or {}).get("debug"):
             raise
         err.print(
             f"[red]error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
@@ -67,6 +67,7 @@ def _run(fn, *args, **kwargs):
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Data,
     encoder: Encoder,
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
@@ -97,6 +98,7 @@ def train(
 
     t0 = time.perf_counter()
     run = _run(
+        ctx,
         api.train,
         data,
         encoder,
@@ -128,6 +130,7 @@ def train(
 
 @app.command()
 def predict(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Option("--model", help="Run directory written by train.")],
     data: Data,
     encoder: Encoder,
@@ -150,6 +153,7 @@ def predict(
 
     t0 = time.perf_counter()
     paths = _run(
+        ctx,
         api.predict,
         model,
         data,
@@ -165,6 +169,7 @@ def predict(
 
 @app.command()
 def evaluate(
+    ctx: typer.Context,
     pred: Annotated[Path, typer.Option("--pred", help="Folder of PRED/{id}.h5ad.")],
     data: Data,
     out: Annotated[Path, typer.Option("--out", help="Folder for metrics.json, CSVs, report.html.")],
@@ -184,9 +189,9 @@ def evaluate(
     from . import evaluate as api
     from .cohort import Cohort
 
-    cohort = _run(Cohort, data, split_dir=split)
+    cohort = _run(ctx, Cohort, data, split_dir=split)
     ids = [s.strip() for s in samples.split(",")] if samples else None
-    m = _run(api.evaluate, pred, cohort, out, hvg=hvg, genesets=genesets, samples=ids)
+    m = _run(ctx, api.evaluate, pred, cohort, out, hvg=hvg, genesets=genesets, samples=ids)
     h = m["headline"]
     typer.echo(
         f"{m['n_slides']} slides: HVG-50 {h['hvg_micro']:.3f} (macro {h['hvg_macro']:.3f}), "
@@ -197,6 +202,7 @@ def evaluate(
 
 @app.command()
 def benchmark(
+    ctx: typer.Context,
     data: Data,
     encoder: Encoder,
     out: Annotated[
@@ -230,10 +236,11 @@ def benchmark(
     names = [m.strip() for m in models.split(",")] if models else None
     if protocol == "paper":
         paths = _run(
-            api.benchmark_paper, data, encoder, out, models=names, epochs=epochs, seed=seed
+            ctx, api.benchmark_paper, data, encoder, out, models=names, epochs=epochs, seed=seed
         )
     elif protocol == "split":
         paths = _run(
+            ctx,
             api.benchmark,
             data,
             encoder,
@@ -245,12 +252,13 @@ def benchmark(
             seed=seed,
         )
     else:
-        _run(_bad, f"unknown --protocol '{protocol}' (split | paper)")
+        _run(ctx, _bad, f"unknown --protocol '{protocol}' (split | paper)")
     typer.echo(f"benchmark finished in {time.perf_counter() - t0:.0f}s -> {paths['md']}")
 
 
 @app.command()
 def report(
+    ctx: typer.Context,
     path: Annotated[
         Path,
         typer.Argument(
@@ -261,11 +269,12 @@ def report(
     """Regenerate report.html of an evaluation or a benchmark folder."""
     from .report import regenerate
 
-    typer.echo(f"wrote {_run(regenerate, path)}")
+    typer.echo(f"wrote {_run(ctx, regenerate, path)}")
 
 
 @app.command("import")
 def import_sample(
+    ctx: typer.Context,
     fmt: Annotated[
         str, typer.Option("--format", help="hest (a HEST h5ad) | spaceranger | visium-hd (outs/).")
     ],
@@ -288,6 +297,7 @@ def import_sample(
 
     t0 = time.perf_counter()
     path = _run(
+        ctx,
         api.import_sample,
         fmt,
         src,
@@ -299,7 +309,7 @@ def import_sample(
     )
     from .readers.st import read_h5ad
 
-    adata = _run(read_h5ad, path, backed="r")
+    adata = _run(ctx, read_h5ad, path, backed="r")
     n_obs, n_vars = adata.n_obs, adata.n_vars
     adata.file.close()
     typer.echo(
@@ -313,6 +323,7 @@ def _bad(message: str) -> None:
 
 @app.command()
 def demo(
+    ctx: typer.Context,
     out: Annotated[
         Path, typer.Option("--out", help="Folder for the cohort, runs, predictions and table.")
     ] = Path("demo_out"),
@@ -325,7 +336,7 @@ def demo(
     from .demo import run_demo
 
     t0 = time.perf_counter()
-    table = _run(run_demo, out, epochs=epochs)
+    table = _run(ctx, run_demo, out, epochs=epochs)
     _print_table(table, title="histoprism demo: test slides of the built-in cohort (Pearson r)")
     typer.echo(
         f"demo finished in {time.perf_counter() - t0:.0f}s; results in {out}/results.md, reports in {out}/eval/*/report.html"
