@@ -238,8 +238,13 @@ def _spot_names(n: int) -> np.ndarray:
     return np.array([f"spot{i}" for i in range(n)], dtype=object)
 
 
+def metadata_path(root: Path) -> Path | None:
+    """The cohort's metadata table: the first of metadata.csv / HEST_v1_1_0.csv that exists."""
+    return next((root / n for n in keys.METADATA_FILES if (root / n).exists()), None)
+
+
 def _read_metadata(root: Path) -> pd.DataFrame:
-    path = next((root / n for n in keys.METADATA_FILES if (root / n).exists()), None)
+    path = metadata_path(root)
     if path is None:
         raise InputError(f"no {' or '.join(keys.METADATA_FILES)} in cohort", root)
     md = pd.read_csv(path, dtype={keys.META_ID: str, keys.META_CANCER: str}, encoding="utf-8-sig")

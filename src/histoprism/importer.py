@@ -13,6 +13,7 @@ import anndata as ad
 import pandas as pd
 
 from . import keys
+from .cohort import metadata_path
 from .errors import InputError
 from .io import atomic_path
 from .readers.spaceranger import read_spaceranger, read_visium_hd
@@ -70,10 +71,7 @@ def _update_metadata(
     oncotree_code: str | None,
     image: str | Path | None,
 ) -> Path:
-    path = next(
-        (data / n for n in keys.METADATA_FILES if (data / n).exists()),
-        data / keys.METADATA_FILES[0],
-    )
+    path = metadata_path(data) or data / keys.METADATA_FILES[0]
     if path.exists():
         try:
             md = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
