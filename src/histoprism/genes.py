@@ -287,6 +287,22 @@ def _bundled_idmap() -> GeneIdMap:
     return GeneIdMap.from_table(table, source="bundled NCBI human genes 2022")
 
 
+def sum_columns_by_label(X: sp.spmatrix, labels) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+    """Sum the count columns that share a label.
+
+    X (N, G) sparse raw counts, labels (G,) -> (N, K) CSR sums, the K distinct labels in order of
+    first appearance, and (G,) the output column of each input column.
+    """
+    codes, uniq = pd.factorize(pd.Series(np.asarray(labels, dtype=object).reshape(-1)))
+    agg = sp.csr_matrix(  # (G, K): A[j, k] = 1 when column j carries label k
+        (np.ones(len(codes), dtype=X.dtype), (np.arange(len(codes)), codes)),
+        shape=(len(codes), len(uniq)),
+    )
+    summed = (X @ agg).tocsr()
+    summed.sort_indices()
+    return summed, np.asarray(uniq, dtype=object), codes
+
+
 def harmonise_counts(
     X: sp.spmatrix, names, *, to: str, idmap: GeneIdMap | None = None
 ) -> tuple[sp.csr_matrix, np.ndarray, dict[str, int]]:
@@ -315,12 +331,7 @@ def harmonise_counts(
     idmap = idmap or GeneIdMap.bundled()
     target = idmap.to_ensembl(names) if to == "ensembl" else idmap.to_symbol(names)
     mapped = np.flatnonzero(pd.notna(target))
-    codes, names2 = pd.factorize(pd.Series(target[mapped], dtype=object))
-    # (G, G2) aggregation matrix: A[j, k] = 1 when input column j maps to output column k
-    agg = sp.csr_matrix(
-        (np.ones(len(mapped), dtype=X.dtype), (mapped, codes)), shape=(len(names), len(names2))
-    )
-    X2 = (X @ agg).tocsr()  # (N, G2)
+    X2, names2, _ = sum_columns_by_label(X[:, mapped], target[mapped])  # (N, G2)
     report = {
         "n_in": len(names),
         "n_out": len(names2),

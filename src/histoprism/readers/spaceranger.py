@@ -20,6 +20,7 @@ import scipy.sparse as sp
 
 from .. import keys
 from ..errors import InputError
+from ..genes import sum_columns_by_label
 
 MATRIX_H5 = "filtered_feature_bc_matrix.h5"
 SPATIAL_DIR = "spatial"
@@ -199,22 +200,10 @@ def _merge_symbols(
 ) -> tuple[sp.csr_matrix, pd.DataFrame]:
     """Sum raw counts of features sharing a symbol into one column; ids kept ';'-joined."""
     symbols = np.array([s if s else i for s, i in zip(symbols, ids, strict=True)], dtype=object)
-    uniq, first, inverse = np.unique(symbols, return_index=True, return_inverse=True)
-    order = np.argsort(first)  # keep the file's gene order
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    col = rank[inverse]
+    merged, uniq, col = sum_columns_by_label(counts.astype(np.float32), symbols)
     n_genes = len(uniq)
-    agg = sp.csr_matrix(
-        (np.ones(len(symbols), dtype=np.float32), (np.arange(len(symbols)), col)),
-        shape=(len(symbols), n_genes),
-    )
-    merged = (counts @ agg).tocsr().astype(np.float32)
-    merged.sort_indices()
     gene_ids = [""] * n_genes
     for j, gid in zip(col, ids, strict=True):
         gene_ids[j] = f"{gene_ids[j]};{gid}" if gene_ids[j] else gid
-    var = pd.DataFrame(
-        {keys.VAR_GENE_IDS: gene_ids}, index=pd.Index(uniq[order].astype(str), name=None)
-    )
+    var = pd.DataFrame({keys.VAR_GENE_IDS: gene_ids}, index=pd.Index(uniq.astype(str), name=None))
     return merged, var
