@@ -12,8 +12,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
-	$(PIP_INSTALL) torch==2.13.0
-	$(PIP_INSTALL) -e ".[test]"
+	$(PIP_INSTALL) torch==2.14.1 torchvision==0.29.1
+	$(PIP_INSTALL) -e ".[test,wsi,encoders]"
 	touch $(STAMP)
 
 demo: install

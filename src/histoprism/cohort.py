@@ -14,6 +14,7 @@ from scipy.spatial import cKDTree
 from . import keys
 from .errors import InputError
 from .readers import EmbeddingFile, read_embeddings, read_st
+from .readers.hest import hest_pixel_size, read_hest_metadata
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,26 @@ class Cohort:
         h5, pt = folder / f"{sample_id}.h5", folder / f"{sample_id}{keys.TORCH_EMBEDDINGS_SUFFIX}"
         return pt if pt.exists() and not h5.exists() else h5
 
+    def patches_path(self, sample_id: str) -> Path:
+        """HEST ``patches/{id}.h5`` (may not exist)."""
+        return self.root / keys.PATCHES_DIR / f"{sample_id}.h5"
+
+    def wsi_path(self, sample_id: str) -> Path | None:
+        """The slide's image: the metadata's ``wsi_path`` (set by ``import --image``), else
+        ``wsis/{id}.*`` with a known image suffix; None when there is none."""
+        if keys.META_WSI in self.metadata.columns and sample_id in self.metadata.index:
+            given = str(self.metadata.at[sample_id, keys.META_WSI]).strip()
+            if given and given.lower() != "nan":
+                path = Path(given) if Path(given).is_absolute() else self.root / given
+                if not path.exists():
+                    raise InputError(f"image of sample '{sample_id}' not found", path)
+                return path
+        for suffix in keys.WSI_SUFFIXES:
+            path = self.root / keys.WSI_DIR / f"{sample_id}{suffix}"
+            if path.exists():
+                return path
+        return None
+
     def available_ids(self) -> list[str]:
         """Metadata ids that have a counts file or an embedding file."""
         have = {p.stem for p in (self.root / keys.ST_DIR).glob("*.h5ad")}
@@ -165,12 +186,15 @@ class Cohort:
         return str(self.metadata.at[sample_id, keys.META_CANCER])
 
     def pixel_size_um(self, sample_id: str) -> float | None:
+        """µm per level-0 pixel: the metadata table's ``pixel_size_um_embedded`` (else
+        ``_estimated``), else HEST's ``metadata/{id}.json``; None when neither says."""
         for col in keys.META_PIXEL_SIZE:
-            if col in self.metadata.columns:
+            if col in self.metadata.columns and sample_id in self.metadata.index:
                 v = pd.to_numeric(self.metadata.at[sample_id, col], errors="coerce")
                 if np.isfinite(v) and v > 0:
                     return float(v)
-        return None
+        sidecar = self.root / keys.HEST_METADATA_DIR / f"{sample_id}.json"
+        return hest_pixel_size(read_hest_metadata(sidecar)) if sidecar.exists() else None
 
     # --- slides ------------------------------------------------------------------------------
     def slide(self, sample_id: str, encoder: str, *, counts: bool = True) -> Slide:

@@ -23,7 +23,6 @@ FORMATS = ("hest", "spaceranger", "visium-hd")
 TECHNOLOGY = {"spaceranger": "Visium", "visium-hd": "Visium HD"}
 META_SPOTS = "spots_under_tissue"
 META_GENES = "nb_genes"
-META_WSI = "wsi_path"
 
 
 def import_sample(
@@ -96,7 +95,7 @@ def _update_metadata(
     if fmt in TECHNOLOGY:
         values[keys.META_TECH] = TECHNOLOGY[fmt]
     if image is not None:
-        values[META_WSI] = str(Path(image).resolve())
+        values[keys.META_WSI] = str(Path(image).resolve())
     for col, v in values.items():
         if col not in md.columns:
             md[col] = ""

@@ -8,7 +8,20 @@ METADATA_FILES = ("metadata.csv", "HEST_v1_1_0.csv")
 ST_DIR = "st"  # st/{id}.h5ad: raw counts
 EMBEDDINGS_DIR = "embeddings"  # embeddings/{encoder}/{id}.h5
 PATCHES_DIR = "patches"  # patches/{id}.h5 (HEST)
-WSI_DIR = "wsis"
+WSI_DIR = "wsis"  # wsis/{id}.{tif,svs,...}
+WSI_SUFFIXES = (
+    ".tif",
+    ".tiff",
+    ".svs",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".bif",
+    ".vms",
+    ".png",
+    ".jpg",
+    ".jpeg",
+)
 SPLITS_DIR = "splits"  # splits/{train,val,test}_split.csv
 CEILING_DIR = "ceiling"  # synthetic cohorts only: ceiling/{id}.h5ad, attainable expectation
 SPLIT_NAMES = ("train", "val", "test")
@@ -21,6 +34,7 @@ META_PATIENT = "patient"
 META_ORGAN = "organ"
 META_TECH = "st_technology"
 META_PIXEL_SIZE = ("pixel_size_um_embedded", "pixel_size_um_estimated")
+META_WSI = "wsi_path"  # image of the slide, written by `histoprism import --image`
 SPLIT_ID = "sample_id"
 UNKNOWN_CANCER = "Unknown"
 
@@ -31,6 +45,16 @@ H5_COORDS = "coords"  # (N, 2) spot centres (ours) or patch top-left (TRIDENT), 
 H5_BARCODES = "barcodes"  # (N,) bytes or str
 H5_BARCODES_ALT = ("barcode",)
 TORCH_EMBEDDINGS_SUFFIX = "_embeddings.pt"  # HistoPrism repository: {id}_embeddings.pt
+H5_ATTR_ENCODER = "encoder"  # attrs of embeddings written by `histoprism extract`
+H5_ATTR_MPP = "target_mpp"
+H5_ATTR_PATCH_PX = "patch_size"
+
+# --- HEST patches/{id}.h5 and metadata/{id}.json --------------------------------------------------
+HEST_METADATA_DIR = "metadata"  # metadata/{id}.json (may hold bare NaN)
+PATCH_IMG = "img"  # (N, H, W, 3) uint8
+PATCH_COORDS = "coords"  # (N, 2) int64 top-left corner, level-0 px
+PATCH_BARCODE = "barcode"  # (N, 1) bytes
+PATCH_ATTR_PIXEL_SIZE = "pixel_size"  # µm per pixel of img
 
 # --- AnnData slots ----------------------------------------------------------------------------
 OBSM_SPATIAL = "spatial"  # (N, 2) spot centres, level-0 pixels (x, y)
