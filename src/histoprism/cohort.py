@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,13 @@ from scipy.spatial import cKDTree
 
 from . import keys
 from .errors import InputError
+from .genes import (
+    GeneIdMap,
+    harmonise_counts,
+    looks_like_ensembl,
+    strip_version,
+    sum_columns_by_label,
+)
 from .readers import EmbeddingFile, read_embeddings, read_st
 from .readers.hest import hest_pixel_size, read_hest_metadata
 
@@ -37,6 +44,7 @@ class Slide:
     genes: np.ndarray | None = None
     counts: sp.csr_matrix | None = None
     meta: dict = field(default_factory=dict)
+    gene_ids: np.ndarray | None = None  # (G_s,) the counts file's var['gene_ids'] (Ensembl), if any
 
     @property
     def n_spots(self) -> int:
@@ -46,6 +54,31 @@ class Slide:
     def coords_um(self) -> np.ndarray:
         """(N, 2) spot centres in µm (pixels if the pixel size is unknown)."""
         return self.coords * (self.pixel_size_um or 1.0)
+
+    def in_gene_space(self, space: str, idmap: GeneIdMap | None = None) -> Slide:
+        """This slide with its counts named by ``space`` ids ('ensembl' or 'symbol').
+
+        Symbols become Ensembl ids through the file's own ``var['gene_ids']`` when it has them
+        (exact, from Space Ranger), else through the offline map; raw counts of columns that land on
+        one id are summed before any log1p. A slide already in ``space`` is returned as is.
+        """
+        if self.counts is None or looks_like_ensembl(self.genes) == (space == "ensembl"):
+            return self
+        if space == "ensembl" and self.gene_ids is not None:
+            ids = np.array([strip_version(str(g)) for g in self.gene_ids], dtype=object)
+            ok = np.flatnonzero(np.char.startswith(ids.astype(str), "ENS"))
+            X, names, _ = sum_columns_by_label(self.counts[:, ok], ids[ok])
+        else:
+            X, names, report = harmonise_counts(self.counts, self.genes, to=space, idmap=idmap)
+            if report["n_unmapped"]:
+                log.info(
+                    "%s: %d of %d genes have no %s id",
+                    self.id,
+                    report["n_unmapped"],
+                    report["n_in"],
+                    space,
+                )
+        return replace(self, genes=names.astype(str), counts=X, gene_ids=None)
 
     def log1p_counts(self) -> np.ndarray:
         """(N, G_s) float32 dense log1p(raw counts): the regression target."""
@@ -231,6 +264,11 @@ class Cohort:
             coords=xy[al.st_rows],
             genes=adata.var_names.to_numpy().astype(str),
             counts=adata.X[al.st_rows],
+            gene_ids=(
+                adata.var[keys.VAR_GENE_IDS].to_numpy().astype(str)
+                if keys.VAR_GENE_IDS in adata.var
+                else None
+            ),
             **common,
         )
 
