@@ -17,6 +17,8 @@ def test_demo_table_has_every_model_and_the_ceiling(tmp_path):
     assert hvg.notna().all() and (hvg.between(-1, 1)).all()
     # the ceiling is the expectation given what the images show: no trained model should beat it
     assert hvg.iloc[-1] > hvg.iloc[:-1].max()
+    mse = table["MSE"].astype(float)  # ... nor make a smaller error
+    assert mse.notna().all() and mse.iloc[-1] < mse.iloc[:-1].min()
     on_disk = pd.read_csv(tmp_path / "results.csv", index_col=0)
     assert list(on_disk.index) == list(table.index)
     md = (tmp_path / "results.md").read_text()
