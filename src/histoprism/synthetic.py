@@ -23,6 +23,10 @@ Generative model, per slide (all randomness from ``SyntheticConfig.seed``):
    E[log1p(counts) | visible] is a per-gene 1-D integral: Gauss-Hermite over the hidden part
    (``ceiling_draws`` nodes) and an exact sum over the negative-binomial pmf. This is what a
    Monte-Carlo average over fresh hidden draws converges to, without its noise.
+6. Images (``SyntheticConfig.images``). H&E-like renderings of the visible state only
+   (composition, nuclear density, texture, a thickness nuisance; ``synthetic_images``), as a
+   pyramidal TIFF and HEST patches, from a random stream of their own: every other file is the
+   same with or without them.
 """
 
 from __future__ import annotations
@@ -138,7 +142,10 @@ NICHE_SIGMA_UM = 150.0  # smoothing of niche fields
 TISSUE_SIGMA_UM = 500.0  # smoothing of the tissue outline field
 HIDDEN_SIGMA_UM = 200.0  # smoothing of hidden programme fields
 NEIGHBOURHOOD_UM = 300.0  # radius of the neighbourhood features
+IMAGE_STREAM = 0x494D47  # "IMG": images draw from SeedSequence([seed, IMAGE_STREAM]), no other
 NICHE_SHARPNESS = 2.2  # softmax gain: higher gives purer spots
+# nuclear density of each pure niche: cellular niches are dense, fat and necrosis are not
+NUCLEAR_BY_NICHE = np.array([1.2, -0.4, 1.5, 0.4, -1.0, -1.5])
 
 # --- counts ---
 # depth scale: the observed median library is ~2x this (programme variation adds mass), so
@@ -181,6 +188,7 @@ class SyntheticConfig:
     encoder: str = "synthetic"  # folder name under embeddings/
     ceiling_draws: int = 16  # Gauss-Hermite nodes over the hidden part for the ceiling
     seed: int = 0  # seed of everything
+    images: bool = False  # also write H&E-like wsis/{id}.tif and HEST patches/{id}.h5
 
 
 def tiny(seed: int = 0) -> SyntheticConfig:
@@ -556,7 +564,7 @@ def _tissue(
     comp = _composition(rng, shape, spots, cancer)
     covariates = _smooth_fields(rng, 4, shape, NICHE_SIGMA_UM).reshape(4, -1)[:, spots].T
     # nuclear density: cellular niches are dense, fat and necrosis are not; plus local variation
-    nuclear = comp @ np.array([1.2, -0.4, 1.5, 0.4, -1.0, -1.5]) + 0.5 * covariates[:, 0]
+    nuclear = comp @ NUCLEAR_BY_NICHE + 0.5 * covariates[:, 0]
     texture = covariates[:, 1]  # e.g. collagen fibre alignment, visible and expression-relevant
     nbhd = _neighbour_mean(pos["xy"], comp, NEIGHBOURHOOD_UM / UM_PER_PX)  # (N, 6)
     tumour = comp[:, 0]
@@ -570,6 +578,7 @@ def _tissue(
     tell[:, cancer] = CANCER_TELL
     # the look: one spot's worth of tissue (no neighbourhood); two nuisance visible fields
     look = np.column_stack([(comp - 1 / 6) / 0.3, nuclear, texture, covariates[:, 2:], tell])
+    # (the image renderer reads nuclear, texture and the first nuisance back: see _spot_look)
     return _Tissue(spots, pos["array_row"], pos["array_col"], pos["xy"], comp, drivers, look)
 
 
@@ -797,7 +806,39 @@ def _simulate_slide(
         "features": _embed(world, rng, tissue, cfg.embed_dim),
         "xy": tissue.xy,
         "barcodes": barcodes,
+        "tissue": tissue,
     }
+
+
+def _frame_px(shape: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of the level-0 image of the hex frame: the spots plus FRAME_ORIGIN_PX."""
+    x_max = FRAME_ORIGIN_PX + (2 * shape[1] - 1) * (PITCH_UM / 2) / UM_PER_PX
+    y_max = FRAME_ORIGIN_PX + (shape[0] - 1) * ROW_PITCH_UM / UM_PER_PX
+    return int(np.ceil(x_max + FRAME_ORIGIN_PX)), int(np.ceil(y_max + FRAME_ORIGIN_PX))
+
+
+def _write_images(
+    out: Path, sid: str, sim: dict, frame: tuple[int, int], seq: np.random.SeedSequence
+) -> dict[str, float]:
+    """``wsis/{sid}.tif`` and ``patches/{sid}.h5`` of one slide, from what its spots show."""
+    from histoprism import synthetic_images  # needs tifffile (the `wsi` extra)
+
+    tissue, n = sim["tissue"], len(NICHES)
+    look = synthetic_images.SpotLook(
+        xy=tissue.xy,
+        composition=tissue.composition,
+        nuclear=tissue.look[:, n],
+        texture=tissue.look[:, n + 1],
+        thickness=tissue.look[:, n + 2],  # the first visible nuisance field
+    )
+    return synthetic_images.write_slide_images(
+        look,
+        sim["barcodes"],
+        wsi_path=out / keys.WSI_DIR / f"{sid}.tif",
+        patches_path=out / keys.PATCHES_DIR / f"{sid}.h5",
+        frame=frame,
+        seed=seq,
+    )
 
 
 def _validate(cfg: SyntheticConfig) -> None:
@@ -826,6 +867,14 @@ def _readme(cfg: SyntheticConfig) -> str:
         "like, with per-slide stain shifts and per-spot noise, in a shuffled spot order. "
         "ceiling/ holds E[log1p(counts) | what the tissue shows], the attainable prediction, "
         "with the true niche composition in obsm['niche_composition']. Same seed, same files.\n"
+        + (
+            "wsis/ hold H&E-like pyramidal TIFFs (0.5 um/px, the pixels of obsm['spatial']) and "
+            "patches/ HEST patch files (224 px centred on the spots) rendered from what each spot "
+            "shows: niche composition, nuclear density, stromal texture and a thickness nuisance, "
+            "with a per-slide stain; never the hidden fields.\n"
+            if cfg.images
+            else ""
+        )
     )
 
 
@@ -842,7 +891,11 @@ def make_cohort(out: str | Path, *, config: SyntheticConfig = SyntheticConfig())
     The cohort directory, holding ``metadata.csv``, ``st/{id}.h5ad`` (raw counts, float32 CSR),
     ``embeddings/{encoder}/{id}.h5`` (features (N, D) float32, coords (N, 2) float32 px,
     barcodes (N,) bytes), ``splits/{train,val,test}_split.csv``, ``ceiling/{id}.h5ad``
-    (E[log1p counts | visible], dense float32) and ``README.txt``.
+    (E[log1p counts | visible], dense float32) and ``README.txt``; with ``config.images`` also
+    ``wsis/{id}.tif`` (H&E-like pyramidal TIFF of the whole frame, 0.5 µm/px, the pixels of
+    ``obsm['spatial']``) and ``patches/{id}.h5`` (HEST: img (N, 224, 224, 3) uint8 centred on the
+    spots, coords (N, 2) int64 top-left corners, barcode (N, 1) bytes). Images draw their own
+    random stream, so every other file is identical with and without them.
     """
     cfg, out, start = config, Path(out), time.perf_counter()
     _validate(cfg)
@@ -852,8 +905,9 @@ def make_cohort(out: str | Path, *, config: SyntheticConfig = SyntheticConfig())
     shape = _frame_shape(cfg)
     whitelist = _barcode_whitelist(shape[0] * shape[1], world_rng)
     table = _slide_table(cfg, table_rng)
-    n_genes = []
-    for slide, seq in zip(table.to_dict("records"), slide_seqs, strict=True):
+    image_seqs = np.random.SeedSequence([cfg.seed, IMAGE_STREAM]).spawn(cfg.n_slides)
+    n_genes, image_s = [], np.zeros(2)
+    for i, (slide, seq) in enumerate(zip(table.to_dict("records"), slide_seqs, strict=True)):
         rng = np.random.default_rng(seq)
         sim = _simulate_slide(world, cfg, slide, shape, whitelist, rng)
         for folder, adata in ((keys.ST_DIR, sim["st"]), (keys.CEILING_DIR, sim["ceiling"])):
@@ -862,6 +916,11 @@ def make_cohort(out: str | Path, *, config: SyntheticConfig = SyntheticConfig())
         h5 = out / keys.EMBEDDINGS_DIR / cfg.encoder / f"{slide['id']}.h5"
         _write_embedding(h5, sim["features"], sim["xy"], sim["barcodes"], rng, cfg.encoder)
         n_genes.append(sim["st"].n_vars)
+        if cfg.images:
+            seconds = _write_images(out, slide["id"], sim, _frame_px(shape), image_seqs[i])
+            image_s += (seconds["render_s"], seconds["write_s"])
+    if cfg.images:
+        log.info("synthetic images: %.1f s rendering, %.1f s writing", *image_s)
     _write_splits(out, table)
     with atomic_path(out / keys.METADATA_FILES[0]) as tmp:
         _metadata(table, n_genes, table_rng).to_csv(tmp, index=False)
