@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pandas as pd
 
 from histoprism.compare import pipe_table
-from histoprism.demo import DEMO_MODELS, run_demo
+from histoprism.demo import DEMO_MODELS, IMAGE_ENCODER, IMAGE_MODELS, run_demo
 from histoprism.synthetic import tiny
 
 
@@ -34,3 +36,18 @@ def test_pipe_table_formats_floats_and_text():
     lines = pipe_table(t).splitlines()
     assert lines[0] == "| model | a | b |"
     assert lines[2] == "| x | 0.123 | 7 |" and lines[3] == "| y | — | — |"
+
+
+def test_demo_from_images_embeds_the_rendered_slides(tmp_path):
+    cfg = replace(tiny(), n_slides=6)
+    table = run_demo(tmp_path, cohort=cfg, epochs=2, progress=False, from_images=True)
+    assert list(table.index) == [m.name for m in IMAGE_MODELS] + [
+        "training mean (constant per gene)",
+        table.index[-1],
+    ]
+    emb = sorted((tmp_path / "cohort" / "embeddings" / IMAGE_ENCODER).glob("*.h5"))
+    assert len(emb) == 6 and not (tmp_path / "cohort" / "patches").exists()
+    assert len(list((tmp_path / "cohort" / "wsis").glob("*.tif"))) == 6
+    mse = table["MSE"].astype(float)
+    assert mse.iloc[-1] < mse.iloc[-2]  # the ceiling beats the constant predictor
+    assert table.loc["HistoPrism", "HVG-50 micro"] > 0  # the encoder carries signal

@@ -272,6 +272,57 @@ def report(
     typer.echo(f"wrote {_run(ctx, regenerate, path)}")
 
 
+@app.command()
+def extract(
+    ctx: typer.Context,
+    data: Data,
+    encoder: Annotated[
+        str,
+        typer.Option(
+            "--encoder",
+            help="uni | uni2-h | conch-v1.5 | gigapath | virchow2 | h-optimus-0 | phikon-v2 | "
+            "resnet50 | stain-texture (built in, no weights).",
+        ),
+    ],
+    weights: Annotated[
+        Path | None, typer.Option("--weights", help="Local weight file (.safetensors, .bin, .pth).")
+    ] = None,
+    allow_download: Annotated[
+        bool,
+        typer.Option("--allow-download", help="Fetch weights from the Hugging Face hub if needed."),
+    ] = False,
+    samples: Annotated[str, typer.Option(help="all, or comma-separated sample ids.")] = "all",
+    source: Annotated[
+        str, typer.Option(help="auto (patches/{id}.h5 if present, else the image) | patches | wsi.")
+    ] = "auto",
+    mpp: Annotated[
+        float | None,
+        typer.Option("--mpp", help="µm per level-0 pixel of the images (beats metadata and tags)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Patches per encoder call.")] = 64,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Redo slides that already have embeddings.")
+    ] = False,
+) -> None:
+    """Embed the spots of every slide (HEST patches, or patches cut from the whole-slide image at
+    the encoder's µm/px) -> embeddings/{ENCODER}/{id}.h5. Finished slides are skipped; under
+    torchrun each rank takes its share of slides."""
+    from .extract import extract as api
+
+    t0 = time.perf_counter()
+    records = _run(
+        ctx, api, data, encoder, weights=weights, allow_download=allow_download, samples=samples,
+        source=source, mpp=mpp, batch_size=batch_size, device=device, overwrite=overwrite,
+    )  # fmt: skip
+    done = [r for r in records if r.source != "skipped"]
+    spots = sum(r.n_spots for r in done)
+    typer.echo(
+        f"extracted {len(done)} slides ({spots} spots; {len(records) - len(done)} already done) "
+        f"with {encoder} -> {data}/embeddings/{encoder}/ [{time.perf_counter() - t0:.0f}s]"
+    )
+
+
 @app.command("import")
 def import_sample(
     ctx: typer.Context,
@@ -330,13 +381,21 @@ def demo(
     epochs: Annotated[
         int | None, typer.Option(help="Training epochs of the HistoPrism models (default 25).")
     ] = None,
+    from_images: Annotated[
+        bool,
+        typer.Option(
+            "--from-images",
+            help="Give the cohort H&E-like slide images and embed them with stain-texture first.",
+        ),
+    ] = False,
 ) -> None:
     """Built-in cohort -> train HistoPrism, its no-conditioning ablation and ridge baselines
-    -> predict -> evaluate -> one table with the attainable ceiling."""
+    -> predict -> evaluate -> one table with the attainable ceiling. With --from-images:
+    images -> extract (stain-texture) -> train -> predict -> evaluate."""
     from .demo import run_demo
 
     t0 = time.perf_counter()
-    table = _run(ctx, run_demo, out, epochs=epochs)
+    table = _run(ctx, run_demo, out, epochs=epochs, from_images=from_images)
     _print_table(table, title="histoprism demo: test slides of the built-in cohort (Pearson r)")
     typer.echo(
         f"demo finished in {time.perf_counter() - t0:.0f}s; results in {out}/results.md, reports in {out}/eval/*/report.html"

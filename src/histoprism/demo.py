@@ -83,7 +83,7 @@ def run_demo(
     if from_images:
         from .extract import extract
 
-        cohort, encoder = replace(cohort, images=True), IMAGE_ENCODER
+        cohort, encoder = replace(cohort, images=True, image_patches=False), IMAGE_ENCODER
         models = IMAGE_MODELS if models is DEMO_MODELS else models
     data = make_cohort(out / "cohort", config=cohort)
     if from_images:

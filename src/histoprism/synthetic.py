@@ -189,6 +189,7 @@ class SyntheticConfig:
     ceiling_draws: int = 16  # Gauss-Hermite nodes over the hidden part for the ceiling
     seed: int = 0  # seed of everything
     images: bool = False  # also write H&E-like wsis/{id}.tif and HEST patches/{id}.h5
+    image_patches: bool = True  # with images: write patches/{id}.h5 too (~80 KB per spot)
 
 
 def tiny(seed: int = 0) -> SyntheticConfig:
@@ -818,7 +819,13 @@ def _frame_px(shape: tuple[int, int]) -> tuple[int, int]:
 
 
 def _write_images(
-    out: Path, sid: str, sim: dict, frame: tuple[int, int], seq: np.random.SeedSequence
+    out: Path,
+    sid: str,
+    sim: dict,
+    frame: tuple[int, int],
+    seq: np.random.SeedSequence,
+    *,
+    patches: bool = True,
 ) -> dict[str, float]:
     """``wsis/{sid}.tif`` and ``patches/{sid}.h5`` of one slide, from what its spots show."""
     from histoprism import synthetic_images  # needs tifffile (the `wsi` extra)
@@ -835,7 +842,7 @@ def _write_images(
         look,
         sim["barcodes"],
         wsi_path=out / keys.WSI_DIR / f"{sid}.tif",
-        patches_path=out / keys.PATCHES_DIR / f"{sid}.h5",
+        patches_path=out / keys.PATCHES_DIR / f"{sid}.h5" if patches else None,
         frame=frame,
         seed=seq,
     )
@@ -917,7 +924,9 @@ def make_cohort(out: str | Path, *, config: SyntheticConfig = SyntheticConfig())
         _write_embedding(h5, sim["features"], sim["xy"], sim["barcodes"], rng, cfg.encoder)
         n_genes.append(sim["st"].n_vars)
         if cfg.images:
-            seconds = _write_images(out, slide["id"], sim, _frame_px(shape), image_seqs[i])
+            seconds = _write_images(
+                out, slide["id"], sim, _frame_px(shape), image_seqs[i], patches=cfg.image_patches
+            )
             image_s += (seconds["render_s"], seconds["write_s"])
     if cfg.images:
         log.info("synthetic images: %.1f s rendering, %.1f s writing", *image_s)

@@ -715,11 +715,12 @@ def write_slide_images(
     barcodes: np.ndarray,
     *,
     wsi_path: str | Path,
-    patches_path: str | Path,
+    patches_path: str | Path | None,
     frame: tuple[int, int],
     seed: int | np.random.SeedSequence = 0,
 ) -> dict[str, float]:
-    """Render one slide and write its pyramidal TIFF and HEST patch file.
+    """Render one slide and write its pyramidal TIFF and (unless ``patches_path`` is None) its
+    HEST patch file.
 
     Parameters
     ----------
@@ -736,8 +737,9 @@ def write_slide_images(
     start = time.perf_counter()
     rendering = render_slide(look, seed=seed)
     rendered = time.perf_counter()
-    img, coords = cut_patches(rendering, look.xy)
-    write_hest_patches(patches_path, img, coords, barcodes, UM_PER_PX)
+    if patches_path is not None:
+        img, coords = cut_patches(rendering, look.xy)
+        write_hest_patches(patches_path, img, coords, barcodes, UM_PER_PX)
     write_pyramid_tiff(wsi_path, rendering, frame)
     seconds = {"render_s": rendered - start, "write_s": time.perf_counter() - rendered}
     log.debug("%s: rendered in %.1f s, written in %.1f s", wsi_path, *seconds.values())
