@@ -200,7 +200,7 @@ class Cohort:
         """Metadata ids that have a counts file or an embedding file."""
         have = {p.stem for p in (self.root / keys.ST_DIR).glob("*.h5ad")}
         emb = self.root / keys.EMBEDDINGS_DIR
-        have |= {p.stem for p in emb.glob("*/*.h5")}
+        have |= {p.stem for p in emb.glob("*/*.h5") if not p.name.startswith(".")}  # not partials
         have |= {p.name.removesuffix(keys.TORCH_EMBEDDINGS_SUFFIX) for p in emb.glob("*/*.pt")}
         return [i for i in self.metadata.index if i in have]
 

@@ -113,6 +113,8 @@ def extract_slide(
     """Embed one slide and write ``out`` atomically: features (N, D) float32, coords (N, 2) spot
     centres in level-0 px, barcodes (N,) bytes."""
     start = time.perf_counter()
+    for stale in out.parent.glob(f".{out.stem}.*.partial{out.suffix}"):
+        stale.unlink()  # left by a killed run (atomic_path cleans up only after exceptions)
     patches = cohort.patches_path(sample_id)
     use_patches = source == "patches" or (source == "auto" and patches.exists())
     if use_patches:
