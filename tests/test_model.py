@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
+from histoprism import model as model_mod
 from histoprism.model import CancerConditioning, EncoderBlock, HistoPrism, ModelConfig
 
 CONFIGS = {
@@ -14,6 +17,7 @@ CONFIGS = {
     "positional": dict(positional_encoding=True),
     "neighbours": dict(neighbours=4, standardize_inputs=True),
     "context-tokens": dict(context_tokens=3),
+    "local-attention": dict(attention="local", attention_radius_um=1500.0),
 }
 
 
@@ -137,3 +141,65 @@ def test_overfits_one_slide():
         loss.backward()
         opt.step()
     assert loss.item() < 0.05 * first
+
+
+def test_config_saved_before_the_attention_settings_still_loads():
+    old = ModelConfig().to_dict()
+    for name in ("attention", "attention_radius_um", "full_attention_max_spots"):
+        del old[name]
+    cfg = ModelConfig(**old)  # a config.json written before these fields existed
+    assert cfg.attention == "auto" and cfg.full_attention_max_spots == 20_000
+    assert cfg.attention_radius_um == 400.0
+
+
+@pytest.mark.parametrize("bad", [dict(attention="sparse"), dict(attention_radius_um=0.0)])
+def test_invalid_attention_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        ModelConfig(**bad)
+
+
+def test_spot_blocks_of_the_per_spot_layers_change_nothing(monkeypatch):
+    """The trunk runs standardisation, conditioning and projections in blocks of spots; the
+    neighbour mean is taken after the projection. Neither changes the output."""
+    torch.manual_seed(0)
+    model = HistoPrism(small(neighbours=4, standardize_inputs=True)).eval()
+    x = inputs(n=50)
+    whole = model(**x)
+    monkeypatch.setattr(model_mod, "SPOT_CHUNK", 7)
+    torch.testing.assert_close(model(**x), whole, atol=1e-6, rtol=1e-5)
+    # the neighbour branch as first written: mean of the D-wide inputs, then the projection
+    xs = model.condition((x["features"] - model.feature_mean) / model.feature_std, x["condition"])
+    h = model.proj(xs) + model.proj_neighbours(model_mod._gather_mean(xs, x["neighbours"]))
+    for block in model.blocks:
+        h = block(h)
+    torch.testing.assert_close(model.head_out(model.head_hidden(h)), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_single_token_dropout_path_equals_dropout_on_the_attention_output():
+    """Training: out() of the per-head-dropped value, mixed per spot, equals projecting the
+    (B, N, D) dropped attention output as SDPA's dropout would give it."""
+    cond = CancerConditioning(small()).train()  # 4 cross-attention heads
+    ctx = cond.tokens(torch.tensor([[1], [2]]))  # (B, 1, D)
+    torch.manual_seed(3)
+    got = cond._single_token(ctx, 9, 0.3)
+    torch.manual_seed(3)
+    keep = (torch.rand(2, 9, 4, 1) >= 0.3).float() / 0.7  # the same draws, per spot and head
+    v = cond.kv(ctx)[..., 24:].expand(2, 9, 24).reshape(2, 9, 4, 6)
+    torch.testing.assert_close(got, cond.out((v * keep).reshape(2, 9, 24)))
+    assert cond._single_token(ctx, 9, 0.0).shape == (2, 1, 24)  # no dropout: one vector per slide
+
+
+def test_head_on_measured_genes_equals_full_head_columns():
+    model = HistoPrism(small()).eval()
+    x = inputs()
+    genes = torch.tensor([5, 0, 29, 7])
+    torch.testing.assert_close(model(**x, genes=genes), model(**x)[..., genes])
+
+
+def test_attention_dropout_is_the_attn_dropout_setting():
+    """attn_dropout (not dropout) drops attention weights: 0 keeps attention deterministic."""
+    block = EncoderBlock(dataclasses.replace(small(), dropout=0.0, attn_dropout=0.5)).train()
+    x = torch.randn(1, 20, 32)
+    assert not torch.allclose(block(x), block(x))
+    block = EncoderBlock(dataclasses.replace(small(), dropout=0.0, attn_dropout=0.0)).train()
+    torch.testing.assert_close(block(x), block(x))

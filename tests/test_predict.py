@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy.stats import pearsonr
 
 from histoprism import __version__, keys
@@ -76,30 +77,81 @@ def test_prediction_h5ad_contract(tiny_cohort, trained_runs, predictions, split_
         assert pred.X.mean() > 0 and pred.X.std(0).max() > 0.05
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, "7 genes"])
-def test_chunked_head_equals_single_block(
-    tiny_cohort, trained_runs, predictions, split_test_ids, tmp_path, monkeypatch, chunk_bytes
+@pytest.mark.parametrize(
+    "kind, tiles",
+    [
+        ("histoprism", dict(TILE_SPOTS=13, TILE_GENES=7)),  # 300 genes = 42 tiles of 7 and one of 6
+        ("histoprism", dict(TILE_SPOTS=1, TILE_GENES=1000)),
+        ("ridge", dict(CHUNK_BYTES=1)),  # one gene per block
+        ("ridge", dict(CHUNK_BYTES="7 genes")),
+    ],
+)
+def test_tiled_head_equals_single_block(
+    tiny_cohort, trained_runs, split_test_ids, tmp_path, monkeypatch, kind, tiles
 ):
     sid = split_test_ids[0]
-    run = load(trained_runs["histoprism"])
+    run = load(trained_runs[kind])
     slide = Cohort(tiny_cohort).slide(sid, ENCODER)
-    if chunk_bytes == "7 genes":  # 300 genes = 42 chunks of 7 and a last one of 6
-        chunk_bytes = 4 * slide.n_spots * 7
-    full = ad.read_h5ad(predictions[0] / f"{sid}.h5ad")
-    assert predict_mod.CHUNK_BYTES // (4 * slide.n_spots) >= len(run.panel)  # it was one block
-    monkeypatch.setattr(predict_mod, "CHUNK_BYTES", chunk_bytes)
-    chunked = ad.read_h5ad(predict_slide(run, slide, tmp_path / f"{sid}.h5ad"))
-    np.testing.assert_allclose(chunked.X, full.X, atol=1e-5, rtol=0)
+    n, g = slide.n_spots, len(run.panel)
+    assert predict_mod._tile_shape(n, g, whole_columns=kind != "histoprism") == (n, g)  # one block
+    full = ad.read_h5ad(predict_slide(run, slide, tmp_path / "full.h5ad"))
+    for name, value in tiles.items():
+        monkeypatch.setattr(predict_mod, name, 4 * n * 7 if value == "7 genes" else value)
+    assert predict_mod._tile_shape(n, g, whole_columns=kind != "histoprism") != (n, g)
+    tiled = ad.read_h5ad(predict_slide(run, slide, tmp_path / "tiled.h5ad"))
+    np.testing.assert_allclose(tiled.X, full.X, atol=1e-5, rtol=0)
     np.testing.assert_allclose(
-        chunked.obsm[keys.OBSM_PATHWAYS].to_numpy(),
+        tiled.obsm[keys.OBSM_PATHWAYS].to_numpy(),
         full.obsm[keys.OBSM_PATHWAYS].to_numpy(),
         atol=1e-5,
         rtol=0,
     )
 
 
-def test_pathway_score_is_mean_zscore_of_set_genes(predictions, split_test_ids):
-    pred = ad.read_h5ad(predictions[0] / f"{split_test_ids[0]}.h5ad")
+def test_closed_form_pathway_scores_in_spot_blocks(trained_runs, monkeypatch):
+    run = load(trained_runs["histoprism"])
+    _, M = predict_mod.pathway_membership(run.panel, _all_gpc_sets())
+    prepared = torch.randn(
+        50, run.predictor.model.cfg.hidden, generator=torch.Generator().manual_seed(0)
+    )
+    whole = run.predictor.pathway_scores(prepared, M)
+    monkeypatch.setattr(predict_mod, "SPOT_CHUNK", 7)
+    np.testing.assert_allclose(run.predictor.pathway_scores(prepared, M), whole, atol=1e-10)
+
+
+def test_head_blocks_stay_within_chunk_bytes_for_any_slide_size(trained_runs, monkeypatch):
+    """Each head block is at most CHUNK_BYTES of float32 and the blocks tile X exactly once."""
+    run = load(trained_runs["histoprism"])
+    g = len(run.panel)
+    monkeypatch.setattr(predict_mod, "TILE_SPOTS", 64)
+    monkeypatch.setattr(predict_mod, "TILE_GENES", 128)
+    for n in (1, 100, 5000):
+
+        class Sink:  # stands in for the h5py dataset: counts the writes of every entry
+            shape, dtype = (n, g), np.dtype("float32")
+            seen = np.zeros((n, g), dtype=np.int64)
+
+            def __setitem__(self, key, block):
+                self.seen[key] += 1
+                assert block.nbytes <= predict_mod.CHUNK_BYTES and block.shape[0] <= 64
+
+        prepared = torch.zeros(n, run.predictor.model.cfg.hidden)
+        rows, cols = predict_mod._tile_shape(n, g, whole_columns=False)
+        predict_mod._write_tiles(run.predictor, prepared, sink := Sink(), rows, cols)
+        assert (sink.seen == 1).all()
+
+
+@pytest.mark.parametrize("kind", ["histoprism", "ridge-knn"])
+def test_pathway_score_is_mean_zscore_of_set_genes(
+    tiny_cohort, trained_runs, predictions, split_test_ids, tmp_path, kind
+):
+    """HistoPrism's scores come in closed form from its trunk output, a baseline's from the
+    z-scored output blocks: both equal the mean z-score of the set's genes in X."""
+    if kind == "histoprism":
+        pred = ad.read_h5ad(predictions[0] / f"{split_test_ids[0]}.h5ad")
+    else:
+        predict(trained_runs[kind], tiny_cohort, ENCODER, tmp_path, samples=split_test_ids[0])
+        pred = ad.read_h5ad(tmp_path / f"{split_test_ids[0]}.h5ad")
     x = pred.X.astype(np.float64)
     sd = x.std(0)
     z = pd.DataFrame(
@@ -223,6 +275,54 @@ def test_knn_index_is_permutation_equivariant():
         assert set(a[p]) == set(b_in_a[i]), p
 
 
+# --- attention at prediction time, and ranks ----------------------------------------------------------------
+def test_local_attention_override_covering_the_slide_equals_full(
+    tiny_cohort, trained_runs, predictions, split_test_ids, tmp_path
+):
+    sid = split_test_ids[0]
+    run = trained_runs["histoprism"]
+    kw = dict(samples=sid, progress=False)
+    predict(
+        run,
+        tiny_cohort,
+        ENCODER,
+        tmp_path / "wide",
+        attention="local",
+        **kw,
+        attention_radius_um=1e9,
+    )
+    predict(
+        run,
+        tiny_cohort,
+        ENCODER,
+        tmp_path / "near",
+        attention="local",
+        **kw,
+        attention_radius_um=150.0,
+    )
+    full = ad.read_h5ad(predictions[0] / f"{sid}.h5ad").X
+    wide = ad.read_h5ad(tmp_path / "wide" / f"{sid}.h5ad").X
+    near = ad.read_h5ad(tmp_path / "near" / f"{sid}.h5ad").X
+    np.testing.assert_allclose(wide, full, atol=1e-5, rtol=0)
+    assert np.isfinite(near).all() and np.abs(near - full).max() > 1e-4  # a real neighbourhood
+
+
+def test_ranks_predict_disjoint_shares_of_the_slides(
+    tiny_cohort, trained_runs, tmp_path, monkeypatch
+):
+    ids = Cohort(tiny_cohort).ids()
+    shares = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        paths = predict(
+            trained_runs["ridge"], tiny_cohort, ENCODER, tmp_path, samples="all", progress=False
+        )
+        shares.append({p.stem for p in paths})
+    assert shares[0].isdisjoint(shares[1]) and shares[0] | shares[1] == set(ids)
+    assert abs(len(shares[0]) - len(shares[1])) <= 1
+
+
 # --- atomic writes -----------------------------------------------------------------------------------------
 def test_failure_mid_write_leaves_no_partial_file(
     tiny_cohort, trained_runs, split_test_ids, tmp_path, monkeypatch
@@ -233,16 +333,16 @@ def test_failure_mid_write_leaves_no_partial_file(
     target = tmp_path / f"{sid}.h5ad"
     target.write_bytes(b"previous complete file")
     calls = []
+    real = predict_mod.HistoPrismPredictor.predict_genes
 
-    def failing(block):
+    def failing(*args, **kw):
         calls.append(1)
-        if len(calls) == 3:  # after two chunks are in the file
+        if len(calls) == 3:  # after two tiles are in the file
             raise RuntimeError("disk full")
-        return real(block)
+        return real(*args, **kw)
 
-    real = predict_mod._zscore
-    monkeypatch.setattr(predict_mod, "CHUNK_BYTES", 4 * slide.n_spots * 50)
-    monkeypatch.setattr(predict_mod, "_zscore", failing)
+    monkeypatch.setattr(predict_mod, "TILE_GENES", 50)
+    monkeypatch.setattr(predict_mod.HistoPrismPredictor, "predict_genes", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         predict_slide(run, slide, target)
     assert [p.name for p in tmp_path.iterdir()] == [target.name]

@@ -29,8 +29,8 @@ from histoprism.distributed import DistContext
 from histoprism.errors import InputError
 from histoprism.model import ModelConfig
 from histoprism.predict import load
-from histoprism.tensors import SlideTensors, to_tensors
-from histoprism.train import lr_factor, masked_mse, resolve_config, train
+from histoprism.tensors import SlideTensors, knn_index, to_tensors
+from histoprism.train import lr_factor, masked_mse, random_crop, resolve_config, train
 
 ENCODER = "synthetic"
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_pearson", "lr", "seconds"]
@@ -128,6 +128,93 @@ def test_masked_mse_ignores_unmeasured_genes():
     assert float(masked_mse(pred, slide)) == 0.0
     pred[0][:, 2] += 2.0  # one measured gene off by 2: MSE = 4 over a third of the entries
     assert float(masked_mse(pred, slide)) == pytest.approx(4.0 / 3.0)
+
+
+# --- random spatial crops ------------------------------------------------------------------------------
+def _grid_slide(n: int = 400, k: int = 4) -> SlideTensors:
+    """A square-grid slide, 100 µm pitch, with kNN neighbours and a per-spot target = spot id."""
+    side = int(np.ceil(np.sqrt(n)))
+    xy = np.stack(np.divmod(np.arange(n), side), axis=1)[:, ::-1].astype(np.float32) * 100
+    ids = torch.arange(n, dtype=torch.float32)
+    return SlideTensors(
+        id="s",
+        cancer="IDC",
+        condition=0,
+        features=ids[:, None].repeat(1, 4),
+        coords_um=torch.from_numpy(xy),
+        neighbours=torch.from_numpy(knn_index(xy, k)),
+        target=ids[:, None],
+        target_cols=torch.tensor([0]),
+    )
+
+
+def _is_disc(coords: torch.Tensor, kept: torch.Tensor) -> bool:
+    """Some kept spot has every kept spot at least as close as every spot left out."""
+    out = torch.ones(len(coords), dtype=torch.bool)
+    out[kept] = False
+    d = torch.cdist(coords[kept].double(), coords.double())  # (k, N)
+    return bool((d[:, kept].max(1).values <= d[:, out].min(1).values + 1e-6).any())
+
+
+@pytest.mark.parametrize("k", [1, 37, 150, 399])
+def test_random_crop_is_a_disc_of_at_most_k_spots(k):
+    slide = _grid_slide()
+    rng = np.random.default_rng(k)
+    for _ in range(5):
+        crop = random_crop(slide, k, rng)
+        assert crop.n_spots == k
+        kept = crop.features[:, 0].long()  # spot ids: rows of features, coords and target agree
+        assert torch.equal(crop.target[:, 0].long(), kept) and (kept.diff() > 0).all()
+        torch.testing.assert_close(crop.coords_um, slide.coords_um[kept])
+        assert _is_disc(slide.coords_um, kept)  # spatially contiguous
+        assert crop.neighbours.shape == (k, 4) and int(crop.neighbours.max()) < k  # inside the crop
+
+
+def test_random_crop_of_a_slide_with_at_most_k_spots_is_the_slide():
+    slide = _grid_slide(50)
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    assert random_crop(slide, 50, rng) is slide and random_crop(slide, 0, rng) is slide
+    assert rng.bit_generator.state == state  # no draw: the rest of training is unchanged
+
+
+def test_crops_larger_than_every_slide_reproduce_uncropped_training(
+    trained_runs, tiny_cohort, tmp_path
+):
+    """trained_runs used the default crop size (above the tiny slides' 80-200 spots)."""
+    assert train_mod.TrainConfig().crop_spots >= 200
+    config = tmp_path / "no_crop.yaml"
+    config.write_text("train:\n  crop_spots: 0\n")
+    run = train(
+        tiny_cohort, ENCODER, tmp_path / "run", epochs=3, seed=0, config=config, progress=False
+    )
+    a, b = (
+        load_tensors(run / keys.RUN_WEIGHTS),
+        load_tensors(trained_runs["histoprism"] / keys.RUN_WEIGHTS),
+    )
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_training_on_crops_with_local_attention(tiny_cohort, tmp_path, monkeypatch):
+    seen = []
+
+    def spy(slide, k, rng):
+        seen.append((slide.n_spots, random_crop(slide, k, rng)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(train_mod, "random_crop", spy)
+    config = tmp_path / "local.yaml"  # attention from a recipe file, crops from the API
+    config.write_text("model:\n  attention: local\n  attention_radius_um: 300\n")
+    kw = dict(epochs=1, config=config, progress=False)
+    run = train(tiny_cohort, ENCODER, tmp_path / "run", crop_spots=50, **kw)
+    assert seen and all(crop.n_spots == min(n, 50) for n, crop in seen)
+    assert any(n > 50 for n, _ in seen)
+    assert np.isfinite(_history(run)[["train_loss", "val_loss"]].to_numpy()).all()
+    assert _config(run)["model_config"]["attention"] == "local"
+    assert _config(run)["train_config"]["crop_spots"] == 50
+    with pytest.raises(InputError, match="attention"):
+        train(tiny_cohort, ENCODER, tmp_path / "bad", attention="sparse", **kw)
 
 
 # --- initialisation at the gene means --------------------------------------------------------------
@@ -267,7 +354,11 @@ def test_yaml_file_starts_from_preset_and_overrides(tmp_path):
 
 @pytest.mark.parametrize(
     "text, word",
-    [("train:\n  learning_rate: 0.1\n", "learning_rate"), ("model:\n  width: 3\n", "width")],
+    [
+        ("train:\n  learning_rate: 0.1\n", "learning_rate"),
+        ("model:\n  width: 3\n", "width"),
+        ("model:\n  attention: sparse\n", "attention"),
+    ],
 )
 def test_unknown_config_key_is_an_input_error(tmp_path, text, word):
     path = tmp_path / "bad.yaml"

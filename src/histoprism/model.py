@@ -3,6 +3,10 @@
 Reads top to bottom: conditioning -> projection (+ optional neighbourhood and position) -> encoder
 -> head. Pure torch: no file I/O, no AnnData. Shapes: B slides (1 in training), N spots, D embedding
 dim, H hidden width, G genes, T context tokens per condition, K neighbours per spot.
+
+Attention is dense over all spots, as the paper, up to ``full_attention_max_spots``; above it (or
+always, with ``attention="local"``) each spot attends to the spots within ``attention_radius_um``,
+computed tile by tile in O(N) time and memory (``attention.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .attention import LocalPlan, local_attention, plan_tiles
+
+SPOT_CHUNK = 8192  # spots per block of the per-spot layers: bounds the (chunk, D) temporaries
+ATTENTION_MODES = ("auto", "full", "local")
 
 
 @dataclass
@@ -39,6 +48,18 @@ class ModelConfig:
     standardize_inputs: bool = (
         False  # z-score embeddings with training-set statistics (stored buffers)
     )
+    # Dense attention up to the paper's scale (19.6k patches), local above: 400 µm is 4 Visium
+    # pitches (~58 spots; 2 layers see 800 µm, tissue-compartment scale) and ~2,000 Visium HD
+    # 16 µm bins, whose cost grows as (radius / pitch)².
+    attention: str = "auto"  # "full" (paper), "local" (within the radius), "auto": full up to max
+    attention_radius_um: float = 400.0  # local: a spot attends to the spots within this many µm
+    full_attention_max_spots: int = 20_000  # auto: dense attention up to this many spots
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got '{self.attention}'")
+        if not self.attention_radius_um > 0:
+            raise ValueError(f"attention_radius_um must be > 0, got {self.attention_radius_um}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,24 +85,28 @@ class CancerConditioning(nn.Module):
         ctx = self.tokens(ids)  # (B, T, D)
         p = self.dropout if self.training else 0.0
         if self.t == 1:
-            a = self._single_token(ctx, N, p)  # (B, N, D)
+            a = self._single_token(ctx, N, p)  # (B, N or 1, D)
         else:
             q = self.q(x).view(B, N, self.n_heads, -1).transpose(1, 2)  # (B, h, N, D/h)
             kv = self.kv(ctx).view(B, self.t, 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
             a = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=p)  # (B, h, N, D/h)
-            a = a.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
-        return self.norm(x + F.dropout(self.out(a), p, self.training))
+            a = self.out(a.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+        return self.norm(x + F.dropout(a, p, self.training))
 
     def _single_token(self, ctx: torch.Tensor, N: int, p: float) -> torch.Tensor:
         """Softmax over one key is 1, so every query receives the value whatever the query is:
-        the same result as the general path without the (N, D) x (D, D) query projection."""
+        the general path's output without its (N, D) x (D, D) projections. Without dropout that
+        is one vector per slide, (B, 1, D), broadcast over the spots by the residual add."""
         B, _, D = ctx.shape
         v = self.kv(ctx)[..., D:]  # (B, 1, D)
-        a = v.expand(B, N, D)  # (B, N, D)
-        if p > 0:  # dropout on the attention weight, per spot and head, as SDPA would apply it
-            keep = (torch.rand(B, N, self.n_heads, 1, device=v.device) >= p).to(v.dtype)
-            a = (a.reshape(B, N, self.n_heads, -1) * keep / (1 - p)).reshape(B, N, D)
-        return a
+        if p == 0:
+            return self.out(v)  # (B, 1, D)
+        # dropout on the attention weight, per spot and head, as SDPA would apply it; out() is
+        # linear, so project each head's slice of v once and mix the heads per spot
+        keep = (torch.rand(B, N, self.n_heads, device=v.device) >= p).to(v.dtype) / (1 - p)
+        w = self.out.weight.view(D, self.n_heads, -1)  # (D, h, D/h)
+        per_head = torch.einsum("dhk,bhk->bhd", w, v.view(B, self.n_heads, -1))  # (B, h, D)
+        return keep @ per_head + self.out.bias  # (B, N, D)
 
 
 class SinusoidalPosition(nn.Module):
@@ -103,7 +128,7 @@ class SinusoidalPosition(nn.Module):
 
 class EncoderBlock(nn.Module):
     """Post-norm transformer encoder layer (as torch.nn.TransformerEncoderLayer) on fused SDPA, so
-    no N x N matrix is materialised in Python."""
+    no N x N matrix is materialised in Python; with local plans, attention within a radius."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -118,16 +143,22 @@ class EncoderBlock(nn.Module):
         )
         self.norm1, self.norm2 = nn.LayerNorm(h), nn.LayerNorm(h)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, local: list[LocalPlan] | None = None) -> torch.Tensor:
         B, N, H = x.shape
-        q, k, v = (
-            self.qkv(x).view(B, N, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        )  # (B, h, N, H/h)
-        p = self.dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, h, N, H/h)
-        a = self.out(a.transpose(1, 2).reshape(B, N, H))  # (B, N, H)
+        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, -1).unbind(2)  # (B, N, h, H/h)
+        p, p_attn = (self.dropout, self.attn_dropout) if self.training else (0.0, 0.0)
+        if local is None:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, h, N, H/h)
+            a = F.scaled_dot_product_attention(q, k, v, dropout_p=p_attn).transpose(1, 2)
+        else:  # one plan per slide: its spots' neighbourhoods
+            a = torch.stack(
+                [local_attention(q[b], k[b], v[b], local[b], dropout_p=p_attn) for b in range(B)]
+            )  # (B, N, h, H/h)
+        a = self.out(a.reshape(B, N, H))  # (B, N, H)
         x = self.norm1(x + F.dropout(a, p, self.training))
-        return self.norm2(x + F.dropout(self.ff(x), p, self.training))
+        # per spot: blocks of spots keep its (B, chunk, 4H) temporaries small without autograd
+        f = torch.cat([self.ff(c) for c in x.split(SPOT_CHUNK, dim=1)], dim=1)  # (B, N, H)
+        return self.norm2(x + F.dropout(f, p, self.training))
 
 
 class HistoPrism(nn.Module):
@@ -158,23 +189,63 @@ class HistoPrism(nn.Module):
         """Everything up to the last linear layer: (B, N, D) -> (B, N, H).
 
         condition: (B,) int64 cancer index.  coords_um: (B, N, 2) float µm, needed with positional
-        encoding.  neighbours: (B, N, K) int64 spot indices, needed when ``cfg.neighbours > 0``.
+        encoding and local attention.  neighbours: (B, N, K) int64 spot indices, needed when
+        ``cfg.neighbours > 0``.
         """
-        x = (features - self.feature_mean) / self.feature_std  # (B, N, D)
-        if self.condition is not None:
-            x = self.condition(x, condition)  # (B, N, D)
-        h = self.proj(x)  # (B, N, H)
+        # per-spot layers in blocks of spots: without autograd, memory holds one (B, chunk, D)
+        # temporary of the wide inputs, not several (B, N, D) ones
+        parts = [self._per_spot(f, condition) for f in features.split(SPOT_CHUNK, dim=1)]
+        h = torch.cat([p for p, _ in parts], dim=1)  # (B, N, H)
         if self.proj_neighbours is not None:
-            h = h + self.proj_neighbours(_gather_mean(x, neighbours))  # (B, N, H)
+            # the mean over neighbours commutes with the linear projection: gather H columns, not D
+            h = h + _gather_mean(torch.cat([n for _, n in parts], dim=1), neighbours)
         if self.position is not None:
             h = h + self.position(coords_um)
+        plans = self.local_plans(coords_um, h.shape[1])
         for block in self.blocks:
-            h = block(h)
+            h = block(h, plans)
         return self.head_hidden(h)  # (B, N, H)
 
-    def forward(self, features: torch.Tensor, condition: torch.Tensor, **spatial) -> torch.Tensor:
-        """(B, N, D) embeddings, (B,) cancer index -> (B, N, G) predicted log1p(counts)."""
-        return self.head_out(self.trunk(features, condition, **spatial))
+    def _per_spot(self, features: torch.Tensor, condition: torch.Tensor):
+        """(B, n, D) -> projection (B, n, H) and neighbour projection (B, n, H) or None."""
+        x = (features - self.feature_mean) / self.feature_std  # (B, n, D)
+        if self.condition is not None:
+            x = self.condition(x, condition)  # (B, n, D)
+        nb = self.proj_neighbours(x) if self.proj_neighbours is not None else None
+        return self.proj(x), nb
+
+    def uses_local_attention(self, n_spots: int) -> bool:
+        mode = self.cfg.attention
+        return mode == "local" or (mode == "auto" and n_spots > self.cfg.full_attention_max_spots)
+
+    def local_plans(self, coords_um: torch.Tensor | None, n_spots: int) -> list[LocalPlan] | None:
+        """Tile plans of local attention, one per slide (built once, shared by the layers), or
+        None for dense attention."""
+        if not self.uses_local_attention(n_spots):
+            return None
+        if coords_um is None:
+            raise ValueError("local attention needs the spot centres: coords_um (B, N, 2) µm")
+        r = self.cfg.attention_radius_um
+        return [plan_tiles(c.float(), r, heads=self.cfg.n_heads) for c in coords_um]
+
+    def head(self, h: torch.Tensor, genes: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., H) -> (..., G), or only the panel columns ``genes`` (G_m,): training computes the
+        genes a slide measured and nothing else."""
+        if genes is None:
+            return self.head_out(h)
+        return F.linear(h, self.head_out.weight[genes], self.head_out.bias[genes])
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        condition: torch.Tensor,
+        *,
+        genes: torch.Tensor | None = None,
+        **spatial,
+    ) -> torch.Tensor:
+        """(B, N, D) embeddings, (B,) cancer index -> (B, N, G) predicted log1p(counts)
+        (or (B, N, G_m) for the panel columns ``genes``)."""
+        return self.head(self.trunk(features, condition, **spatial), genes)
 
 
 def _gather_mean(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,17 @@
 """Whole-slide inference: run directory + cohort -> ``PRED/{id}.h5ad`` (DESIGN.md "Outputs").
 
-The head is computed in gene chunks and streamed into the file, so peak memory holds the trunk
-activations (N x H) and one chunk (N x chunk), never several N x G copies.
+Memory is linear in the number of spots N and never holds N x G: the trunk runs its per-spot layers
+in blocks of spots and attention locally above ``full_attention_max_spots`` (model.py); the head
+is computed in (spots x genes) tiles streamed straight into the file. HistoPrism's pathway scores
+come in closed form from the trunk output (its head is linear), so X is written in one pass.
+Under torchrun, each rank predicts its share of the slides.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anndata as ad
@@ -23,23 +27,30 @@ from .cohort import Cohort, Slide
 from .errors import InputError
 from .genes import GENESET_COLLECTIONS, GenePanel, gpc_genesets, looks_like_ensembl
 from .io import atomic_path
-from .model import HistoPrism, ModelConfig
+from .model import SPOT_CHUNK, HistoPrism, ModelConfig
 from .progress import progress_bar
 from .tensors import CancerVocabulary, to_tensors
 
 log = logging.getLogger(__name__)
-CHUNK_BYTES = 256 * 2**20  # one (N, chunk) float32 block of the output
+CHUNK_BYTES = 256 * 2**20  # most float32 output held at once: one block of (spots, genes)
+# HistoPrism's head block, and the HDF5 chunk width: a 2048 x 4096 float32 tile (32 MB) runs at
+# ~90% of the machine's GEMM speed, where whole-column blocks of a large slide fall to ~50%
+# (benchmarks/)
+TILE_SPOTS, TILE_GENES = 2048, 4096
+H5_CHUNK_SPOTS = 256  # HDF5 chunk = (256 spots, <= TILE_GENES genes): 4 MB, whole-chunk writes
 
 
 @dataclass
 class HistoPrismPredictor:
-    """A trained HistoPrism with the prepare / predict_genes interface of the baselines."""
+    """A trained HistoPrism with the prepare / predict_genes interface of the baselines, plus
+    spot ranges and the closed-form pathway scores of its linear head."""
 
     model: HistoPrism
     vocab: CancerVocabulary
+    device: torch.device = torch.device("cpu")
 
     def prepare(self, slide: Slide, *, unknown_cancer: bool = False) -> torch.Tensor:
-        """Run everything up to the last layer once: (N, H)."""
+        """Run everything up to the last layer once: (N, H) on the model's device."""
         cfg = self.model.cfg
         t = to_tensors(
             slide,
@@ -48,14 +59,46 @@ class HistoPrismPredictor:
             neighbours=cfg.neighbours,
             unknown_cancer=unknown_cancer,
         )
+        inputs = {k: v.to(self.device) for k, v in t.model_inputs().items() if v is not None}
         with torch.no_grad():
-            return self.model.trunk(**t.model_inputs())[0]
+            return self.model.trunk(**inputs)[0]
 
-    def predict_genes(self, prepared: torch.Tensor, cols: slice) -> np.ndarray:
-        """(N, len(cols)) float32 predicted log1p for the panel columns ``cols``."""
+    def predict_genes(
+        self,
+        prepared: torch.Tensor,
+        cols: slice,
+        rows: slice = slice(None),
+        *,
+        out: torch.Tensor | None = None,
+    ) -> np.ndarray:
+        """(len(rows), len(cols)) float32 predicted log1p for panel columns ``cols`` of spots
+        ``rows``. ``out``: a reused (rows, cols) buffer on the device, which the result then
+        shares on the CPU."""
         w, b = self.model.head_out.weight[cols], self.model.head_out.bias[cols]
         with torch.no_grad():
-            return torch.addmm(b, prepared, w.T).numpy()
+            block = torch.addmm(b, prepared[rows], w.T, out=out)
+        return block.cpu().numpy()
+
+    @torch.no_grad()
+    def pathway_scores(self, prepared: torch.Tensor, membership: np.ndarray) -> np.ndarray:
+        """Mean z-scored prediction of each gene set's genes: (N, H), (G, S) -> (N, S) float64.
+
+        The head is linear, X = h W' + b, so X - mean(X) = (h - mean(h)) W' and gene g's variance
+        over the spots is w_g' C w_g with C the (H, H) covariance of h: the z-scores of all N x G
+        predictions, averaged per set, are (h - mean(h)) @ A with A = W' diag(1/sd) M / set size,
+        without an (N, G) pass. Constant genes (sd 0) contribute 0, as in ``_zscore``.
+        """
+        n = len(prepared)
+        blocks = prepared.split(SPOT_CHUNK)  # float64 copies a block at a time
+        mean = sum(b.double().sum(0) for b in blocks) / n  # (H,)
+        cov = sum((b.double() - mean).T @ (b.double() - mean) for b in blocks) / n  # (H, H)
+        w = self.model.head_out.weight.double()  # (G, H)
+        sd = ((w @ cov) * w).sum(1).clamp(min=0).sqrt()  # (G,)
+        m = torch.from_numpy(membership).to(w)  # (G, S)
+        m = m / m.sum(0).clamp(min=1)  # mean over the set's genes
+        scale = torch.where(sd > 0, 1 / sd.clamp(min=1e-300), 0.0)  # (G,)
+        a = w.T @ (m * scale[:, None])  # (H, S)
+        return torch.cat([(b.double() - mean) @ a for b in blocks]).cpu().numpy()  # (N, S)
 
 
 @dataclass
@@ -73,21 +116,44 @@ class Run:
         return self.config["model"]
 
 
-def load(run_dir: str | Path) -> Run:
-    """Load a run directory written by ``train`` (any model kind)."""
+def load(
+    run_dir: str | Path,
+    *,
+    attention: str | None = None,
+    attention_radius_um: float | None = None,
+    device: str | torch.device | None = None,
+) -> Run:
+    """Load a run directory written by ``train`` (any model kind).
+
+    ``attention`` ("auto" | "full" | "local") and ``attention_radius_um`` override the trained
+    HistoPrism's settings for prediction; ``device`` defaults to this rank's GPU, else the CPU.
+    """
     config, tensors = load_run(run_dir)
     panel = GenePanel(tuple(config["genes"]))
     vocab = CancerVocabulary(tuple(config["cancers"]))
     kind = config["model"]
     if kind == "histoprism":
-        model = HistoPrism(ModelConfig(**config["model_config"]))
+        cfg = ModelConfig(**config["model_config"])  # settings added since: their defaults
+        overrides = dict(attention=attention, attention_radius_um=attention_radius_um)
+        try:
+            cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        model = HistoPrism(cfg)
         model.load_state_dict(tensors)
-        predictor = HistoPrismPredictor(model.eval(), vocab)
+        dev = torch.device(device) if device is not None else _default_device()
+        predictor = HistoPrismPredictor(model.eval().to(dev), vocab, dev)
     elif kind in BASELINES:
         predictor = load_baseline(kind, config, tensors, panel=panel, vocab=vocab)
     else:
         raise InputError(f"unknown model kind '{kind}'", Path(run_dir) / keys.RUN_CONFIG)
     return Run(Path(run_dir), config, predictor, panel, vocab)
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    return torch.device("cpu")
 
 
 def pathway_membership(
@@ -131,30 +197,85 @@ def predict_slide(
     level-0 px, ``obs['oncotree_code']`` (condition used), ``obsm['pathways']`` (N, S) DataFrame of
     pathway activity (mean z-scored predicted log1p of the set's genes), ``uns['histoprism']``.
     """
-    prepared = run.predictor.prepare(slide, unknown_cancer=unknown_cancer)
+    predictor = run.predictor
+    prepared = predictor.prepare(slide, unknown_cancer=unknown_cancer)
     names, M = pathway_membership(
         run.panel, genesets if genesets is not None else default_genesets(run.panel)
     )
     n, g = slide.n_spots, len(run.panel)
-    chunk = max(1, min(g, CHUNK_BYTES // (4 * n)))
-    pathways = np.zeros((n, len(names)), dtype=np.float64)
+    closed_form = hasattr(predictor, "pathway_scores")
+    rows, cols = _tile_shape(n, g, whole_columns=not closed_form)
     used = run.vocab.codes[run.vocab.index(slide.cancer, fallback=unknown_cancer)]
     with atomic_path(path) as tmp:
         _skeleton(run, slide, used).write_h5ad(tmp)
         with h5py.File(tmp, "a") as f:
-            X = f.create_dataset(
-                "X", shape=(n, g), dtype=dtype, chunks=(min(n, 1024), min(g, 1024))
-            )
+            chunks = (min(n, H5_CHUNK_SPOTS), min(cols, TILE_GENES)) if n and g else None
+            X = f.create_dataset("X", shape=(n, g), dtype=dtype, chunks=chunks)
             X.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-            for start in range(0, g, chunk):
-                cols = slice(start, min(start + chunk, g))
-                block = run.predictor.predict_genes(prepared, cols)  # (N, chunk)
-                X[:, cols] = block.astype(dtype)
-                pathways += _zscore(block) @ M[cols]  # (N, S) running sum over set genes
-            pathways /= np.maximum(M.sum(0), 1)
+            if closed_form:
+                _write_tiles(predictor, prepared, X, rows, cols)
+                pathways = predictor.pathway_scores(prepared, M)  # (N, S)
+            else:
+                pathways = _write_columns(predictor, prepared, X, cols, M)
             frame = pd.DataFrame(pathways.astype(np.float32), index=slide.barcodes, columns=names)
             ad.io.write_elem(f["obsm"], keys.OBSM_PATHWAYS, frame)
     return Path(path)
+
+
+def _tile_shape(n: int, g: int, *, whole_columns: bool) -> tuple[int, int]:
+    """(spots, genes) of one block of the head's output, at most CHUNK_BYTES of float32.
+
+    ``whole_columns``: every spot in each block, as a predictor whose pathway scores need each
+    gene's z-score over the slide must have; its width is a whole number of HDF5 chunks if it can.
+    """
+    if not whole_columns:
+        return min(n, TILE_SPOTS), min(g, TILE_GENES)
+    cols = max(1, CHUNK_BYTES // (4 * max(n, 1)))
+    return n, min(g, cols // TILE_GENES * TILE_GENES or cols)
+
+
+def _write_tiles(predictor, prepared, X: h5py.Dataset, rows: int, cols: int) -> None:
+    """Stream (rows x cols) tiles of the head into X. Reused buffers (float32, and the file's
+    dtype if another) spare an allocation, and its page faults, per tile."""
+    n, g = X.shape
+    size = min(rows, n) * min(cols, g)
+    buf = torch.empty(size, device=prepared.device)
+    cast = None if X.dtype == np.float32 else torch.empty(size, dtype=_torch_dtype(X.dtype))
+    for r in range(0, n, rows):
+        r1 = min(r + rows, n)
+        for c in range(0, g, cols):
+            c1 = min(c + cols, g)
+            shape = (r1 - r, c1 - c)
+            out = buf[: shape[0] * shape[1]].view(shape)  # contiguous, edge tiles too
+            block = predictor.predict_genes(prepared, slice(c, c1), slice(r, r1), out=out)
+            if cast is not None:  # multithreaded, unlike numpy's astype
+                block = cast[: block.size].view(shape).copy_(torch.from_numpy(block)).numpy()
+            X[r:r1, c:c1] = block
+
+
+def _write_columns(predictor, prepared, X: h5py.Dataset, cols: int, M: np.ndarray) -> np.ndarray:
+    """Any predictor: blocks of whole columns (every spot), z-scored per gene and summed per set
+    as they stream into X -> (N, S) pathway scores."""
+    n, g = X.shape
+    sizes = np.maximum(M.sum(0), 1)
+    pathways = np.zeros((n, M.shape[1]), dtype=np.float64)
+    for c in range(0, g, cols):
+        block = predictor.predict_genes(prepared, slice(c, min(c + cols, g)))  # (N, cols)
+        X[:, c : c + block.shape[1]] = _cast(block, X.dtype)
+        in_sets = np.flatnonzero(M[c : c + block.shape[1]].any(1))  # only genes of some set
+        pathways += _zscore(block[:, in_sets]) @ M[c + in_sets]
+    return pathways / sizes
+
+
+def _cast(block: np.ndarray, dtype) -> np.ndarray:
+    """float32 -> the file's dtype, multithreaded (torch) rather than numpy's one-core astype."""
+    if block.dtype == dtype:
+        return block
+    return torch.from_numpy(block).to(_torch_dtype(dtype)).numpy()
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    return getattr(torch, np.dtype(dtype).name)
 
 
 def _zscore(block: np.ndarray) -> np.ndarray:
@@ -190,17 +311,23 @@ def predict(
     samples: str = "test",
     unknown_cancer: bool = False,
     dtype: str = "float32",
+    attention: str | None = None,
+    attention_radius_um: float | None = None,
     progress: bool = True,
 ) -> list[Path]:
     """Predict the slides ``samples`` ('test', 'all' or comma-separated ids) of a cohort into ``out``.
 
     Slides with counts are aligned by barcode as in training; slides without counts (never
-    sequenced) are predicted from their embeddings alone. Returns the written paths.
+    sequenced) are predicted from their embeddings alone. ``attention`` / ``attention_radius_um``
+    override the model's attention settings (see ``load``). Under torchrun (RANK, WORLD_SIZE),
+    rank r predicts slides r, r + W, ...: no process group is needed. Returns the paths this
+    process wrote.
     """
-    run = load(model)
+    run = load(model, attention=attention, attention_radius_um=attention_radius_um)
     check_encoder(run.config, encoder, run_dir=model)
     cohort = Cohort(data, split_dir=split)
-    ids = _sample_ids(cohort, samples)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    ids = _sample_ids(cohort, samples)[rank::world]
     genesets = default_genesets(run.panel)
     written = []
     with progress_bar(enabled=progress) as bar:

@@ -29,7 +29,14 @@ from .genes import GenePanel, read_gene_list
 from .io import write_text_atomic
 from .model import HistoPrism, ModelConfig
 from .progress import progress_bar
-from .tensors import CancerVocabulary, SlideTensors, feature_stats, gene_means, to_tensors
+from .tensors import (
+    CancerVocabulary,
+    SlideTensors,
+    feature_stats,
+    gene_means,
+    knn_index,
+    to_tensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +51,16 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm
     patience: int = 15  # epochs without a better validation loss before stopping
     condition_dropout: float = 0.1  # share of steps trained with the 'Unknown' token instead
-    seed: int = 0  # weights, slide order, dropout
+    crop_spots: int = 5_000  # > 0: a step sees at most this many spots, a random disc of tissue
+    seed: int = 0  # weights, slide order, dropout, crops
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+# crop_spots: every Visium (<= 4,992 spots) and ST slide trains whole, as in the paper; a Visium
+# HD-size slide trains on 5,000-spot discs (1.1 mm across at 16 µm bins). Bounds CPU memory: with
+# attention dropout, SDPA falls back to materialising N x N weights (22 GB peak at 8,192 spots).
 
 # Named recipes. "paper" is HistoPrism as published (lr 5e-5, patience 30, no input scaling); its
 # 250-epoch warm-up is not kept because it outlasts its own early stopping. "default" is the same
@@ -86,6 +98,10 @@ def resolve_config(config: str | Path | None = "default") -> tuple[dict, dict]:
         unknown = set(section) - {f.name for f in fields(cls)}
         if unknown:
             raise InputError(f"unknown {name} setting(s): {', '.join(sorted(unknown))}", path)
+    try:
+        ModelConfig(**model)  # values checked here (e.g. the attention mode), not mid-run
+    except (TypeError, ValueError) as exc:
+        raise InputError(str(exc), path) from None
     return model, train
 
 
@@ -138,9 +154,31 @@ def _load(cohort: Cohort, sample_id: str, encoder: str, bar, task) -> Slide:
     return slide
 
 
+def random_crop(slide: SlideTensors, k: int, rng: np.random.Generator) -> SlideTensors:
+    """The ``k`` spots nearest to a random spot of the slide (a disc of tissue, in the slide's
+    spot order), or the slide itself when it has at most ``k`` spots (``k`` <= 0: no crop).
+
+    Bounds the memory of a training step on a Visium HD-size slide; kNN neighbours are recomputed
+    inside the crop, as if its edge were the tissue's.
+    """
+    if k <= 0 or slide.n_spots <= k:
+        return slide
+    c = slide.coords_um
+    d2 = ((c - c[rng.integers(slide.n_spots)]) ** 2).sum(1)  # (N,) squared µm to the centre
+    keep = torch.topk(d2, k, largest=False).indices.sort().values  # (k,)
+    nb = slide.neighbours
+    if nb is not None:
+        nb = torch.from_numpy(knn_index(c[keep].double().numpy(), nb.shape[1]))
+    target = slide.target[keep] if slide.target is not None else None
+    return replace(
+        slide, features=slide.features[keep], coords_um=c[keep], neighbours=nb, target=target
+    )
+
+
 # --- loss and schedule -----------------------------------------------------------------------
 def masked_mse(pred: torch.Tensor, slide: SlideTensors) -> torch.Tensor:
-    """MSE over the slide's measured genes only: (1, N, G) prediction vs (N, G_m) target."""
+    """MSE over the slide's measured genes only: (1, N, G) prediction vs (N, G_m) target.
+    (Training asks the model for the measured columns only, ``genes=target_cols``: the same loss.)"""
     return torch.mean((pred[0][:, slide.target_cols] - slide.target) ** 2)
 
 
@@ -262,13 +300,18 @@ def _init_model(cfg: ModelConfig, train_t: list[SlideTensors]) -> HistoPrism:
 def _train_epoch(net, opt, slides, state, cfg_t, schedule, rng, data, ctx) -> float:
     net.train()
     total = 0.0
+    # crops draw from their own stream, so that a slide small enough to need none trains exactly
+    # as without cropping; seeded by epoch (resume = rerun) and rank (other slides, other crops)
+    crop_rng = np.random.default_rng([cfg_t.seed, state.epoch, ctx.rank, 1])
     for s in slides:
         for g in opt.param_groups:
             g["lr"] = cfg_t.lr * lr_factor(state.step, **schedule)
+        s = _target_on(random_crop(s, cfg_t.crop_spots, crop_rng), ctx.device)
         inputs = _to_device(s.model_inputs(), ctx.device)
         if rng.random() < cfg_t.condition_dropout:
             inputs["condition"] = torch.full_like(inputs["condition"], data.vocab.unknown)
-        loss = masked_mse(net(**inputs), _target_on(s, ctx.device))
+        # the head computes the measured genes only: the loss ignores the others anyway
+        loss = torch.mean((net(**inputs, genes=s.target_cols)[0] - s.target) ** 2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg_t.grad_clip > 0:
@@ -280,29 +323,45 @@ def _train_epoch(net, opt, slides, state, cfg_t, schedule, rng, data, ctx) -> fl
     return loss_sum / max(n, 1)
 
 
+VAL_CHUNK_BYTES = 64 * 2**20  # one (spots, genes) float32 block of a validation prediction
+
+
 @torch.no_grad()
 def _validate(
     model: HistoPrism, slides: list[SlideTensors], ctx: DistContext
 ) -> tuple[float, float]:
-    """Mean masked MSE over validation slides, and mean per-gene Pearson r (for the history)."""
+    """Mean masked MSE over validation slides, and mean per-gene Pearson r (for the history).
+
+    Whole slides, no crop; the head runs over blocks of spots, so that no (N, G) prediction is
+    held at once, and the per-gene sums of the Pearson r are accumulated in float64.
+    """
     model.eval()
     loss, r_sum, r_n = 0.0, 0.0, 0.0
     mine = slides[ctx.rank :: ctx.world]
     for s in mine:
-        pred = model(**_to_device(s.model_inputs(), ctx.device))[0][:, s.target_cols.to(ctx.device)]
-        y = s.target.to(ctx.device)
-        loss += float(torch.mean((pred - y) ** 2))
-        r = _pearson_columns(pred, y)
+        h = model.trunk(**_to_device(s.model_inputs(), ctx.device))[0]  # (N, H)
+        cols, y = s.target_cols.to(ctx.device), s.target.to(ctx.device)
+        step = max(1, VAL_CHUNK_BYTES // (4 * len(cols)))
+        sums = torch.zeros(6, len(cols), dtype=torch.float64, device=ctx.device)
+        for i in range(0, s.n_spots, step):
+            p, t = model.head(h[i : i + step], cols).double(), y[i : i + step].double()
+            parts = [p.sum(0), t.sum(0), (p * p).sum(0), (t * t).sum(0), (p * t).sum(0)]
+            sums += torch.stack([*parts, (p - t).square().sum(0)])  # (6, G_m)
+        loss += float(sums[5].sum()) / y.numel()
+        r = _pearson_from_sums(sums[:5], s.n_spots)
         r_sum, r_n = r_sum + float(r.nansum()), r_n + float((~r.isnan()).sum())
     loss, n, r_sum, r_n = ctx.all_sum([loss, float(len(mine)), r_sum, r_n])
     return loss / max(n, 1), r_sum / max(r_n, 1)
 
 
-def _pearson_columns(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(N, G), (N, G) -> (G,) Pearson r per column; NaN for a constant column."""
-    a, b = a - a.mean(0), b - b.mean(0)
-    den = a.norm(dim=0) * b.norm(dim=0)
-    return torch.where(den > 1e-12, (a * b).sum(0) / den, torch.full_like(den, float("nan")))
+def _pearson_from_sums(sums: torch.Tensor, n: int) -> torch.Tensor:
+    """(5, G) float64 sums of p, t, p², t², p·t over n spots -> (G,) Pearson r; NaN where either
+    column is constant."""
+    sp, st, spp, stt, spt = sums
+    cov, vp, vt = spt - sp * st / n, spp - sp * sp / n, stt - st * st / n
+    den = (vp.clamp(min=0) * vt.clamp(min=0)).sqrt()
+    ok = (vp > 1e-12 * (spp + 1)) & (vt > 1e-12 * (stt + 1)) & (den > 0)
+    return torch.where(ok, cov / den.clamp(min=1e-300), torch.full_like(den, float("nan")))
 
 
 def _to_device(inputs: dict, device: torch.device) -> dict:
@@ -383,6 +442,9 @@ def train(
     epochs: int | None = None,
     conditioning: bool = True,
     positional_encoding: bool = False,
+    attention: str | None = None,
+    attention_radius_um: float | None = None,
+    crop_spots: int | None = None,
     genes: str | Path | None = None,
     seed: int = 0,
     config: str | Path | None = "default",
@@ -391,7 +453,8 @@ def train(
 ) -> Path:
     """Train ``model`` on the cohort at ``data`` and write the run directory ``out``.
 
-    Parameters mirror ``histoprism train``. Returns ``out``.
+    Parameters mirror ``histoprism train``; ``attention``, ``attention_radius_um`` (ModelConfig)
+    and ``crop_spots`` (TrainConfig) override the recipe when given. Returns ``out``.
     """
     if model not in MODELS:
         raise InputError(f"unknown model '{model}' (have: {', '.join(MODELS)})")
@@ -405,6 +468,14 @@ def train(
             m_over["conditioning"] = False
         if positional_encoding:
             m_over["positional_encoding"] = True
+        given = dict(attention=attention, attention_radius_um=attention_radius_um)
+        m_over.update({k: v for k, v in given.items() if v is not None})
+        try:
+            ModelConfig(**m_over)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        if crop_spots is not None:
+            t_over["crop_spots"] = crop_spots
         t_cfg = TrainConfig(
             **{**t_over, "seed": seed, **({} if epochs is None else {"epochs": epochs})}
         )
