@@ -23,9 +23,12 @@ CONSOLE_SCRIPT = Path(sys.executable).parent / "histoprism"
 
 FLAGS = {
     "train": "--data --encoder --out --split --model --epochs --no-conditioning "
-    "--positional-encoding --genes --seed --config",
-    "predict": "--model --data --encoder --out --split --samples",
+    "--positional-encoding --genes --seed --config --attention --attention-radius-um --crop-spots",
+    "predict": "--model --data --encoder --out --split --samples --attention --attention-radius-um",
     "evaluate": "--pred --data --out --split --hvg --genesets",
+    "extract": "--data --encoder --weights --allow-download --samples --source --mpp --batch-size "
+    "--device --overwrite",
+    "demo": "--out --from-images",
 }
 
 
@@ -236,3 +239,20 @@ def test_failed_predict_leaves_only_complete_files(cohort_copy, trained_runs, tm
     pred = ad.read_h5ad(out / files[0])
     assert pred.X.shape == (ad.read_h5ad(cc.st_path(first)).n_obs, 300)
     assert np.isfinite(pred.X).all()
+
+
+def test_attention_flags_reach_the_run(tiny_cohort, tmp_path):
+    import json
+
+    result = invoke(
+        "train", "--data", tiny_cohort, "--encoder", ENCODER, "--out", tmp_path / "run",
+        "--epochs", 1, "--attention", "local", "--attention-radius-um", 300, "--crop-spots", 100,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((tmp_path / "run" / keys.RUN_CONFIG).read_text())
+    assert cfg["model_config"]["attention"] == "local"
+    assert cfg["model_config"]["attention_radius_um"] == 300
+    assert cfg["train_config"]["crop_spots"] == 100
+    result = invoke("train", "--data", tiny_cohort, "--encoder", ENCODER, "--out", tmp_path / "r2",
+                    "--attention", "sideways")  # fmt: skip
+    assert result.exit_code == 2 and "sideways" in result.output

@@ -75,3 +75,26 @@ def test_tiny_cohort_slide_keeps_its_ensembl_ids(tiny_cohort):
         out.counts.sum()
         == slide.counts[:, np.char.startswith(slide.gene_ids.astype(str), "ENS")].sum()
     )
+
+
+def test_train_predict_evaluate_with_an_ensembl_panel_on_symbol_slides(tiny_cohort, tmp_path):
+    import anndata as ad
+
+    from histoprism.evaluate import evaluate
+    from histoprism.predict import predict
+    from histoprism.train import train
+
+    st = ad.read_h5ad(tiny_cohort / "st" / f"{Cohort(tiny_cohort).ids('train')[0]}.h5ad")
+    assert not st.var_names[0].startswith("ENSG")  # the slides name genes by symbol
+    panel = list(st.var["gene_ids"][:120])
+    (tmp_path / "panel.txt").write_text("\n".join(panel) + "\n")
+    run = train(
+        tiny_cohort, ENCODER, tmp_path / "run", model="ridge", genes=tmp_path / "panel.txt",
+        progress=False,
+    )  # fmt: skip
+    predict(run, tiny_cohort, ENCODER, tmp_path / "pred", progress=False)
+    sid = Cohort(tiny_cohort).ids("test")[0]
+    pred = ad.read_h5ad(tmp_path / "pred" / f"{sid}.h5ad")
+    assert list(pred.var_names) == panel
+    metrics = evaluate(tmp_path / "pred", Cohort(tiny_cohort), tmp_path / "eval", progress=False)
+    assert 0.0 < metrics["headline"]["all_genes_micro"] < 1.0  # genes matched through gene_ids

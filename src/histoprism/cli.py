@@ -92,6 +92,17 @@ def train(
         str, typer.Option(help="Preset (default | paper) or YAML/JSON file.")
     ] = "default",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.")] = False,
+    attention: Annotated[
+        str | None,
+        typer.Option(help="auto (full up to 20,000 spots, local above) | full | local."),
+    ] = None,
+    attention_radius_um: Annotated[
+        float | None, typer.Option(help="Local attention radius, µm (default 400).")
+    ] = None,
+    crop_spots: Annotated[
+        int | None,
+        typer.Option(help="Train on random discs of at most this many spots (0: whole slides)."),
+    ] = None,
 ) -> None:
     """Train a model on the cohort's train split (early stopping on val)."""
     from . import train as api
@@ -112,6 +123,9 @@ def train(
         seed=seed,
         config=config,
         resume=resume,
+        attention=attention,
+        attention_radius_um=attention_radius_um,
+        crop_spots=crop_spots,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one summary from rank 0
         return
@@ -147,6 +161,13 @@ def predict(
     float16: Annotated[
         bool, typer.Option("--float16", help="Store predictions as float16 (half the disk).")
     ] = False,
+    attention: Annotated[
+        str | None,
+        typer.Option(help="auto (full up to 20,000 spots, local above) | full | local."),
+    ] = None,
+    attention_radius_um: Annotated[
+        float | None, typer.Option(help="Local attention radius, µm (default 400).")
+    ] = None,
 ) -> None:
     """Predict whole slides as AnnData (X = log1p expression, obsm['pathways'])."""
     from . import predict as api
@@ -163,8 +184,12 @@ def predict(
         samples=samples,
         unknown_cancer=unknown_cancer,
         dtype="float16" if float16 else "float32",
+        attention=attention,
+        attention_radius_um=attention_radius_um,
     )
-    typer.echo(f"predicted {len(paths)} slides -> {out} [{time.perf_counter() - t0:.0f}s]")
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    share = f" (rank {rank} of {world})" if world > 1 else ""
+    typer.echo(f"predicted {len(paths)} slides{share} -> {out} [{time.perf_counter() - t0:.0f}s]")
 
 
 @app.command()

@@ -25,7 +25,7 @@ from .checkpoint import load_optimizer, load_tensors, save_optimizer, save_run, 
 from .cohort import Cohort, Slide
 from .distributed import DistContext
 from .errors import InputError
-from .genes import GenePanel, read_gene_list
+from .genes import GenePanel, looks_like_ensembl, read_gene_list
 from .io import write_text_atomic
 from .model import HistoPrism, ModelConfig
 from .progress import progress_bar
@@ -142,6 +142,11 @@ def load_training_data(
         raise InputError(f"embedding dimensions differ between slides: {sorted(dims)}")
     if genes is not None:
         panel = GenePanel(tuple(read_gene_list(genes)))
+        # an Ensembl panel with symbol slides (HEST-1k) or the reverse: counts move to the
+        # panel's ids, raw counts of several names for one id summed before log1p
+        space = "ensembl" if looks_like_ensembl(panel.genes) else "symbol"
+        train = [s.in_gene_space(space) for s in train]
+        val = [s.in_gene_space(space) for s in val]
     else:
         panel = GenePanel(tuple(sorted(set().union(*(s.genes for s in train)))))
     vocab = CancerVocabulary.from_codes(s.cancer for s in train + val)
