@@ -24,6 +24,12 @@ err = Console(stderr=True)
 
 Data = Annotated[Path, typer.Option("--data", help="Cohort directory (DESIGN.md layout).")]
 Encoder = Annotated[str, typer.Option("--encoder", help="Embedding folder name under embeddings/.")]
+Attention = Annotated[
+    str | None, typer.Option(help="auto (full up to 20,000 spots, local above) | full | local.")
+]
+AttentionRadius = Annotated[
+    float | None, typer.Option(help="Local attention radius, µm (default 400).")
+]
 Split = Annotated[
     Path | None, typer.Option("--split", help="Folder with {train,val,test}_split.csv.")
 ]
@@ -92,13 +98,8 @@ def train(
         str, typer.Option(help="Preset (default | paper) or YAML/JSON file.")
     ] = "default",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.")] = False,
-    attention: Annotated[
-        str | None,
-        typer.Option(help="auto (full up to 20,000 spots, local above) | full | local."),
-    ] = None,
-    attention_radius_um: Annotated[
-        float | None, typer.Option(help="Local attention radius, µm (default 400).")
-    ] = None,
+    attention: Attention = None,
+    attention_radius_um: AttentionRadius = None,
     crop_spots: Annotated[
         int | None,
         typer.Option(help="Train on random discs of at most this many spots (0: whole slides)."),
@@ -161,13 +162,8 @@ def predict(
     float16: Annotated[
         bool, typer.Option("--float16", help="Store predictions as float16 (half the disk).")
     ] = False,
-    attention: Annotated[
-        str | None,
-        typer.Option(help="auto (full up to 20,000 spots, local above) | full | local."),
-    ] = None,
-    attention_radius_um: Annotated[
-        float | None, typer.Option(help="Local attention radius, µm (default 400).")
-    ] = None,
+    attention: Attention = None,
+    attention_radius_um: AttentionRadius = None,
 ) -> None:
     """Predict whole slides as AnnData (X = log1p expression, obsm['pathways'])."""
     from . import predict as api
