@@ -624,12 +624,17 @@ def load_weights(config: EncoderConfig, weights: str | Path) -> nn.Module:
 
 
 def _download(config: EncoderConfig) -> nn.Module:
-    """Weights from the Hugging Face hub (network, token and accepted licence needed)."""
+    """Weights from the Hugging Face hub (network, token and accepted licence needed).
+
+    The only network access of the package: reached from ``load_encoder`` with
+    ``allow_download=True`` (``--allow-download``) alone.
+    """
     timm = _import_timm()
     if config.hub_file is not None:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # allow_download=True only
 
-        return load_weights(config, hf_hub_download(config.hub_id, config.hub_file))
+        fetched = hf_hub_download(config.hub_id, config.hub_file)  # allow_download=True only
+        return load_weights(config, fetched)
     if config.arch == RESNET50_TRUNC_ARCH:
         net = timm.create_model(f"hf-hub:{config.hub_id}", pretrained=True, num_classes=0)
         net.layer4 = nn.Identity()
