@@ -183,7 +183,9 @@ def predict(
         attention=attention,
         attention_radius_um=attention_radius_um,
     )
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    from .distributed import launch_rank
+
+    rank, world = launch_rank()
     share = f" (rank {rank} of {world})" if world > 1 else ""
     typer.echo(f"predicted {len(paths)} slides{share} -> {out} [{time.perf_counter() - t0:.0f}s]")
 

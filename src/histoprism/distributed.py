@@ -12,6 +12,25 @@ import torch
 import torch.distributed as dist
 
 
+def launch_rank() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as torchrun sets them; (0, 1) in a plain process. For work split by
+    slide, which needs no process group."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_share(items: list) -> list:
+    """This process's slides: every WORLD_SIZE-th item from RANK (all of them without torchrun)."""
+    rank, world = launch_rank()
+    return items[rank::world]
+
+
+def local_device() -> torch.device:
+    """The GPU torchrun gave this process (LOCAL_RANK), or the CPU when there is none."""
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    return torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class DistContext:
     """torchrun's rank and world size (1 process when not launched by torchrun)."""

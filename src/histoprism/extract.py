@@ -13,7 +13,6 @@ WORLD_SIZE-th slide; no process group is needed.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 from . import keys
 from .cohort import Cohort
+from .distributed import local_device, rank_share
 from .encoders import Encoder, load_encoder
 from .errors import InputError
 from .io import atomic_path
@@ -76,8 +76,7 @@ def extract(
         raise InputError(f"batch size must be >= 1, got {batch_size}")
     cohort = Cohort(data)
     ids = _sample_ids(cohort, samples, source)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    mine = ids[rank::world]
+    mine = rank_share(ids)
     out_dir = cohort.root / keys.EMBEDDINGS_DIR / encoder
     todo = [i for i in mine if overwrite or not (out_dir / f"{i}.h5").exists()]
     records = [
@@ -271,12 +270,7 @@ def _sample_ids(cohort: Cohort, samples: str, source: str) -> list[str]:
 
 
 def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    return str(local_device()) if device == "auto" else device
 
 
 __all__ = ["SlideExtraction", "extract", "extract_slide", "tissue_grid"]

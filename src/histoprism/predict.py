@@ -10,7 +10,6 @@ Under torchrun, each rank predicts its share of the slides.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from . import __version__, keys
 from .baselines import BASELINES, load_baseline
 from .checkpoint import check_encoder, load_run
 from .cohort import Cohort, Slide
+from .distributed import local_device, rank_share
 from .errors import InputError
 from .genes import GENESET_COLLECTIONS, GenePanel, gpc_genesets, looks_like_ensembl
 from .io import atomic_path
@@ -141,19 +141,13 @@ def load(
             raise InputError(str(exc)) from None
         model = HistoPrism(cfg)
         model.load_state_dict(tensors)
-        dev = torch.device(device) if device is not None else _default_device()
+        dev = torch.device(device) if device is not None else local_device()
         predictor = HistoPrismPredictor(model.eval().to(dev), vocab, dev)
     elif kind in BASELINES:
         predictor = load_baseline(kind, config, tensors, panel=panel, vocab=vocab)
     else:
         raise InputError(f"unknown model kind '{kind}'", Path(run_dir) / keys.RUN_CONFIG)
     return Run(Path(run_dir), config, predictor, panel, vocab)
-
-
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-    return torch.device("cpu")
 
 
 def pathway_membership(
@@ -326,8 +320,7 @@ def predict(
     run = load(model, attention=attention, attention_radius_um=attention_radius_um)
     check_encoder(run.config, encoder, run_dir=model)
     cohort = Cohort(data, split_dir=split)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    ids = _sample_ids(cohort, samples)[rank::world]
+    ids = rank_share(_sample_ids(cohort, samples))
     genesets = default_genesets(run.panel)
     written = []
     with progress_bar(enabled=progress) as bar:
