@@ -160,7 +160,7 @@ def _from_patches(cohort, sample_id, model, mpp, batch_size, bar):
 
 
 def _from_wsi(cohort, sample_id, model, mpp, batch_size, bar):
-    from .patching import iter_patch_batches, plan_patches, tissue_fraction
+    from .patching import PatchReport, iter_patch_batches, plan_patches, tissue_fraction
     from .readers.wsi import open_wsi
 
     image = cohort.wsi_path(sample_id)
@@ -170,30 +170,27 @@ def _from_wsi(cohort, sample_id, model, mpp, batch_size, bar):
             f"{keys.WSI_DIR}/ (or the metadata's '{keys.META_WSI}')",
             cohort.root,
         )
+    cut = dict(target_mpp=model.config.mpp, size=model.config.patch_size)
     with open_wsi(image, mpp=mpp or cohort.pixel_size_um(sample_id)) as wsi:
         centres, barcodes = _spots(cohort, sample_id, wsi)
-        plan = plan_patches(wsi, centres, target_mpp=model.config.mpp, size=model.config.patch_size)
+        plan = plan_patches(wsi, centres, **cut)
         features = np.empty((len(centres), model.dim), dtype=np.float32)
-        tissue_free = 0
+        tissue = np.empty(len(centres))
         task = bar.add_task(sample_id, total=len(centres)) if bar is not None else None
-        for rows, img in iter_patch_batches(
-            wsi, centres, target_mpp=model.config.mpp, size=model.config.patch_size,
-            batch_size=batch_size,
-        ):  # fmt: skip
+        for rows, img in iter_patch_batches(wsi, centres, batch_size=batch_size, **cut):
             features[rows] = model.embed(img)
-            tissue_free += int((tissue_fraction(img) < 0.1).sum())
+            tissue[rows] = tissue_fraction(img)
             if task is not None:
                 bar.update(task, advance=len(rows))
         if task is not None:
             bar.remove_task(task)
-    out_of_bounds = int((~plan.in_bounds).sum())
+    report = PatchReport.from_plan(plan, tissue, slide=sample_id)
     # patches on fat or glass are expected at a tissue edge; many of them suggest a misregistration
-    if out_of_bounds or tissue_free > TISSUE_FREE_WARN * len(centres):
-        log.warning(
-            "%s: %d of %d patches fall partly outside the image, %d show no tissue",
-            sample_id, out_of_bounds, len(centres), tissue_free,
-        )  # fmt: skip
-    record = SlideExtraction(sample_id, "wsi", len(centres), out_of_bounds, tissue_free)
+    worrying = report.n_out_of_bounds or report.n_tissue_free > TISSUE_FREE_WARN * len(centres)
+    log.log(logging.WARNING if worrying else logging.INFO, "%s", report.summary())
+    record = SlideExtraction(
+        sample_id, "wsi", len(centres), report.n_out_of_bounds, report.n_tissue_free
+    )
     return record, (features, centres, barcodes)
 
 
