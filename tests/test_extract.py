@@ -149,7 +149,7 @@ def test_bad_inputs_are_one_line_errors(image_cohort, tmp_path):
     root = _copy(image_cohort, tmp_path / "c")
     with pytest.raises(InputError, match="unknown encoder|not-an-encoder"):
         extract(root, "not-an-encoder")
-    with pytest.raises(InputError, match="sample 'nope' not in metadata"):
+    with pytest.raises(InputError, match=r"sample\(s\) not in metadata: nope"):
         extract(root, ENCODER, samples="nope")
     sid = Cohort(root).ids()[0]
     (root / keys.PATCHES_DIR / f"{sid}.h5").unlink()

@@ -204,6 +204,14 @@ class Cohort:
         have |= {p.name.removesuffix(keys.TORCH_EMBEDDINGS_SUFFIX) for p in emb.glob("*/*.pt")}
         return [i for i in self.metadata.index if i in have]
 
+    def listed_ids(self, samples: str) -> list[str]:
+        """Comma-separated sample ids (``--samples A,B``), each checked against the metadata."""
+        ids = [s.strip() for s in samples.split(",") if s.strip()]
+        unknown = [i for i in ids if i not in self.metadata.index]
+        if unknown:
+            raise InputError(f"sample(s) not in metadata: {', '.join(unknown)}", self.root)
+        return ids
+
     def ids(self, split: str | None = None) -> list[str]:
         """Sample ids of one split ('train', 'val', 'test'), or all available ids."""
         if split is None:

@@ -248,11 +248,7 @@ def tissue_grid(
 
 def _sample_ids(cohort: Cohort, samples: str, source: str) -> list[str]:
     if samples != "all":
-        ids = [s.strip() for s in samples.split(",") if s.strip()]
-        unknown = [i for i in ids if i not in cohort.metadata.index]
-        if unknown:
-            raise InputError(f"sample '{unknown[0]}' not in metadata", cohort.root)
-        return ids
+        return cohort.listed_ids(samples)
     ids = [
         i
         for i in cohort.metadata.index

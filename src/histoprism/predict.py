@@ -347,8 +347,4 @@ def _sample_ids(cohort: Cohort, samples: str) -> list[str]:
         return cohort.ids(samples)
     if samples == "all":
         return cohort.ids()
-    ids = [s.strip() for s in samples.split(",") if s.strip()]
-    unknown = [i for i in ids if i not in cohort.metadata.index]
-    if unknown:
-        raise InputError(f"sample(s) not in metadata: {', '.join(unknown)}", cohort.root)
-    return ids
+    return cohort.listed_ids(samples)
