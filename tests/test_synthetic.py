@@ -228,10 +228,10 @@ def test_ceiling_is_the_expectation_over_hidden_draws() -> None:
     """Ceiling == Monte-Carlo mean of log1p(counts) over fresh draws of everything hidden."""
     cfg, rng = tiny(), np.random.default_rng(3)
     world, shape = synthetic._make_world(cfg, rng), synthetic._frame_shape(cfg)
-    tissue = synthetic._tissue(rng, shape, 60, 0, cfg.n_cancers)
+    tissue = synthetic._tissue(rng, shape, 60, 0, cfg)
     log_mu = synthetic._visible_log_mean(world, tissue, 0, targeted=False)
     hidden = np.stack(
-        [synthetic._hidden_log_term(world, rng, shape, tissue.spots) for _ in range(300)]
+        [synthetic._hidden_log_term(world, cfg, rng, shape, tissue.spots) for _ in range(300)]
     )
     # the ceiling assumes the hidden term is N(0, hidden_sd^2) at every spot
     ratio = hidden.std(axis=0).mean(axis=0) / world.hidden_sd
@@ -301,3 +301,68 @@ def test_ridge_on_embeddings_beats_the_train_mean(cohort: Path) -> None:
         pred = model.predict(x)
         assert np.nanmean(_pearson(y, pred)) > 0.1  # the train mean has r = NaN/0
         assert ((y - pred) ** 2).mean() < ((y - y_train.mean(0)) ** 2).mean()
+
+
+# --- a family of worlds ---------------------------------------------------------------------------
+
+
+def test_draw_world_is_deterministic_and_spans_its_ranges() -> None:
+    worlds = [synthetic.draw_world(s) for s in range(40)]
+    assert synthetic.draw_world(3) == worlds[3]
+    for w in worlds:
+        assert 2 <= w.n_cancers <= 6 and w.n_slides >= 4 * w.n_cancers
+        assert w.embed_dim in synthetic.EMBED_DIMS and w.spots[0] <= w.spots[1]
+        assert 0.2 <= w.cancer_effect <= 3.0 and 0.0 <= w.cancer_tell <= 0.6
+        assert 0.3 <= w.embed_nonlinearity <= 3.0 and 0.0 <= w.targeted_fraction <= 0.35
+    # the draws really vary: both ends of the cancer effect and many embedding sizes
+    effects = [w.cancer_effect for w in worlds]
+    assert min(effects) < 0.5 and max(effects) > 1.5
+    assert len({w.embed_dim for w in worlds}) >= 5
+    assert sum(w.targeted_fraction > 0 for w in worlds) >= 10
+
+
+def test_world_knobs_act_where_they_say() -> None:
+    """cancer_effect 0: no gene differs by cancer type; context_strength 0: no neighbourhood or
+    slide-level programme; the default knobs reproduce the built-in world exactly."""
+    base = dataclasses.replace(tiny(), n_cancers=3)
+    flat = synthetic._make_world(
+        dataclasses.replace(base, cancer_effect=0.0), np.random.default_rng(0)
+    )
+    assert np.all(flat.offset == 0) and np.allclose(flat.effect[0], flat.effect[1:])
+    no_context = synthetic._make_world(
+        dataclasses.replace(base, context_strength=0.0), np.random.default_rng(0)
+    )
+    assert np.all(no_context.effect[:, synthetic.N_SPOT_DRIVERS :] == 0)
+    assert np.any(no_context.effect[:, : synthetic.N_SPOT_DRIVERS] != 0)
+    default = synthetic._make_world(base, np.random.default_rng(0))
+    strong = synthetic._make_world(
+        dataclasses.replace(base, cancer_effect=2.0), np.random.default_rng(0)
+    )
+    spread = lambda w: np.abs(w.offset).mean()  # noqa: E731
+    assert spread(strong) == pytest.approx(2 * spread(default))
+    assert synthetic._tanh_rescale(1.0) == pytest.approx(1.0)
+
+
+def test_embedding_nonlinearity_keeps_the_signal_scale() -> None:
+    sds = []
+    for gain in (0.3, 1.0, 3.0):
+        cfg = dataclasses.replace(tiny(), embed_nonlinearity=gain, spot_noise_sd=0.0)
+        cfg = dataclasses.replace(cfg, stain_shift_sd=0.0, stain_scale_sd=0.0)
+        rng = np.random.default_rng(0)
+        world, shape = synthetic._make_world(cfg, rng), synthetic._frame_shape(cfg)
+        tissue = synthetic._tissue(rng, shape, 150, 0, cfg)
+        sds.append(synthetic._embed(world, rng, tissue, cfg).std())
+    assert max(sds) / min(sds) < 2.0  # without the rescale, gain 0.3 shrinks it ~4x
+
+
+def test_a_drawn_world_writes_a_cohort_whose_ceiling_beats_the_mean(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(
+        synthetic.draw_world(5, n_slides=8, n_genes=200), spots=(60, 90), n_cancers=2
+    )
+    out = make_cohort(tmp_path / "w", config=cfg)
+    sid = pd.read_csv(out / "metadata.csv")["id"].iloc[0]
+    truth = np.log1p(ad.read_h5ad(out / "st" / f"{sid}.h5ad").X.toarray())
+    ceiling = ad.read_h5ad(out / "ceiling" / f"{sid}.h5ad").X
+    assert ((truth - ceiling) ** 2).mean() < ((truth - truth.mean(0)) ** 2).mean()
+    with h5py.File(out / "embeddings" / "synthetic" / f"{sid}.h5") as fh:
+        assert fh["features"].shape[1] == cfg.embed_dim

@@ -22,6 +22,7 @@ from .attention import LocalPlan, local_attention, plan_tiles
 
 SPOT_CHUNK = 8192  # spots per block of the per-spot layers: bounds the (chunk, D) temporaries
 ATTENTION_MODES = ("auto", "full", "local")
+CONDITIONING_SITES = ("input", "hidden")
 
 
 @dataclass
@@ -54,30 +55,50 @@ class ModelConfig:
     attention: str = "auto"  # "full" (paper), "local" (within the radius), "auto": full up to max
     attention_radius_um: float = 400.0  # local: a spot attends to the spots within this many µm
     full_attention_max_spots: int = 20_000  # auto: dense attention up to this many spots
+    # Where the cancer type enters. "input" (the paper): cross-attention from the patch embedding
+    # to the type's tokens, Add & LayerNorm, before the projection; the type's vector can grow
+    # until the LayerNorm scales the spot's own signal away. "hidden": the same cross-attention
+    # after the projection as a residual branch whose output layer starts at zero, so a fresh
+    # model is exactly the unconditioned one and the spot's signal is never renormalised.
+    conditioning_site: str = "input"
+    norm_first: bool = False  # pre-norm encoder blocks and a final LayerNorm: the residual
+    # stream carries each spot's own projection to the head unchanged (a per-spot skip path)
 
     def __post_init__(self):
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got '{self.attention}'")
         if not self.attention_radius_um > 0:
             raise ValueError(f"attention_radius_um must be > 0, got {self.attention_radius_um}")
+        if self.conditioning_site not in CONDITIONING_SITES:
+            raise ValueError(
+                f"conditioning_site must be one of {CONDITIONING_SITES}, "
+                f"got '{self.conditioning_site}'"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 class CancerConditioning(nn.Module):
-    """Cross-attention from patch features (queries) to the cancer type's context tokens (keys/values),
-    then Add & LayerNorm, as in the paper."""
+    """Cross-attention from spot features (queries) to the cancer type's context tokens
+    (keys/values). At the input (the paper): Add & LayerNorm on the patch embedding. In the
+    hidden space: a pre-norm residual branch whose output layer starts at zero."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d, self.n_heads, self.t = cfg.in_dim, cfg.cross_heads, cfg.context_tokens
+        self.residual = cfg.conditioning_site == "hidden"
+        d = cfg.hidden if self.residual else cfg.in_dim
+        self.n_heads, self.t = cfg.cross_heads, cfg.context_tokens
         self.tokens = nn.Embedding(cfg.n_conditions * cfg.context_tokens, d)
         # one token needs no query projection (see _single_token): DDP wants no unused weights
         self.q = nn.Linear(d, d) if cfg.context_tokens > 1 else None
         self.kv, self.out = nn.Linear(d, 2 * d), nn.Linear(d, d)
-        self.norm = nn.LayerNorm(d)
+        # input: after the add; hidden: on the queries, which one token does not need
+        self.norm = nn.LayerNorm(d) if not self.residual or self.t > 1 else None
         self.dropout = cfg.dropout
+        if self.residual:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
@@ -87,11 +108,13 @@ class CancerConditioning(nn.Module):
         if self.t == 1:
             a = self._single_token(ctx, N, p)  # (B, N or 1, D)
         else:
-            q = self.q(x).view(B, N, self.n_heads, -1).transpose(1, 2)  # (B, h, N, D/h)
+            q_in = self.norm(x) if self.residual else x
+            q = self.q(q_in).view(B, N, self.n_heads, -1).transpose(1, 2)  # (B, h, N, D/h)
             kv = self.kv(ctx).view(B, self.t, 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
             a = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=p)  # (B, h, N, D/h)
             a = self.out(a.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
-        return self.norm(x + F.dropout(a, p, self.training))
+        a = F.dropout(a, p, self.training)
+        return x + a if self.residual else self.norm(x + a)
 
     def _single_token(self, ctx: torch.Tensor, N: int, p: float) -> torch.Tensor:
         """Softmax over one key is 1, so every query receives the value whatever the query is:
@@ -127,8 +150,9 @@ class SinusoidalPosition(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """Post-norm transformer encoder layer (as torch.nn.TransformerEncoderLayer) on fused SDPA, so
-    no N x N matrix is materialised in Python; with local plans, attention within a radius."""
+    """Transformer encoder layer (as torch.nn.TransformerEncoderLayer: post-norm, or pre-norm with
+    ``norm_first``) on fused SDPA, so no N x N matrix is materialised in Python; with local
+    plans, attention within a radius."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -142,10 +166,12 @@ class EncoderBlock(nn.Module):
             nn.Linear(cfg.ff_mult * h, h),
         )
         self.norm1, self.norm2 = nn.LayerNorm(h), nn.LayerNorm(h)
+        self.norm_first = cfg.norm_first
 
     def forward(self, x: torch.Tensor, local: list[LocalPlan] | None = None) -> torch.Tensor:
         B, N, H = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, -1).unbind(2)  # (B, N, h, H/h)
+        y = self.norm1(x) if self.norm_first else x
+        q, k, v = self.qkv(y).view(B, N, 3, self.n_heads, -1).unbind(2)  # (B, N, h, H/h)
         p, p_attn = (self.dropout, self.attn_dropout) if self.training else (0.0, 0.0)
         if local is None:
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, h, N, H/h)
@@ -154,11 +180,13 @@ class EncoderBlock(nn.Module):
             a = torch.stack(
                 [local_attention(q[b], k[b], v[b], local[b], dropout_p=p_attn) for b in range(B)]
             )  # (B, N, h, H/h)
-        a = self.out(a.reshape(B, N, H))  # (B, N, H)
-        x = self.norm1(x + F.dropout(a, p, self.training))
+        a = F.dropout(self.out(a.reshape(B, N, H)), p, self.training)  # (B, N, H)
+        x = x + a if self.norm_first else self.norm1(x + a)
         # per spot: blocks of spots keep its (B, chunk, 4H) temporaries small without autograd
-        f = torch.cat([self.ff(c) for c in x.split(SPOT_CHUNK, dim=1)], dim=1)  # (B, N, H)
-        return self.norm2(x + F.dropout(f, p, self.training))
+        y = self.norm2(x) if self.norm_first else x
+        f = torch.cat([self.ff(c) for c in y.split(SPOT_CHUNK, dim=1)], dim=1)  # (B, N, H)
+        f = F.dropout(f, p, self.training)
+        return x + f if self.norm_first else self.norm2(x + f)
 
 
 class HistoPrism(nn.Module):
@@ -175,6 +203,7 @@ class HistoPrism(nn.Module):
         self.proj_neighbours = nn.Linear(d, h) if cfg.neighbours > 0 else None
         self.position = SinusoidalPosition(h, cfg.pe_scale_um) if cfg.positional_encoding else None
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(h) if cfg.norm_first else nn.Identity()
         self.head_hidden = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Dropout(cfg.dropout))
         self.head_out = nn.Linear(h, cfg.n_genes)
 
@@ -204,15 +233,19 @@ class HistoPrism(nn.Module):
         plans = self.local_plans(coords_um, h.shape[1])
         for block in self.blocks:
             h = block(h, plans)
-        return self.head_hidden(h)  # (B, N, H)
+        return self.head_hidden(self.final_norm(h))  # (B, N, H)
 
     def _per_spot(self, features: torch.Tensor, condition: torch.Tensor):
         """(B, n, D) -> projection (B, n, H) and neighbour projection (B, n, H) or None."""
         x = (features - self.feature_mean) / self.feature_std  # (B, n, D)
-        if self.condition is not None:
+        at_input = self.condition is not None and not self.condition.residual
+        if at_input:
             x = self.condition(x, condition)  # (B, n, D)
         nb = self.proj_neighbours(x) if self.proj_neighbours is not None else None
-        return self.proj(x), nb
+        h = self.proj(x)  # (B, n, H)
+        if self.condition is not None and not at_input:
+            h = self.condition(h, condition)
+        return h, nb
 
     def uses_local_attention(self, n_spots: int) -> bool:
         mode = self.cfg.attention

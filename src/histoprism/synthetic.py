@@ -190,6 +190,19 @@ class SyntheticConfig:
     seed: int = 0  # seed of everything
     images: bool = False  # also write H&E-like wsis/{id}.tif and HEST patches/{id}.h5
     image_patches: bool = True  # with images: write patches/{id}.h5 too (~80 KB per spot)
+    # --- the world's biology and measurement (defaults: the built-in cohort; draw_world varies
+    # them). Each is a multiplier or an sd on the scale of the constants named.
+    cancer_effect: float = 1.0  # size of what differs by cancer type: gene offsets (sd 0.3 x
+    # this) and the cancer-specific part of the tissue -> programme map
+    cancer_tell: float = CANCER_TELL  # how visible the cancer type is in one spot's morphology
+    context_strength: float = 1.0  # weight of neighbourhood and slide-level programme drivers
+    slide_programme_sd: float = SLIDE_PROGRAMME_SD  # hidden per-slide programme offsets
+    depth_slide_sd: float = LIB_SLIDE_SD  # log-scale sd of sequencing depth between slides
+    stain_shift_sd: float = STAIN_SHIFT_SD  # per-slide additive shift of every embedding dim
+    stain_scale_sd: float = STAIN_SCALE_SD  # per-slide log-scale of the embeddings
+    spot_noise_sd: float = SPOT_NOISE_SD  # per-spot embedding noise (signal sd ~1 per dim)
+    embed_nonlinearity: float = 1.0  # input gain of the embedding map's tanh layer: 0.3 is
+    # nearly linear, 3 saturates (a foundation model's features are far from linear in biology)
 
 
 def tiny(seed: int = 0) -> SyntheticConfig:
@@ -205,6 +218,45 @@ def tiny(seed: int = 0) -> SyntheticConfig:
         embed_dim=32,
         targeted_genes=100,
         seed=seed,
+    )
+
+
+EMBED_DIMS = (64, 128, 256, 384, 512, 768, 1024, 1280, 1536)  # what pathology encoders emit
+
+
+def draw_world(seed: int, *, n_slides: int = 20, n_genes: int = 1000) -> SyntheticConfig:
+    """A cohort config whose biology and measurement are drawn from ``seed``, over ranges that
+    real cohorts span, so that a recipe can be measured on many worlds instead of one.
+
+    Varied: number of cancer types (2-6); size of the cancer-type effect (0.2-3x the built-in,
+    log-uniform) and how visible the type is in a spot (0-0.6); weight of neighbourhood and
+    slide-level programmes (0-2x); hidden per-slide programme offsets and depth; per-slide stain
+    shift and scale; per-spot embedding noise; embedding dimension (64-1536) and how nonlinear
+    the embedding map is (gain 0.3-3); spots per slide (120-1,200); share of targeted-panel
+    slides (0-0.35). ``n_slides`` and ``n_genes`` size the cohort. Every world keeps its exact
+    ceiling (``ceiling/``). Same seed, same world.
+    """
+    rng = np.random.default_rng([seed, 0x574F524C44])  # "WORLD": not the cohort's own stream
+    low = int(rng.integers(120, 500))
+    n_cancers = int(rng.integers(2, 7))
+    return SyntheticConfig(
+        n_slides=max(n_slides, 4 * n_cancers),  # room for train, val and test of every type
+        n_cancers=n_cancers,
+        spots=(low, int(low * rng.uniform(1.3, 2.5))),
+        n_genes=n_genes,
+        embed_dim=int(rng.choice(EMBED_DIMS)),
+        targeted_fraction=float(rng.uniform(0.05, 0.35)) if rng.random() < 0.7 else 0.0,
+        targeted_genes=max(50, n_genes // 8),
+        seed=seed,
+        cancer_effect=float(np.exp(rng.uniform(np.log(0.2), np.log(3.0)))),
+        cancer_tell=float(rng.uniform(0.0, 0.6)),
+        context_strength=float(rng.uniform(0.0, 2.0)),
+        slide_programme_sd=float(rng.uniform(0.05, 0.5)),
+        depth_slide_sd=float(rng.uniform(0.1, 0.7)),
+        stain_shift_sd=float(rng.uniform(0.05, 1.0)),
+        stain_scale_sd=float(rng.uniform(0.02, 0.4)),
+        spot_noise_sd=float(rng.uniform(0.2, 1.2)),
+        embed_nonlinearity=float(np.exp(rng.uniform(np.log(0.3), np.log(3.0)))),
     )
 
 
@@ -291,14 +343,16 @@ def _loadings(genes: _Genes, rng: np.random.Generator) -> np.ndarray:
 
 
 def _programme_drivers(
-    names: list[str], n_cancers: int, rng: np.random.Generator
+    names: list[str], cfg: SyntheticConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Driver -> programme activity maps.
 
     Returns
     -------
     visible : (C, Kd, P) float, standardised visible drivers -> activity, per cancer
-        (shared part + cancer-specific part: the same morphology means different expression).
+        (shared part + cancer-specific part: the same morphology means different expression;
+        ``cfg.cancer_effect`` scales the cancer-specific part, ``cfg.context_strength`` the
+        neighbourhood and slide-level drivers).
     hidden : (N_HIDDEN, P) float, hidden unit fields -> activity.
     """
     n_vis, n_prog = len(VIS_DRIVERS), len(names)
@@ -314,12 +368,16 @@ def _programme_drivers(
             base[rng.choice(list(pool)), p] = rng.uniform(0.8, 1.2)
         base[rng.choice(n_vis, 2, replace=False), p] += rng.normal(0.0, 0.4, 2)
         hidden[rng.integers(N_HIDDEN), p] += rng.normal(0.0, 0.3)
+    n_cancers = cfg.n_cancers
     gain = rng.uniform(0.4, 1.6, (n_cancers, 1, n_prog))  # cancer-specific strength ...
     extra = np.zeros((n_cancers, n_vis, n_prog))  # ... and cancer-specific drivers
     for c in range(n_cancers):
         rows = rng.integers(n_vis, size=(2, n_prog))
         extra[c, rows, np.arange(n_prog)] = rng.normal(0.0, 0.7, (2, n_prog))
-    return base[None] * gain + extra, hidden
+    gain = 1.0 + cfg.cancer_effect * (gain - 1.0)
+    visible = base[None] * np.clip(gain, 0.05, None) + cfg.cancer_effect * extra
+    visible[:, N_SPOT_DRIVERS:] *= cfg.context_strength
+    return visible, hidden
 
 
 @dataclass(frozen=True)
@@ -357,11 +415,22 @@ def _targeted_panel(
     return np.sort(pick)
 
 
+def _tanh_rescale(gain: float) -> float:
+    """Output factor that keeps tanh(gain * z) units, z ~ N(0, 1.5^2), at the variance they have
+    at gain 1 (Gauss-Hermite expectation; exactly 1 at gain 1)."""
+    nodes, weights = np.polynomial.hermite.hermgauss(64)
+
+    def var(g: float) -> float:
+        return float(weights @ np.tanh(1.5 * g * np.sqrt(2.0) * nodes) ** 2 / np.sqrt(np.pi))
+
+    return float(np.sqrt(var(1.0) / var(gain)))
+
+
 def _make_world(cfg: SyntheticConfig, rng: np.random.Generator) -> _World:
     """Draw the cohort-wide gene programmes, loadings, baselines and embedding MLP."""
     genes = _gene_universe(cfg, rng)
     load = _loadings(genes, rng)  # (P, G)
-    visible, hidden_prog = _programme_drivers(list(genes.sets), cfg.n_cancers, rng)
+    visible, hidden_prog = _programme_drivers(list(genes.sets), cfg, rng)
     in_prog = load.any(axis=0)
     effect = np.einsum("ckp,pg->ckg", visible, load)  # (C, Kd, G)
     hidden = hidden_prog @ load  # (N_HIDDEN, G)
@@ -370,17 +439,20 @@ def _make_world(cfg: SyntheticConfig, rng: np.random.Generator) -> _World:
     shrink = np.minimum(1.0, EFFECT_CAP / np.maximum(size, 1e-12))
     effect, hidden = effect * shrink, hidden * shrink
     n_genes = len(genes.symbols)
-    offset = rng.normal(0.0, 0.3, (cfg.n_cancers, n_genes))
+    offset = rng.normal(0.0, 0.3 * cfg.cancer_effect, (cfg.n_cancers, n_genes))
     dispersion = rng.integers(len(DISPERSIONS), size=n_genes)
-    hidden_var = (hidden**2).sum(0) + SLIDE_PROGRAMME_SD**2 * (load**2).sum(0)
-    hidden_sd = np.sqrt(hidden_var + LIB_SLIDE_SD**2 + LIB_SPOT_SD**2)
+    hidden_var = (hidden**2).sum(0) + cfg.slide_programme_sd**2 * (load**2).sum(0)
+    hidden_sd = np.sqrt(hidden_var + cfg.depth_slide_sd**2 + LIB_SPOT_SD**2)
     n_panel = min(cfg.targeted_genes, n_genes // 2)
     n_look = len(NICHES) + 4 + cfg.n_cancers
+    gain = cfg.embed_nonlinearity
     mlp = (
-        rng.normal(0.0, 1.5 / np.sqrt(n_look), (n_look, MLP_HIDDEN)),
+        rng.normal(0.0, 1.5 * gain / np.sqrt(n_look), (n_look, MLP_HIDDEN)),
         rng.normal(0.0, 0.5, MLP_HIDDEN),
-        # tanh units have variance ~0.4 here, so outputs come out with sd ~1 per dimension
-        rng.normal(0.0, 1.0 / np.sqrt(MLP_HIDDEN * 0.4), (MLP_HIDDEN, cfg.embed_dim)),
+        # tanh units have variance ~0.4 at gain 1, so outputs come out with sd ~1 per dimension;
+        # other gains are rescaled to the same output sd
+        rng.normal(0.0, 1.0 / np.sqrt(MLP_HIDDEN * 0.4), (MLP_HIDDEN, cfg.embed_dim))
+        * _tanh_rescale(gain),
     )
     return _World(
         genes=genes,
@@ -557,7 +629,11 @@ def _composition(
 
 
 def _tissue(
-    rng: np.random.Generator, shape: tuple[int, int], n_spots: int, cancer: int, n_cancers: int
+    rng: np.random.Generator,
+    shape: tuple[int, int],
+    n_spots: int,
+    cancer: int,
+    cfg: SyntheticConfig,
 ) -> _Tissue:
     """Draw a slide's tissue: outline, niches, visible covariates and context drivers."""
     spots = _tissue_spots(rng, shape, n_spots)
@@ -575,8 +651,8 @@ def _tissue(
     raw = np.column_stack([comp, nuclear, texture, *context])  # order of VIS_DRIVERS
     # standardise, then saturate: products of shares are skewed and must not explode exp()
     drivers = DRIVER_CAP * np.tanh((raw - DRIVER_CENTRE) / DRIVER_SCALE / DRIVER_CAP)
-    tell = np.zeros((n_spots, n_cancers))
-    tell[:, cancer] = CANCER_TELL
+    tell = np.zeros((n_spots, cfg.n_cancers))
+    tell[:, cancer] = cfg.cancer_tell
     # the look: one spot's worth of tissue (no neighbourhood); two nuisance visible fields
     look = np.column_stack([(comp - 1 / 6) / 0.3, nuclear, texture, covariates[:, 2:], tell])
     # (the image renderer reads nuclear, texture and the first nuisance back: see _spot_look)
@@ -595,7 +671,11 @@ def _visible_log_mean(world: _World, tissue: _Tissue, cancer: int, targeted: boo
 
 
 def _hidden_log_term(
-    world: _World, rng: np.random.Generator, shape: tuple[int, int], spots: np.ndarray
+    world: _World,
+    cfg: SyntheticConfig,
+    rng: np.random.Generator,
+    shape: tuple[int, int],
+    spots: np.ndarray,
 ) -> np.ndarray:
     """One draw of everything morphology cannot see, on the log-mean scale, (N, G) float32.
 
@@ -604,8 +684,8 @@ def _hidden_log_term(
     """
     fields = _smooth_fields(rng, N_HIDDEN, shape, HIDDEN_SIGMA_UM).reshape(N_HIDDEN, -1)
     term = fields[:, spots].T @ world.hidden  # (N, G)
-    slide = rng.normal(0.0, SLIDE_PROGRAMME_SD, len(world.loadings)) @ world.loadings
-    depth = rng.normal(0.0, LIB_SLIDE_SD) + rng.normal(0.0, LIB_SPOT_SD, len(spots))
+    slide = rng.normal(0.0, cfg.slide_programme_sd, len(world.loadings)) @ world.loadings
+    depth = rng.normal(0.0, cfg.depth_slide_sd) + rng.normal(0.0, LIB_SPOT_SD, len(spots))
     return (term + slide + depth[:, None]).astype(np.float32)
 
 
@@ -618,13 +698,15 @@ def _draw_counts(
     return rng.poisson(rate).astype(np.float32)
 
 
-def _embed(world: _World, rng: np.random.Generator, tissue: _Tissue, embed_dim: int) -> np.ndarray:
+def _embed(
+    world: _World, rng: np.random.Generator, tissue: _Tissue, cfg: SyntheticConfig
+) -> np.ndarray:
     """Patch embeddings (N, D) float32: fixed MLP of the look, slide stain shift, spot noise."""
     w1, b1, w2 = world.mlp
     signal = np.tanh(tissue.look @ w1 + b1) @ w2  # (N, D), roughly unit sd per dimension
-    scale = np.exp(rng.normal(0.0, STAIN_SCALE_SD))
-    shift = rng.normal(0.0, STAIN_SHIFT_SD, embed_dim)
-    noise = rng.normal(0.0, SPOT_NOISE_SD, signal.shape)
+    scale = np.exp(rng.normal(0.0, cfg.stain_scale_sd))
+    shift = rng.normal(0.0, cfg.stain_shift_sd, cfg.embed_dim)
+    noise = rng.normal(0.0, cfg.spot_noise_sd, signal.shape)
     return (signal * scale + shift + noise).astype(np.float32)
 
 
@@ -793,10 +875,10 @@ def _simulate_slide(
 ) -> dict:
     """One slide: ``st`` and ``ceiling`` AnnData, ``features`` (N, D), ``xy``, ``barcodes``."""
     cancer, targeted = int(slide["cancer"]), bool(slide["targeted"])
-    tissue = _tissue(rng, shape, int(slide["n_spots"]), cancer, cfg.n_cancers)
+    tissue = _tissue(rng, shape, int(slide["n_spots"]), cancer, cfg)
     genes = world.panel if targeted else np.arange(len(world.genes.symbols))
     log_mu = _visible_log_mean(world, tissue, cancer, targeted)[:, genes]
-    hidden = _hidden_log_term(world, rng, shape, tissue.spots)[:, genes]
+    hidden = _hidden_log_term(world, cfg, rng, shape, tissue.spots)[:, genes]
     counts = _draw_counts(rng, log_mu + hidden, world.dispersion[genes])
     barcodes = whitelist[tissue.spots]
     st = _st_anndata(counts, tissue, barcodes, world.genes, genes)
@@ -804,7 +886,7 @@ def _simulate_slide(
     return {
         "st": st,
         "ceiling": _ceiling_anndata(st, ceiling, tissue, CANCERS[cancer]),
-        "features": _embed(world, rng, tissue, cfg.embed_dim),
+        "features": _embed(world, rng, tissue, cfg),
         "xy": tissue.xy,
         "barcodes": barcodes,
         "tissue": tissue,
@@ -949,4 +1031,4 @@ def _write_splits(out: Path, table: pd.DataFrame) -> None:
             frame.to_csv(tmp, index=False)
 
 
-__all__ = ["CANCERS", "NICHES", "SyntheticConfig", "make_cohort", "tiny"]
+__all__ = ["CANCERS", "NICHES", "SyntheticConfig", "draw_world", "make_cohort", "tiny"]

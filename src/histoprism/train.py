@@ -29,6 +29,7 @@ from .genes import GenePanel, looks_like_ensembl, read_gene_list
 from .io import write_text_atomic
 from .model import HistoPrism, ModelConfig
 from .progress import progress_bar
+from .validation import RidgeReference, moment_sums, pearson_from_sums, ridge_reference
 from .tensors import (
     CancerVocabulary,
     SlideTensors,
@@ -49,10 +50,16 @@ class TrainConfig:
     warmup_epochs: float = 2.0  # linear warm-up, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.05  # floor of the cosine schedule
     grad_clip: float = 1.0  # max global gradient norm
-    patience: int = 15  # epochs without a better validation loss before stopping
+    patience: int = 15  # epochs without a better validation score before stopping
+    select_on: str = "loss"  # "loss" (validation MSE) or "pearson" (mean per-gene validation r):
+    # the score that picks the best epoch and drives early stopping
     condition_dropout: float = 0.1  # share of steps trained with the 'Unknown' token instead
     crop_spots: int = 5_000  # > 0: a step sees at most this many spots, a random disc of tissue
     seed: int = 0  # weights, slide order, dropout, crops
+
+    def __post_init__(self):
+        if self.select_on not in ("loss", "pearson"):
+            raise ValueError(f"select_on must be 'loss' or 'pearson', got '{self.select_on}'")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -204,9 +211,25 @@ class TrainState:
 
     epoch: int = 0  # epochs completed
     step: int = 0  # optimiser steps taken
-    best_val: float = math.inf
+    best_val: float = math.inf  # validation loss at the best epoch
+    best_score: float = math.inf  # the selection score at the best epoch (lower is better)
     best_epoch: int = -1
     bad_epochs: int = 0  # epochs since the best validation loss
+    best_checked: float = math.nan  # validation r on the health check's genes at the best epoch
+
+
+HEALTH_EPOCH = 5  # the health check speaks after this epoch (or the last, if sooner) and at the end
+
+
+def health_message(model_r: float, ridge: RidgeReference, when: str) -> str | None:
+    """One line when the model's validation r is below the per-spot ridge's, else None."""
+    if not model_r < ridge.pearson:  # NaN (nothing to compare) is no alarm
+        return None
+    return (
+        f"health check: validation r {model_r:.3f} {when} is below a per-spot ridge on the same "
+        f"slides ({ridge.pearson:.3f}, {len(ridge.genes)} most variable genes): the model has "
+        "learned less than the embeddings show (see README, 'Model recipes')"
+    )
 
 
 def train_histoprism(
@@ -241,6 +264,8 @@ def train_histoprism(
     best = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if resume and (out / keys.RUN_LAST / "best.safetensors").exists():
         best = load_tensors(out / keys.RUN_LAST / "best.safetensors")
+    ridge = ridge_reference(train_t, val_t, cfg.n_genes, cfg.n_conditions, seed=cfg_t.seed)
+    log.info("health check: per-spot ridge validation r %.3f", ridge.pearson)
     net = torch.nn.parallel.DistributedDataParallel(model) if ctx.world > 1 else model
     steps_per_epoch = len(ctx.shard(train_t))
     schedule = dict(
@@ -260,19 +285,29 @@ def train_histoprism(
             train_loss = _train_epoch(
                 net, opt, ctx.shard(order), state, cfg_t, schedule, rng, data, ctx
             )
-            val_loss, val_r = _validate(model, val_t, ctx)
+            v = _validate(model, val_t, ctx, ridge.genes)
+            val_loss, val_r = v.loss, v.pearson
             state.epoch = epoch + 1
-            if val_loss < state.best_val:
-                state.best_val, state.best_epoch, state.bad_epochs = val_loss, epoch + 1, 0
+            score = -val_r if cfg_t.select_on == "pearson" else val_loss
+            if score < state.best_score or state.best_epoch < 0:
+                state.best_score, state.best_val = score, val_loss
+                state.best_epoch, state.bad_epochs = epoch + 1, 0
+                state.best_checked = v.pearson_checked
                 best = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 state.bad_epochs += 1
+            if state.epoch == min(HEALTH_EPOCH, cfg_t.epochs) and ctx.main:
+                warning = health_message(v.pearson_checked, ridge, f"after epoch {state.epoch}")
+                if warning:
+                    log.warning(warning)
             history.append(
                 dict(
                     epoch=epoch + 1,
                     train_loss=train_loss,
                     val_loss=val_loss,
                     val_pearson=val_r,
+                    val_pearson_checked=v.pearson_checked,
+                    ridge_val_pearson=ridge.pearson,
                     lr=opt.param_groups[0]["lr"],
                     seconds=time.perf_counter() - t0,
                 )
@@ -285,8 +320,21 @@ def train_histoprism(
             if state.bad_epochs >= cfg_t.patience:
                 break
     if ctx.main:
+        warning = health_message(
+            state.best_checked, ridge, f"at the best epoch ({state.best_epoch})"
+        )
+        if warning:
+            log.warning(warning)
         model.load_state_dict(best)
-        save_run(out, config=_run_config(data, cfg, cfg_t, state), tensors=best)
+        config = _run_config(data, cfg, cfg_t, state)
+        config["health"] = dict(
+            ridge_val_pearson=ridge.pearson,
+            ridge_alpha=ridge.alpha,
+            val_pearson_checked=state.best_checked,
+            genes_checked=len(ridge.genes),
+            below_ridge=warning is not None,
+        )
+        save_run(out, config=config, tensors=best)
     if ctx.world > 1:
         dist.barrier()
     return out
@@ -333,42 +381,40 @@ def _train_epoch(net, opt, slides, state, cfg_t, schedule, rng, data, ctx) -> fl
 VAL_CHUNK_BYTES = 64 * 2**20  # one (spots, genes) float32 block of a validation prediction
 
 
+@dataclass
+class Validation:
+    loss: float  # mean masked MSE over validation slides
+    pearson: float  # mean per-gene Pearson r over (slide, gene) pairs
+    pearson_checked: float  # the same over the health check's genes only
+
+
 @torch.no_grad()
 def _validate(
-    model: HistoPrism, slides: list[SlideTensors], ctx: DistContext
-) -> tuple[float, float]:
-    """Mean masked MSE over validation slides, and mean per-gene Pearson r (for the history).
+    model: HistoPrism, slides: list[SlideTensors], ctx: DistContext, check: torch.Tensor
+) -> Validation:
+    """Scores of the model on the validation slides (``check``: the health check's panel columns).
 
     Whole slides, no crop; the head runs over blocks of spots, so that no (N, G) prediction is
     held at once, and the per-gene sums of the Pearson r are accumulated in float64.
     """
     model.eval()
-    loss, r_sum, r_n = 0.0, 0.0, 0.0
+    loss, r_sum, r_n, c_sum, c_n = 0.0, 0.0, 0.0, 0.0, 0.0
     mine = slides[ctx.rank :: ctx.world]
+    checked = set(check.tolist())
     for s in mine:
         h = model.trunk(**_to_device(s.model_inputs(), ctx.device))[0]  # (N, H)
         cols, y = s.target_cols.to(ctx.device), s.target.to(ctx.device)
         step = max(1, VAL_CHUNK_BYTES // (4 * len(cols)))
         sums = torch.zeros(6, len(cols), dtype=torch.float64, device=ctx.device)
         for i in range(0, s.n_spots, step):
-            p, t = model.head(h[i : i + step], cols).double(), y[i : i + step].double()
-            parts = [p.sum(0), t.sum(0), (p * p).sum(0), (t * t).sum(0), (p * t).sum(0)]
-            sums += torch.stack([*parts, (p - t).square().sum(0)])  # (6, G_m)
+            sums += moment_sums(model.head(h[i : i + step], cols), y[i : i + step])  # (6, G_m)
         loss += float(sums[5].sum()) / y.numel()
-        r = _pearson_from_sums(sums[:5], s.n_spots)
+        r = pearson_from_sums(sums[:5], s.n_spots).cpu()
         r_sum, r_n = r_sum + float(r.nansum()), r_n + float((~r.isnan()).sum())
-    loss, n, r_sum, r_n = ctx.all_sum([loss, float(len(mine)), r_sum, r_n])
-    return loss / max(n, 1), r_sum / max(r_n, 1)
-
-
-def _pearson_from_sums(sums: torch.Tensor, n: int) -> torch.Tensor:
-    """(5, G) float64 sums of p, t, p², t², p·t over n spots -> (G,) Pearson r; NaN where either
-    column is constant."""
-    sp, st, spp, stt, spt = sums
-    cov, vp, vt = spt - sp * st / n, spp - sp * sp / n, stt - st * st / n
-    den = (vp.clamp(min=0) * vt.clamp(min=0)).sqrt()
-    ok = (vp > 1e-12 * (spp + 1)) & (vt > 1e-12 * (stt + 1)) & (den > 0)
-    return torch.where(ok, cov / den.clamp(min=1e-300), torch.full_like(den, float("nan")))
+        rc = r[[c in checked for c in s.target_cols.tolist()]]
+        c_sum, c_n = c_sum + float(rc.nansum()), c_n + float((~rc.isnan()).sum())
+    loss, n, r_sum, r_n, c_sum, c_n = ctx.all_sum([loss, float(len(mine)), r_sum, r_n, c_sum, c_n])
+    return Validation(loss / max(n, 1), r_sum / max(r_n, 1), c_sum / c_n if c_n else math.nan)
 
 
 def _to_device(inputs: dict, device: torch.device) -> dict:

@@ -1,0 +1,109 @@
+"""Validation Pearson and the training health check (per-spot ridge reference)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from histoprism.tensors import SlideTensors
+from histoprism.train import health_message
+from histoprism.validation import (
+    RidgeReference,
+    check_genes,
+    mean_pearson,
+    moment_sums,
+    pearson_from_sums,
+    pearson_on_genes,
+    ridge_reference,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    arrays(np.float64, (12, 3), elements=st.floats(-1e3, 1e3)),
+    arrays(np.float64, (12, 3), elements=st.floats(-1e3, 1e3)),
+)
+def test_pearson_from_sums_matches_numpy(p: np.ndarray, t: np.ndarray) -> None:
+    r = pearson_from_sums(moment_sums(torch.from_numpy(p), torch.from_numpy(t))[:5], 12).numpy()
+    for g in range(3):
+        if np.ptp(p[:, g]) < 1e-6 * (1 + np.abs(p[:, g]).max()) or np.ptp(t[:, g]) < 1e-6 * (
+            1 + np.abs(t[:, g]).max()
+        ):
+            continue  # (near-)constant columns: NaN by rule, numpy is unstable there
+        assert abs(r[g] - np.corrcoef(p[:, g], t[:, g])[0, 1]) < 1e-6
+
+
+def test_constant_column_is_nan_and_skipped_by_the_mean() -> None:
+    p = torch.tensor([[1.0, 1.0], [2.0, 1.0], [3.0, 1.0]])
+    t = torch.tensor([[1.0, 0.0], [2.0, 5.0], [4.0, 1.0]])
+    r = pearson_from_sums(moment_sums(p, t)[:5], 3)
+    assert math.isnan(float(r[1])) and float(r[0]) > 0.95
+    assert mean_pearson([r]) == float(r[0])
+    sums = moment_sums(p, t)
+    assert float(sums[5, 0]) == float(((p[:, 0] - t[:, 0]) ** 2).sum())
+
+
+def _slide(rng, n, d, w, cancer, cols=None, noise=0.5) -> SlideTensors:
+    """Expression linear in the embedding plus a per-cancer shift, measured at ``cols``."""
+    x = rng.normal(size=(n, d))
+    y = x @ w + 2.0 * cancer + rng.normal(0, noise, (n, w.shape[1]))
+    cols = np.arange(w.shape[1]) if cols is None else np.asarray(cols)
+    return SlideTensors(
+        id=f"S{cancer}{n}",
+        cancer=str(cancer),
+        condition=cancer,
+        features=torch.tensor(x, dtype=torch.float32),
+        coords_um=torch.zeros(n, 2),
+        neighbours=None,
+        target=torch.tensor(y[:, cols], dtype=torch.float32),
+        target_cols=torch.tensor(cols),
+    )
+
+
+def test_ridge_reference_recovers_a_linear_world_and_its_targeted_slides() -> None:
+    rng = np.random.default_rng(0)
+    d, g = 8, 12
+    w = rng.normal(size=(d, g))
+    train = [_slide(rng, 200, d, w, c % 2) for c in range(4)]
+    train.append(_slide(rng, 200, d, w, 1, cols=[0, 3, 5]))  # a targeted panel
+    val = [_slide(rng, 150, d, w, c) for c in (0, 1)]
+    ref = ridge_reference(train, val, n_genes=g, n_conditions=3)
+    # noise sd 0.5 against signal sd ~2.8: r ~ 0.98 for a correct fit
+    assert ref.pearson > 0.95 and len(ref.genes) == g
+    # a useless "model" scores far below it on the same genes
+    zeros = pearson_on_genes(lambda s, pos: torch.randn(s.n_spots, len(pos)), val, ref.genes)
+    assert abs(mean_pearson(zeros)) < 0.2
+
+
+def test_check_genes_prefers_variable_genes_measured_by_most_slides() -> None:
+    rng = np.random.default_rng(1)
+    slides = []
+    for i in range(4):
+        y = rng.normal(size=(50, 4)) * np.array([0.1, 3.0, 1.0, 5.0])
+        cols = np.array([0, 1, 2, 3]) if i < 1 else np.array([0, 1, 2])  # gene 3: 1 slide of 4
+        slides.append(
+            SlideTensors(
+                id=str(i),
+                cancer="A",
+                condition=0,
+                features=torch.zeros(50, 2),
+                coords_um=torch.zeros(50, 2),
+                neighbours=None,
+                target=torch.tensor(y[:, : len(cols)], dtype=torch.float32),
+                target_cols=torch.tensor(cols),
+            )
+        )
+    assert check_genes(slides, 4, k=2).tolist() == [1, 2]  # not 3 (rarely measured), not 0
+
+
+def test_health_message_only_below_the_ridge() -> None:
+    ref = RidgeReference(pearson=0.3, alpha=1.0, genes=torch.arange(5))
+    assert health_message(0.31, ref, "after epoch 5") is None
+    assert health_message(float("nan"), ref, "after epoch 5") is None
+    line = health_message(0.01, ref, "after epoch 5")
+    assert line is not None and "0.010" in line and "0.300" in line and "\n" not in line
