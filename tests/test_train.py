@@ -33,7 +33,16 @@ from histoprism.tensors import SlideTensors, knn_index, to_tensors
 from histoprism.train import lr_factor, masked_mse, random_crop, resolve_config, train
 
 ENCODER = "synthetic"
-HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_pearson", "lr", "seconds"]
+HISTORY_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_pearson",
+    "val_pearson_checked",
+    "ridge_val_pearson",
+    "lr",
+    "seconds",
+]
 
 
 def _history(run: Path) -> pd.DataFrame:
@@ -75,7 +84,13 @@ def test_history_one_row_per_epoch_and_resumable_state(trained_runs):
     assert np.isfinite(hist.to_numpy()).all() and (hist["lr"] > 0).all()
     cfg = _config(run)
     assert cfg["epochs_run"] == 3
-    assert cfg["best_val_loss"] == pytest.approx(hist["val_loss"].min())
+    # the default recipe keeps the epoch of the best validation Pearson
+    best = int(hist["val_pearson"].idxmax())
+    assert cfg["best_epoch"] == best + 1
+    assert cfg["best_val_loss"] == pytest.approx(hist["val_loss"][best])
+    health = cfg["health"]
+    assert health["ridge_val_pearson"] == pytest.approx(hist["ridge_val_pearson"][0])
+    assert health["below_ridge"] == (health["val_pearson_checked"] < health["ridge_val_pearson"])
     state = json.loads((run / keys.RUN_LAST / "state.json").read_text())["state"]
     assert state["epoch"] == 3
     assert state["step"] == 3 * len(cfg["train_slides"])  # one slide per optimiser step
@@ -337,8 +352,11 @@ def test_resume_is_bit_identical_to_a_straight_run(resume_runs):
 # --- presets and config files --------------------------------------------------------------------------
 def test_paper_preset():
     model, tr = resolve_config("paper")
-    assert tr["lr"] == 5e-5 and tr["patience"] == 30
+    assert tr["lr"] == 5e-5 and tr["patience"] == 30 and tr["select_on"] == "loss"
     assert model["neighbours"] == 0 and model["standardize_inputs"] is False
+    assert model["conditioning_site"] == "input" and model["norm_first"] is False
+    default, _ = resolve_config("default")
+    assert default["conditioning_site"] == "hidden" and default["norm_first"] is True
     model["neighbours"] = 99  # callers get copies: the preset itself is not changed
     assert resolve_config("paper")[0]["neighbours"] == 0
 

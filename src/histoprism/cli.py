@@ -138,6 +138,13 @@ def train(
         if "best_epoch" in cfg
         else ""
     )
+    health = cfg.get("health")
+    if health and health.get("val_pearson_checked") is not None:
+        verdict = "BELOW" if health["below_ridge"] else "above"
+        best += (
+            f", val r {health['val_pearson_checked']:.3f} {verdict} the per-spot ridge's "
+            f"{health['ridge_val_pearson']:.3f}"
+        )
     typer.echo(
         f"trained {model} on {len(cfg['train_slides'])} slides, {len(cfg['genes'])} genes{best} -> {run} [{time.perf_counter() - t0:.0f}s]"
     )

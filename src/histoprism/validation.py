@@ -33,7 +33,14 @@ def moment_sums(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(n, G) prediction and target -> (6, G) float64 sums of p, t, p², t², p·t, (p - t)²."""
     p, t = pred.double(), target.double()
     return torch.stack(
-        [p.sum(0), t.sum(0), (p * p).sum(0), (t * t).sum(0), (p * t).sum(0), (p - t).square().sum(0)]
+        [
+            p.sum(0),
+            t.sum(0),
+            (p * p).sum(0),
+            (t * t).sum(0),
+            (p * t).sum(0),
+            (p - t).square().sum(0),
+        ]
     )
 
 
@@ -122,7 +129,9 @@ def ridge_reference(
     return best
 
 
-def pearson_on_genes(predict, slides: list[SlideTensors], genes: torch.Tensor) -> list[torch.Tensor]:
+def pearson_on_genes(
+    predict, slides: list[SlideTensors], genes: torch.Tensor
+) -> list[torch.Tensor]:
     """Per-gene Pearson r of ``predict(slide, positions)`` on each slide, over the check genes the
     slide measured. ``predict`` gets positions into ``genes`` and returns (N, len(positions))."""
     out = []
