@@ -179,15 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     t0, records = time.perf_counter(), []
     plan = [(w, False) for w in args.worlds] + [(w, True) for w in args.held_out]
     for seed, held in plan:
-        if args.keep:
-            work = args.keep / f"world-{seed}"
+        with tempfile.TemporaryDirectory(prefix=f"robustness-{seed}-") as tmp:
+            work = args.keep / f"world-{seed}" if args.keep else Path(tmp)
             records += run_world(seed, models, work, epochs=args.epochs, held_out=held)
-            continue
-        work = Path(tempfile.mkdtemp(prefix=f"robustness-{seed}-"))
-        try:
-            records += run_world(seed, models, work, epochs=args.epochs, held_out=held)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
     table = summary(records)
     print("\n" + table)
     minutes = (time.perf_counter() - t0) / 60

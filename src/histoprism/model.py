@@ -238,13 +238,13 @@ class HistoPrism(nn.Module):
     def _per_spot(self, features: torch.Tensor, condition: torch.Tensor):
         """(B, n, D) -> projection (B, n, H) and neighbour projection (B, n, H) or None."""
         x = (features - self.feature_mean) / self.feature_std  # (B, n, D)
-        at_input = self.condition is not None and not self.condition.residual
-        if at_input:
-            x = self.condition(x, condition)  # (B, n, D)
+        cond = self.condition
+        if cond is not None and not cond.residual:  # the paper: on the patch embedding
+            x = cond(x, condition)  # (B, n, D)
         nb = self.proj_neighbours(x) if self.proj_neighbours is not None else None
         h = self.proj(x)  # (B, n, H)
-        if self.condition is not None and not at_input:
-            h = self.condition(h, condition)
+        if cond is not None and cond.residual:  # in the hidden space, after the projection
+            h = cond(h, condition)
         return h, nb
 
     def uses_local_attention(self, n_spots: int) -> bool:

@@ -299,19 +299,21 @@ def train_histoprism(
             train_loss = _train_epoch(
                 net, opt, ctx.shard(order), state, cfg_t, schedule, rng, data, ctx
             )
-            v = _validate(model, val_t, ctx, ridge.genes)
-            val_loss, val_r = v.loss, v.pearson
+            scores = _validate(model, val_t, ctx, ridge.genes)
+            val_loss, val_r = scores.loss, scores.pearson
             state.epoch = epoch + 1
             score = -val_r if cfg_t.select_on == "pearson" else val_loss
             if score < state.best_score or state.best_epoch < 0:
                 state.best_score, state.best_val = score, val_loss
                 state.best_epoch, state.bad_epochs = epoch + 1, 0
-                state.best_checked = v.pearson_checked
+                state.best_checked = scores.pearson_checked
                 best = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 state.bad_epochs += 1
             if state.epoch == min(HEALTH_EPOCH, cfg_t.epochs) and ctx.main:
-                warning = health_message(v.pearson_checked, ridge, f"after epoch {state.epoch}")
+                warning = health_message(
+                    scores.pearson_checked, ridge, f"after epoch {state.epoch}"
+                )
                 if warning:
                     log.warning(warning)
             history.append(
@@ -320,7 +322,7 @@ def train_histoprism(
                     train_loss=train_loss,
                     val_loss=val_loss,
                     val_pearson=val_r,
-                    val_pearson_checked=v.pearson_checked,
+                    val_pearson_checked=scores.pearson_checked,
                     ridge_val_pearson=ridge.pearson,
                     lr=opt.param_groups[0]["lr"],
                     seconds=time.perf_counter() - t0,

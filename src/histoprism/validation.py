@@ -117,11 +117,12 @@ def ridge_reference(
             w = evecs @ (xty / (evals.clamp(min=0) + a * evals.mean().clamp(min=1e-12))[:, None])
             coefs[a][:-1, cols] = w
             coefs[a][-1, cols] = ym - xm @ w
+    # the validation designs, standardised once for every penalty
+    val_x = {s.id: (_design(s, np.arange(s.n_spots), n_conditions) - mean) / std for s in val}
     for a, coef in coefs.items():
 
         def predict(s: SlideTensors, cols: torch.Tensor, coef=coef) -> torch.Tensor:
-            x = (_design(s, np.arange(s.n_spots), n_conditions) - mean) / std
-            return x @ coef[:-1, cols] + coef[-1, cols]
+            return val_x[s.id] @ coef[:-1, cols] + coef[-1, cols]
 
         r = mean_pearson(pearson_on_genes(predict, val, genes))
         if not r <= best.pearson:  # NaN-safe: the first finite r wins over NaN
