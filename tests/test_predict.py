@@ -11,6 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from scipy.stats import pearsonr
 
 from histoprism import __version__, keys
@@ -20,7 +23,7 @@ from histoprism.errors import InputError
 from histoprism.evaluate import evaluate
 from histoprism.genes import GENESET_COLLECTIONS, gpc_genesets
 from histoprism.predict import load, predict, predict_slide
-from histoprism.tensors import knn_index
+from histoprism.tensors import centred, knn_index
 
 ENCODER = "synthetic"
 
@@ -381,3 +384,38 @@ def test_evaluate_headline_matches_independent_hvg_score(tiny_cohort, prediction
     assert metrics["n_slides"] == len(per_slide)
     assert head["hvg_micro"] == pytest.approx(np.mean(list(per_slide.values())), abs=1e-4)
     assert head["hvg_micro"] > 0.05  # 3 epochs already learn something on the HVGs
+
+
+@given(
+    arrays(
+        np.float32,
+        st.tuples(st.integers(1, 40), st.integers(1, 6)),
+        elements=st.floats(-1e3, 1e3, width=32),
+    ),
+    arrays(np.float32, 6, elements=st.floats(-1e3, 1e3, width=32)),
+)
+def test_centred_embeddings_have_zero_mean_and_forget_a_slide_wide_shift(x, shift):
+    c = centred(x)
+    assert c.dtype == np.float32 and c.shape == x.shape
+    np.testing.assert_allclose(c.mean(0), 0, atol=1e-3)
+    np.testing.assert_allclose(centred(x + shift[: x.shape[1]]), c, atol=2e-3)
+
+
+def test_default_model_ignores_a_stain_shift_of_the_whole_slide(
+    tiny_cohort, trained_runs, cohort_copy, split_test_ids, tmp_path
+):
+    """The default recipe centres each slide (``centre_slides``): adding one vector to every
+    embedding of a slide, as a stain or scanner shift does, leaves its predictions unchanged."""
+    run = trained_runs["histoprism"]
+    assert json.loads((run / "config.json").read_text())["model_config"]["centre_slides"]
+    sid = split_test_ids[0]
+    cc = cohort_copy()
+    with h5py.File(cc.emb_path(sid), "r+") as f:
+        x = f["features"][:]
+        shift = np.random.default_rng(0).normal(0.0, 2.0, x.shape[1]).astype(np.float32)
+        f["features"][...] = x + shift
+    predict(run, cc.root, ENCODER, tmp_path / "shifted", samples=sid, progress=False)
+    predict(run, tiny_cohort, ENCODER, tmp_path / "plain", samples=sid, progress=False)
+    shifted = ad.read_h5ad(tmp_path / "shifted" / f"{sid}.h5ad")
+    plain = ad.read_h5ad(tmp_path / "plain" / f"{sid}.h5ad")
+    np.testing.assert_allclose(shifted.X, plain.X, atol=1e-4, rtol=0)

@@ -29,7 +29,7 @@ from .genes import GENESET_COLLECTIONS, GenePanel, gpc_genesets, looks_like_ense
 from .io import atomic_path
 from .model import SPOT_CHUNK, HistoPrism, ModelConfig
 from .progress import progress_bar
-from .tensors import CancerVocabulary, to_tensors
+from .tensors import CancerVocabulary, input_options, to_tensors
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 256 * 2**20  # most float32 output held at once: one block of (spots, genes)
@@ -52,13 +52,7 @@ class HistoPrismPredictor:
     def prepare(self, slide: Slide, *, unknown_cancer: bool = False) -> torch.Tensor:
         """Run everything up to the last layer once: (N, H) on the model's device."""
         cfg = self.model.cfg
-        t = to_tensors(
-            slide,
-            vocab=self.vocab,
-            in_dim=cfg.in_dim,
-            neighbours=cfg.neighbours,
-            unknown_cancer=unknown_cancer,
-        )
+        t = to_tensors(slide, vocab=self.vocab, unknown_cancer=unknown_cancer, **input_options(cfg))
         inputs = {k: v.to(self.device) for k, v in t.model_inputs().items() if v is not None}
         with torch.no_grad():
             return self.model.trunk(**inputs)[0]

@@ -12,6 +12,7 @@ from . import keys
 from .cohort import Slide
 from .errors import InputError
 from .genes import GenePanel
+from .model import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -100,16 +101,30 @@ def slide_targets(slide: Slide, panel: GenePanel) -> tuple[np.ndarray, np.ndarra
     return y, cols[keep]
 
 
+def input_options(cfg: ModelConfig) -> dict:
+    """The keyword arguments of ``to_tensors`` that a model's config fixes: training and
+    prediction call this, so a model always sees its inputs prepared the same way."""
+    return dict(in_dim=cfg.in_dim, neighbours=cfg.neighbours, centre=cfg.centre_slides)
+
+
+def centred(features: np.ndarray) -> np.ndarray:
+    """(N, D) embeddings minus their mean over the slide's spots, float32 (mean in float64)."""
+    mean = features.mean(axis=0, dtype=np.float64)
+    return (features - mean).astype(np.float32)
+
+
 def to_tensors(
     slide: Slide,
     *,
     vocab: CancerVocabulary,
     in_dim: int,
     neighbours: int = 0,
+    centre: bool = False,
     panel: GenePanel | None = None,
     unknown_cancer: bool = False,
 ) -> SlideTensors:
-    """Convert a ``Slide``; with a ``panel`` and counts, also the targets.
+    """Convert a ``Slide``; with a ``panel`` and counts, also the targets. ``centre``: subtract
+    the slide's mean embedding (``ModelConfig.centre_slides``).
 
     Raises ``InputError`` when the embedding dimension differs from the model's ``in_dim``.
     """
@@ -119,11 +134,12 @@ def to_tensors(
             f"the model expects {in_dim} (wrong --encoder?)"
         )
     nb = torch.from_numpy(knn_index(slide.coords, neighbours)) if neighbours > 0 else None
+    features = centred(slide.features) if centre else slide.features
     t = SlideTensors(
         id=slide.id,
         cancer=slide.cancer,
         condition=vocab.index(slide.cancer, fallback=unknown_cancer),
-        features=torch.from_numpy(np.ascontiguousarray(slide.features, dtype=np.float32)),
+        features=torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)),
         coords_um=torch.from_numpy(slide.coords_um.astype(np.float32)),
         neighbours=nb,
     )
