@@ -103,7 +103,14 @@ def test_check_genes_prefers_variable_genes_measured_by_most_slides() -> None:
 
 def test_health_message_only_below_the_ridge() -> None:
     ref = RidgeReference(pearson=0.3, alpha=1.0, genes=torch.arange(5))
-    assert health_message(0.31, ref, "after epoch 5") is None
-    assert health_message(float("nan"), ref, "after epoch 5") is None
-    line = health_message(0.01, ref, "after epoch 5")
-    assert line is not None and "0.010" in line and "0.300" in line and "\n" not in line
+    for final in (False, True):
+        assert health_message(0.31, ref, 5, final=final) is None
+        assert health_message(float("nan"), ref, 5, final=final) is None
+        line = health_message(0.01, ref, 5, final=final)
+        assert line is not None and "0.010" in line and "0.300" in line and "\n" not in line
+    # early, a model still learning (0.2 of 0.3) is no alarm; a collapsed one (0.12) is
+    assert health_message(0.2, ref, 5, final=False) is None
+    assert health_message(0.12, ref, 5, final=False) is not None
+    # at the end, within the margin is no alarm; clearly below is
+    assert health_message(0.295, ref, 40, final=True) is None
+    assert "best epoch (40)" in health_message(0.28, ref, 40, final=True)
