@@ -97,6 +97,23 @@ def test_pipeline_writes_every_output(pipeline, tiny_cohort):
     assert "report.html" in names
 
 
+def test_evaluate_with_no_gene_in_common_says_na_without_a_traceback(
+    pipeline, tiny_cohort, tmp_path
+):
+    """Predictions named in another gene vocabulary score nothing: the metrics are null and the
+    summary says n/a instead of failing on the format."""
+    _, _, pred, _ = pipeline
+    renamed = tmp_path / "pred"
+    renamed.mkdir()
+    for path in pred.glob("*.h5ad"):
+        adata = ad.read_h5ad(path)
+        adata.var_names = [f"NOT_A_GENE_{i}" for i in range(adata.n_vars)]
+        adata.write_h5ad(renamed / path.name)
+    result = invoke("evaluate", "--pred", renamed, "--data", tiny_cohort, "--out", tmp_path / "ev")
+    assert result.exit_code == 0, result.stderr
+    assert "HVG-50 n/a (macro n/a)" in result.stdout and "all genes n/a" in result.stdout
+
+
 # --- bad input: one line on stderr, no traceback; --debug raises ---------------------------------------
 def _first_train_id(root: Path) -> str:
     return Cohort(root).ids("train")[0]

@@ -81,9 +81,11 @@ def test_harmonise_sums_raw_counts(idmap):
 
 
 def test_harmonise_to_symbol(idmap):
-    X = sp.csr_matrix(np.array([[1, 2, 3]], dtype=np.float32))
-    X2, names2, report = harmonise_counts(X, [A2M, "A2M", "nope"], to="symbol", idmap=idmap)
-    assert list(names2) == ["A2M"] and X2.toarray().tolist() == [[3.0]]
+    X = sp.csr_matrix(np.array([[1, 2, 3, 4]], dtype=np.float32))
+    names = [A2M, "A2M", "my_probe", "ENSG00000000000"]
+    X2, names2, report = harmonise_counts(X, names, to="symbol", idmap=idmap)
+    # a name already a symbol-space name is kept as it is; an unknown Ensembl id is dropped
+    assert list(names2) == ["A2M", "my_probe"] and X2.toarray().tolist() == [[3.0, 3.0]]
     assert report["n_unmapped"] == 1 and report["n_merged"] == 1
 
 

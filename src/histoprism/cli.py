@@ -222,12 +222,17 @@ def evaluate(
     cohort = _run(ctx, Cohort, data, split_dir=split)
     ids = [s.strip() for s in samples.split(",")] if samples else None
     m = _run(ctx, api.evaluate, pred, cohort, out, hvg=hvg, genesets=genesets, samples=ids)
-    h = m["headline"]
+    h = {k: _score(v) for k, v in m["headline"].items()}
     typer.echo(
-        f"{m['n_slides']} slides: HVG-50 {h['hvg_micro']:.3f} (macro {h['hvg_macro']:.3f}), "
-        f"GPC Hallmark {h['gpc_hallmark_micro']:.3f}, GO {h['gpc_go_micro']:.3f}, "
-        f"all genes {h['all_genes_micro']:.3f} -> {out}"
+        f"{m['n_slides']} slides: HVG-50 {h['hvg_micro']} (macro {h['hvg_macro']}), "
+        f"GPC Hallmark {h['gpc_hallmark_micro']}, GO {h['gpc_go_micro']}, "
+        f"all genes {h['all_genes_micro']} -> {out}"
     )
+
+
+def _score(value) -> str:
+    """A headline number to three decimals; 'n/a' where nothing could be scored (null)."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 @app.command()

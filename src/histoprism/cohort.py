@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -13,13 +14,7 @@ from scipy.spatial import cKDTree
 
 from . import keys
 from .errors import InputError
-from .genes import (
-    GeneIdMap,
-    harmonise_counts,
-    looks_like_ensembl,
-    strip_version,
-    sum_columns_by_label,
-)
+from .genes import GeneIdMap, harmonise_counts
 from .readers import EmbeddingFile, read_embeddings, read_st
 from .readers.hest import hest_pixel_size, read_hest_metadata
 
@@ -56,28 +51,23 @@ class Slide:
         return self.coords * (self.pixel_size_um or 1.0)
 
     def in_gene_space(self, space: str, idmap: GeneIdMap | None = None) -> Slide:
-        """This slide with its counts named by ``space`` ids ('ensembl' or 'symbol').
-
-        Symbols become Ensembl ids through the file's own ``var['gene_ids']`` when it has them
-        (exact, from Space Ranger), else through the offline map; raw counts of columns that land on
-        one id are summed before any log1p. A slide already in ``space`` is returned as is.
+        """This slide with its counts named by ``space`` ids ('ensembl' or 'symbol') by
+        ``genes.harmonise_counts``, the rule evaluation uses too: versions stripped, the file's
+        own ``gene_ids`` first, raw counts of columns that land on one id summed before any log1p.
         """
-        if self.counts is None or looks_like_ensembl(self.genes) == (space == "ensembl"):
+        if self.counts is None:
             return self
-        if space == "ensembl" and self.gene_ids is not None:
-            ids = np.array([strip_version(str(g)) for g in self.gene_ids], dtype=object)
-            ok = np.flatnonzero(np.char.startswith(ids.astype(str), "ENS"))
-            X, names, _ = sum_columns_by_label(self.counts[:, ok], ids[ok])
-        else:
-            X, names, report = harmonise_counts(self.counts, self.genes, to=space, idmap=idmap)
-            if report["n_unmapped"]:
-                log.info(
-                    "%s: %d of %d genes have no %s id",
-                    self.id,
-                    report["n_unmapped"],
-                    report["n_in"],
-                    space,
-                )
+        X, names, report = harmonise_counts(
+            self.counts, self.genes, to=space, gene_ids=self.gene_ids, idmap=idmap
+        )
+        if report["n_unmapped"]:
+            log.info(
+                "%s: %d of %d genes have no %s id",
+                self.id,
+                report["n_unmapped"],
+                report["n_in"],
+                space,
+            )
         return replace(self, genes=names.astype(str), counts=X, gene_ids=None)
 
     def log1p_counts(self) -> np.ndarray:
@@ -85,6 +75,11 @@ class Slide:
         if self.counts is None:
             raise InputError(f"slide {self.id} has no counts")
         return np.log1p(self.counts.toarray())
+
+
+def file_gene_ids(st: ad.AnnData) -> np.ndarray | None:
+    """(G,) str: a counts file's own Ensembl id per gene (``var['gene_ids']``), or None."""
+    return st.var[keys.VAR_GENE_IDS].to_numpy().astype(str) if keys.VAR_GENE_IDS in st.var else None
 
 
 @dataclass(frozen=True)
@@ -272,11 +267,7 @@ class Cohort:
             coords=xy[al.st_rows],
             genes=adata.var_names.to_numpy().astype(str),
             counts=adata.X[al.st_rows],
-            gene_ids=(
-                adata.var[keys.VAR_GENE_IDS].to_numpy().astype(str)
-                if keys.VAR_GENE_IDS in adata.var
-                else None
-            ),
+            gene_ids=file_gene_ids(adata),
             **common,
         )
 

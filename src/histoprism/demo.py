@@ -12,9 +12,10 @@ import numpy as np
 import pandas as pd
 
 from . import keys
-from .cohort import Cohort
+from .cohort import Cohort, file_gene_ids
 from .compare import pipe_table
-from .evaluate import evaluate
+from .evaluate import evaluate, truth_counts
+from .genes import harmonise_counts, looks_like_ensembl
 from .io import write_text_atomic
 from .predict import predict
 from .readers.st import read_st
@@ -151,8 +152,11 @@ def _mean_mse(cohort: Cohort) -> float:
     counts: pd.Series | None = None
     for sid in cohort.ids("train"):
         st = read_st(cohort.st_path(sid))
-        s = pd.Series(np.asarray(st.X.log1p().sum(axis=0)).ravel(), index=st.var_names)
-        c = pd.Series(float(st.n_obs), index=st.var_names)
+        space = "ensembl" if looks_like_ensembl(st.var_names) else "symbol"
+        x, names, _ = harmonise_counts(st.X, st.var_names, to=space, gene_ids=file_gene_ids(st))
+        names = pd.Index(names.astype(str))
+        s = pd.Series(np.asarray(x.log1p().sum(axis=0)).ravel(), index=names)
+        c = pd.Series(float(st.n_obs), index=names)
         sums = s if sums is None else sums.add(s, fill_value=0.0)
         counts = c if counts is None else counts.add(c, fill_value=0.0)
     mean = sums / counts
@@ -169,7 +173,6 @@ def _matched(cohort: Cohort, sid: str, barcodes, genes: pd.Index):
     measured, and the (rows, columns) of those spots and genes in the caller's arrays."""
     st = read_st(cohort.st_path(sid))
     rows = np.arange(st.n_obs) if barcodes is None else pd.Index(st.obs_names).get_indexer(barcodes)
-    cols = pd.Index(st.var_names).get_indexer(genes)
-    r, g = np.flatnonzero(rows >= 0), np.flatnonzero(cols >= 0)
-    truth = np.log1p(st.X[rows[r]][:, cols[g]].toarray())
-    return truth, (r, g)
+    counts, g = truth_counts(st, genes)  # the evaluator's truth: same genes, same rule
+    r = np.flatnonzero(rows >= 0)
+    return np.log1p(counts[rows[r]].toarray()), (r, g)

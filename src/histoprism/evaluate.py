@@ -23,13 +23,15 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import keys
-from .cohort import Cohort
+from .cohort import Cohort, file_gene_ids
 from .errors import InputError
 from .genes import (
     GENESET_COLLECTIONS,
     bench_hvg,
     gpc_genesets,
+    harmonise_counts,
     looks_like_ensembl,
+    panel_counts,
     read_gene_list,
     read_gmt,
 )
@@ -62,7 +64,6 @@ __all__ = [
     "gpc_table",
     "hvg_scores",
     "macro",
-    "match_genes",
     "merge_moments",
     "micro",
     "pearson_from_moments",
@@ -79,7 +80,7 @@ __all__ = [
     "spatial_example",
     "top_variance_genes",
     "train_hvg",
-    "truth_gene_names",
+    "truth_counts",
     "win_rate",
 ]
 
@@ -190,19 +191,11 @@ def align_by_barcode(
     return pos[st_rows].astype(np.int64), st_rows.astype(np.int64)
 
 
-def truth_gene_names(st: ad.AnnData, *, ensembl: bool) -> pd.Index:
-    """Gene names of a counts file in the predictions' naming (``var['gene_ids']`` for Ensembl)."""
-    names = pd.Index(st.var_names.astype(str))
-    if ensembl and not looks_like_ensembl(names) and keys.VAR_GENE_IDS in st.var:
-        names = pd.Index(st.var[keys.VAR_GENE_IDS].astype(str))
-    return names
-
-
-def match_genes(pred_genes: pd.Index, truth_genes: pd.Index) -> np.ndarray:
-    """(G_pred,) int64 column of each predicted gene in the counts (first of duplicates), -1 if absent."""
-    keep = np.flatnonzero(~truth_genes.duplicated())
-    pos = pd.Index(truth_genes[keep]).get_indexer(pred_genes)
-    return np.where(pos >= 0, keep[pos], -1).astype(np.int64)
+def truth_counts(st: ad.AnnData, genes) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Raw counts (N, K) of a counts file for the predicted ``genes`` (G,) it measured, and their
+    (K,) columns in ``genes``: ``genes.panel_counts``, the rule training builds its targets by
+    (an Ensembl prediction on symbol slides maps through ``var['gene_ids']`` or the offline map)."""
+    return panel_counts(st.X, st.var_names, genes, gene_ids=file_gene_ids(st))
 
 
 def _dense(X, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -235,17 +228,16 @@ def score_slide(pred: ad.AnnData, st: ad.AnnData, *, path: Path | None = None) -
     """
     pred_rows, st_rows = align_by_barcode(pred.obs_names, st.obs_names, path=path)
     genes = pd.Index(pred.var_names.astype(str))
-    cols = match_genes(genes, truth_gene_names(st, ensembl=looks_like_ensembl(genes)))
-    have = np.flatnonzero(cols >= 0)
+    counts, have = truth_counts(st, genes)  # (N_st, K) raw counts of the genes ``have``
     # matched spots only, column-major: blocks of genes are cheap to cut
-    truth = sp.csc_matrix(st.X[st_rows]) if sp.issparse(st.X) else np.asarray(st.X)[st_rows]
+    truth = sp.csc_matrix(counts[st_rows])
     all_rows = np.arange(len(st_rows))
     step = max(1, _BLOCK // len(st_rows))
     blocks = []
     for start in range(0, len(have), step):
-        g = have[start : start + step]
-        pred_block = _dense(pred.X, pred_rows, g)  # (M, b) log1p
-        truth_block = np.log1p(_dense(truth, all_rows, cols[g]))  # (M, b) log1p(raw counts)
+        k = np.arange(start, min(start + step, len(have)))
+        pred_block = _dense(pred.X, pred_rows, have[k])  # (M, b) log1p
+        truth_block = np.log1p(_dense(truth, all_rows, k))  # (M, b) log1p(raw counts)
         blocks.append(comoments(pred_block, truth_block))
     m = {
         k: np.concatenate([b[k] for b in blocks]) if blocks else np.empty(0) for k in MOMENT_COLUMNS
@@ -350,14 +342,14 @@ def spatial_example(
     top = pool.sort_values(ascending=False, kind="stable").index[:n_genes]
     pred_rows, st_rows = align_by_barcode(pred.obs_names, st.obs_names)
     pred_genes = pd.Index(pred.var_names.astype(str))
-    truth_names = truth_gene_names(st, ensembl=looks_like_ensembl(pred_genes))
-    tcols = match_genes(top, truth_names)
+    counts, have = truth_counts(st, pred_genes)  # (N_st, K) raw counts of the genes ``have``
+    measured = pd.Index(have).get_indexer(pred_genes.get_indexer(top))  # top genes have an r
     ex = SpatialExample(
         sample_id=sample_id,
         cancer=cancer,
         coords=np.asarray(st.obsm[keys.OBSM_SPATIAL])[st_rows, :2].astype(np.float64),
         genes=[str(g) for g in top],
-        measured=np.log1p(_dense(st.X, st_rows, tcols)),
+        measured=np.log1p(_dense(counts, st_rows, measured)),
         predicted=_dense(pred.X, pred_rows, pred_genes.get_indexer(top)),
         r=pool[top].to_numpy(dtype=np.float64),
         gene_source=source,
@@ -365,12 +357,11 @@ def spatial_example(
     if genesets:
         # only genes in both truth and prediction, and in some set: bounded memory
         wanted = {g for members in genesets.values() for g in members}
-        cols = match_genes(pred_genes, truth_names)
-        have = np.flatnonzero((cols >= 0) & pred_genes.isin(wanted))
+        k = np.flatnonzero(pred_genes[have].isin(wanted))
         ex.pathways = _example_pathways(
-            np.log1p(_dense(st.X, st_rows, cols[have])),
-            _dense(pred.X, pred_rows, have),
-            pred_genes[have],
+            np.log1p(_dense(counts, st_rows, k)),
+            _dense(pred.X, pred_rows, have[k]),
+            pred_genes[have[k]],
             genesets,
             collection=collection,
             n_sets=n_sets,
@@ -528,8 +519,9 @@ def top_variance_genes(
     total: pd.DataFrame | None = None
     for path in paths:
         st = read_st(path)
-        x = sp.csr_matrix(st.X, dtype=np.float64)
-        x.sum_duplicates()
+        space = "ensembl" if ensembl else "symbol"
+        x, names, _ = harmonise_counts(st.X, st.var_names, to=space, gene_ids=file_gene_ids(st))
+        x = sp.csr_matrix(x, dtype=np.float64)
         x.data = np.log1p(x.data)  # log1p(0) = 0 keeps the matrix sparse
         sums = pd.DataFrame(
             {
@@ -537,9 +529,8 @@ def top_variance_genes(
                 "s": np.asarray(x.sum(axis=0)).ravel(),
                 "ss": np.asarray(x.multiply(x).sum(axis=0)).ravel(),
             },
-            index=truth_gene_names(st, ensembl=ensembl),
+            index=pd.Index(names.astype(str)),
         )
-        sums = sums[~sums.index.duplicated()]
         total = sums if total is None else total.add(sums).dropna()  # inner: measured in all
     if total is None or total.empty:
         return []

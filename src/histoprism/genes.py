@@ -303,17 +303,59 @@ def sum_columns_by_label(X: sp.spmatrix, labels) -> tuple[sp.csr_matrix, np.ndar
     return summed, np.asarray(uniq, dtype=object), codes
 
 
+def gene_ids_in_space(
+    names, to: str, *, gene_ids=None, idmap: GeneIdMap | None = None
+) -> np.ndarray:
+    """(G,) names -> (G,) object ids in space ``to``, None where there is none (the rule of
+    ``harmonise_counts``)."""
+    if to not in GENE_ID_SPACES:
+        raise InputError(f"unknown gene id space '{to}', expected one of {GENE_ID_SPACES}")
+    names = np.array([str(g).strip() for g in np.asarray(names, dtype=object).reshape(-1)])
+    is_ens = np.array([_ENSEMBL_RE.match(g) is not None for g in names], dtype=bool)
+    target = np.full(len(names), None, dtype=object)
+    if to == "ensembl":
+        target[is_ens] = [strip_version(g) for g in names[is_ens]]
+        rest = np.flatnonzero(~is_ens)
+        if gene_ids is not None and len(gene_ids) != len(names):
+            raise InputError(f"{len(gene_ids)} gene ids for {len(names)} gene names")
+        if gene_ids is not None and len(rest):
+            ids = np.array([strip_version(str(g).strip()) for g in np.asarray(gene_ids)[rest]])
+            ok = np.array([_ENSEMBL_RE.match(g) is not None for g in ids], dtype=bool)
+            target[rest[ok]], rest = ids[ok], rest[~ok]
+        if len(rest):
+            target[rest] = (idmap or GeneIdMap.bundled()).to_ensembl(names[rest])
+    else:
+        target[~is_ens] = names[~is_ens]
+        if is_ens.any():
+            target[is_ens] = (idmap or GeneIdMap.bundled()).to_symbol(names[is_ens])
+    return target
+
+
 def harmonise_counts(
-    X: sp.spmatrix, names, *, to: str, idmap: GeneIdMap | None = None
+    X: sp.spmatrix,
+    names,
+    *,
+    to: str,
+    gene_ids=None,
+    idmap: GeneIdMap | None = None,
 ) -> tuple[sp.csr_matrix, np.ndarray, dict[str, int]]:
     """Map the columns of a raw-count matrix to one gene id space, summing duplicates.
 
+    The one rule that training, evaluation, HVG selection and the demo share, so that a gene is
+    the same gene everywhere: Ensembl ids lose their version; a name already in ``to`` is kept as
+    it is (custom and non-human names survive); a symbol becomes an Ensembl id through the file's
+    own ``gene_ids`` when given (exact, Space Ranger's ``var['gene_ids']``), else through the
+    offline map (aliases too), and an Ensembl id becomes a symbol through the map; columns
+    without an id are dropped; columns that land on one id are summed as raw counts (counts add,
+    log1p values do not).
+
     Parameters
     ----------
-    X : (N, G) sparse raw counts (not log1p: counts add, log1p values do not).
+    X : (N, G) sparse raw counts.
     names : (G,) column names: symbols, aliases or Ensembl ids, mixed freely.
     to : "ensembl" or "symbol".
-    idmap : the map to use; the bundled NCBI table by default.
+    gene_ids : (G,) the file's Ensembl id per column, or None.
+    idmap : the map to use; the bundled NCBI table by default (loaded only when needed).
 
     Returns
     -------
@@ -322,14 +364,10 @@ def harmonise_counts(
     report : ``n_in`` (G), ``n_out`` (G2), ``n_unmapped`` (columns dropped), ``n_merged`` (mapped
         columns folded into another: mapped - G2).
     """
-    if to not in GENE_ID_SPACES:
-        raise InputError(f"unknown gene id space '{to}', expected one of {GENE_ID_SPACES}")
     X = sp.csr_matrix(X)
-    names = np.asarray(names, dtype=object).reshape(-1)
-    if X.shape[1] != len(names):
-        raise InputError(f"{X.shape[1]} count columns for {len(names)} gene names")
-    idmap = idmap or GeneIdMap.bundled()
-    target = idmap.to_ensembl(names) if to == "ensembl" else idmap.to_symbol(names)
+    target = gene_ids_in_space(names, to, gene_ids=gene_ids, idmap=idmap)
+    if X.shape[1] != len(target):
+        raise InputError(f"{X.shape[1]} count columns for {len(target)} gene names")
     mapped = np.flatnonzero(pd.notna(target))
     X2, names2, _ = sum_columns_by_label(X[:, mapped], target[mapped])  # (N, G2)
     report = {
@@ -339,3 +377,31 @@ def harmonise_counts(
         "n_merged": len(mapped) - len(names2),
     }
     return X2, np.asarray(names2, dtype=object), report
+
+
+def panel_counts(
+    X: sp.spmatrix,
+    names,
+    panel_genes,
+    *,
+    gene_ids=None,
+    idmap: GeneIdMap | None = None,
+) -> tuple[sp.csr_matrix, np.ndarray]:
+    """The truth matrix of a slide for a panel: raw counts of the panel genes the slide measured.
+
+    X (N, G) raw counts named ``names`` (G,), ``gene_ids`` as in ``harmonise_counts``;
+    ``panel_genes`` (P,) unique panel (or prediction) gene names, whose id space decides the
+    slide's. Returns (N, K) CSR raw counts and (K,) int64 panel columns, increasing.
+    """
+    panel_genes = pd.Index(np.asarray(panel_genes, dtype=str))
+    if not panel_genes.is_unique:
+        raise InputError(f"duplicate gene '{panel_genes[panel_genes.duplicated()][0]}' in panel")
+    space = "ensembl" if looks_like_ensembl(panel_genes) else "symbol"
+    target = gene_ids_in_space(names, space, gene_ids=gene_ids, idmap=idmap)
+    pos = np.full(len(target), -1, dtype=np.int64)
+    ok = np.flatnonzero(pd.notna(target))
+    pos[ok] = panel_genes.get_indexer(target[ok].astype(str))
+    used = np.flatnonzero(pos >= 0)  # only these columns are copied: a whole-slide HD matrix is big
+    counts, cols, _ = sum_columns_by_label(sp.csr_matrix(X)[:, used], pos[used])
+    order = np.argsort(cols.astype(np.int64), kind="stable")
+    return counts[:, order].tocsr(), cols[order].astype(np.int64)

@@ -163,7 +163,10 @@ def plot_gene_r_hist(per_gene: pd.DataFrame, *, ax: Axes | None = None) -> Figur
     ax.set_xlabel(R_LABEL)
     ax.set_ylabel("genes")
     ax.set_title(f"Per-gene {R_LABEL}")
-    ax.legend(fontsize=8, frameon=False)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, frameon=False)
+    else:  # no gene could be scored: say so on the figure, not with an empty legend
+        ax.text(0.5, 0.5, "no gene scored", ha="center", va="center", transform=ax.transAxes)
     return fig
 
 

@@ -11,7 +11,7 @@ from scipy.spatial import cKDTree
 from . import keys
 from .cohort import Slide
 from .errors import InputError
-from .genes import GenePanel
+from .genes import GenePanel, panel_counts
 from .model import ModelConfig
 
 
@@ -94,11 +94,10 @@ def knn_index(coords: np.ndarray, k: int) -> np.ndarray:
 
 
 def slide_targets(slide: Slide, panel: GenePanel) -> tuple[np.ndarray, np.ndarray]:
-    """log1p counts of the slide's genes that are in the panel: (N, G_m) float32 and (G_m,) columns."""
-    cols = panel.locate(slide.genes)
-    keep = np.flatnonzero(cols >= 0)
-    y = np.log1p(slide.counts[:, keep].toarray()).astype(np.float32)
-    return y, cols[keep]
+    """log1p counts of the panel genes the slide measured (``genes.panel_counts``, the truth
+    evaluation scores against): (N, G_m) float32 and (G_m,) int64 panel columns."""
+    counts, cols = panel_counts(slide.counts, slide.genes, panel.genes, gene_ids=slide.gene_ids)
+    return np.log1p(counts.toarray()).astype(np.float32), cols
 
 
 def input_options(cfg: ModelConfig) -> dict:

@@ -177,14 +177,18 @@ def load_training_data(
     dims = {s.features.shape[1] for s in train + val}
     if len(dims) > 1:
         raise InputError(f"embedding dimensions differ between slides: {sorted(dims)}")
-    if genes is not None:
-        panel = GenePanel(tuple(read_gene_list(genes)))
-        # an Ensembl panel with symbol slides (HEST-1k) or the reverse: counts move to the
-        # panel's ids, raw counts of several names for one id summed before log1p
-        space = "ensembl" if looks_like_ensembl(panel.genes) else "symbol"
-        train = [s.in_gene_space(space) for s in train]
-        val = [s.in_gene_space(space) for s in val]
-    else:
+    # counts move to the panel's id space (an Ensembl panel with symbol slides, as HEST-1k's),
+    # by the rule evaluation uses: raw counts of several names for one id summed before log1p
+    panel = GenePanel(tuple(read_gene_list(genes))) if genes is not None else None
+    ensembl = (
+        looks_like_ensembl(panel.genes)
+        if panel
+        else all(looks_like_ensembl(s.genes) for s in train)
+    )
+    space = "ensembl" if ensembl else "symbol"
+    train = [s.in_gene_space(space) for s in train]
+    val = [s.in_gene_space(space) for s in val]
+    if panel is None:
         panel = GenePanel(tuple(sorted(set().union(*(s.genes for s in train)))))
     vocab = CancerVocabulary.from_codes(s.cancer for s in train + val)
     return TrainingData(train=train, val=val, panel=panel, vocab=vocab, encoder=encoder)
