@@ -1,4 +1,4 @@
-"""The command line (DESIGN.md "Command line"): flags in --help, train -> predict -> evaluate, and
+"""The command line (docs/cli.md): flags in --help, train -> predict -> evaluate, and
 bad input as exit code != 0 with one line on stderr (the exception itself with --debug)."""
 
 from __future__ import annotations

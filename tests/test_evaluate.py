@@ -332,7 +332,7 @@ def _write_prediction(pred_dir, st_path, cancer, rng, *, info: bool) -> None:
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    """A tiny cohort in the DESIGN layout, predictions for its test split and a user GMT."""
+    """A tiny cohort (layout: docs/formats.md), predictions for its test split and a user GMT."""
     root = tmp_path_factory.mktemp("cohort")
     rng = np.random.default_rng(7)
     for d in (keys.ST_DIR, f"{keys.EMBEDDINGS_DIR}/toy", keys.SPLITS_DIR):

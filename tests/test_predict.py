@@ -1,5 +1,6 @@
-"""Whole-slide prediction: the PRED/{id}.h5ad contract (DESIGN.md "Outputs"), chunking, pathway
-scores, refusals, slides without counts, atomic writes, and evaluate on real predictions."""
+"""Whole-slide prediction: the PRED/{id}.h5ad contract (docs/formats.md, "PRED: predictions"),
+chunking, pathway scores, refusals, slides without counts, atomic writes, and evaluate on real
+predictions."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 
-Data = Annotated[Path, typer.Option("--data", help="Cohort directory (DESIGN.md layout).")]
+Data = Annotated[Path, typer.Option("--data", help="Cohort directory (layout: docs/formats.md).")]
 Encoder = Annotated[str, typer.Option("--encoder", help="Embedding folder name under embeddings/.")]
 Attention = Annotated[
     str | None, typer.Option(help="auto (full up to 20,000 spots, local above) | full | local.")

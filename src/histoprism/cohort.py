@@ -1,4 +1,4 @@
-"""A cohort directory (DESIGN.md) -> ``Slide`` records with spots aligned across files."""
+"""A cohort directory (docs/formats.md) -> ``Slide`` records with spots aligned across files."""
 
 from __future__ import annotations
 
@@ -140,7 +140,9 @@ def _match_by_position(st_coords: np.ndarray, emb_coords: np.ndarray) -> np.ndar
 
 
 class Cohort:
-    """A cohort directory: metadata, counts, embeddings and splits (layout in DESIGN.md).
+    """A cohort directory: metadata, counts, embeddings and splits.
+
+    Layout: docs/formats.md, "Cohort directory".
 
     ``split_dir`` overrides ``root/splits``; without either, slides are split by patient (70/15/15,
     seeded) so that no patient is in two splits.

@@ -1,4 +1,4 @@
-"""Judge predicted expression against measured counts (DESIGN.md "Metrics", evaluator 1.0).
+"""Judge predicted expression against measured counts (docs/metrics.md, evaluator 1.0).
 
 Data path: per test slide, spots aligned by barcode and genes by name -> r(i, g), Pearson across
 the spots of slide i -> a (slides x genes) matrix R -> HVG-50, GPC and all-genes scores (micro:
@@ -843,7 +843,9 @@ def evaluate(
     samples: list[str] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Score PRED/{id}.h5ad against the cohort's counts and write EVAL/ (DESIGN.md "Outputs").
+    """Score PRED/{id}.h5ad against the cohort's counts and write EVAL/.
+
+    Outputs: docs/formats.md, "EVAL: evaluation"; definitions: docs/metrics.md.
 
     Slides: ``samples``, else the cohort's ``split``; a missing prediction is an ``InputError``.
     ``hvg``: 'train', 'bench' or a file (see ``resolve_hvg``); ``genesets``: 'gpc' (bundled

@@ -1,4 +1,6 @@
-"""``histoprism import``: bring one real sample into a cohort directory (DESIGN.md).
+"""``histoprism import``: bring one real sample into a cohort directory.
+
+Options: docs/cli.md, "histoprism import"; the file: docs/formats.md, "st/{id}.h5ad: counts".
 
 Writes ``COHORT/st/{id}.h5ad`` (HEST format) atomically and adds or updates the sample's row of the
 cohort's metadata table, keeping every other row and column.

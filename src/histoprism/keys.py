@@ -3,7 +3,7 @@
 Readers and writers import these; a layout changes here or nowhere.
 """
 
-# --- cohort directory (see DESIGN.md) ---------------------------------------------------------
+# --- cohort directory (docs/formats.md) -------------------------------------------------------
 METADATA_FILES = ("metadata.csv", "HEST_v1_1_0.csv")
 ST_DIR = "st"  # st/{id}.h5ad: raw counts
 EMBEDDINGS_DIR = "embeddings"  # embeddings/{encoder}/{id}.h5
@@ -69,7 +69,7 @@ UNITS_LOG1P = "log1p(counts)"
 RUN_WEIGHTS = "model.safetensors"
 RUN_CONFIG = "config.json"
 RUN_HISTORY = "history.csv"
-RUN_LAST = "last"  # last/{model.safetensors,optimizer.safetensors,state.json}
+RUN_LAST = "last"  # last/{model,best,optimizer}.safetensors + last/state.json
 
 # --- evaluation directory ---------------------------------------------------------------------
 EVAL_METRICS = "metrics.json"

@@ -1,4 +1,6 @@
-"""Whole-slide inference: run directory + cohort -> ``PRED/{id}.h5ad`` (DESIGN.md "Outputs").
+"""Whole-slide inference: run directory + cohort -> ``PRED/{id}.h5ad``.
+
+Output layout: docs/formats.md, "PRED: predictions".
 
 Memory is linear in the number of spots N and never holds N x G: the trunk runs its per-spot layers
 in blocks of spots and attention locally above ``full_attention_max_spots`` (model.py); the head

@@ -968,7 +968,9 @@ def _readme(cfg: SyntheticConfig) -> str:
 
 
 def make_cohort(out: str | Path, *, config: SyntheticConfig = SyntheticConfig()) -> Path:
-    """Write a synthetic cohort in the DESIGN.md cohort-directory layout.
+    """Write a synthetic cohort in the cohort-directory layout.
+
+    Layout: docs/formats.md, "Cohort directory" (and "ceiling/{id}.h5ad (synthetic cohorts)").
 
     Parameters
     ----------

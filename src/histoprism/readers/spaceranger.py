@@ -1,10 +1,11 @@
 """10x Space Ranger ``outs/`` folders (Visium, Visium HD) -> HEST-format AnnData.
 
-Read with h5py and pandas only (no scanpy). The result follows DESIGN.md: ``X`` float32 CSR raw
-counts (spots x genes), ``obs_names`` barcodes, ``var_names`` gene symbols with Ensembl ids in
-``var['gene_ids']``, obs ``in_tissue``, ``array_row/col``, ``pxl_row/col_in_fullres``,
-``obsm['spatial']`` int64 (x = pxl_col, y = pxl_row) in full-resolution pixels and
-``uns['spatial']['ST']['scalefactors']``. Only spots under tissue are kept.
+Read with h5py and pandas only (no scanpy). The result follows docs/formats.md, "st/{id}.h5ad:
+counts": ``X`` float32 CSR raw counts (spots x genes), ``obs_names`` barcodes, ``var_names`` gene
+symbols with Ensembl ids in ``var['gene_ids']``, obs ``in_tissue``, ``array_row/col``,
+``pxl_row/col_in_fullres``, ``obsm['spatial']`` int64 (x = pxl_col, y = pxl_row) in
+full-resolution pixels and ``uns['spatial']['ST']['scalefactors']``. Only spots under tissue are
+kept.
 """
 
 from __future__ import annotations

@@ -12,10 +12,11 @@ Backends, tried in this order:
 3. Pillow for PNG, JPEG and anything else it opens, held in memory as one level.
 
 Pixel size (µm per level-0 pixel), first found wins: the ``mpp`` argument (``--mpp`` or the
-cohort's metadata, which DESIGN.md ranks above the file because embedded resolutions are sometimes
-10x wrong) > the file (``openslide.mpp-x/y``; Aperio ``MPP =`` in ImageDescription; TIFF
-X/YResolution with ResolutionUnit centimetre or inch; OME ``PhysicalSizeX/Y``; ImageJ ``unit=micron``)
-> :class:`~histoprism.errors.InputError`. PNG/JPEG dpi is never used: it is a screen resolution.
+cohort's metadata, ranked above the file because embedded resolutions are sometimes 10x wrong:
+docs/formats.md, "wsis/{id}.* and metadata/{id}.json") > the file (``openslide.mpp-x/y``; Aperio
+``MPP =`` in ImageDescription; TIFF X/YResolution with ResolutionUnit centimetre or inch; OME
+``PhysicalSizeX/Y``; ImageJ ``unit=micron``) > :class:`~histoprism.errors.InputError`. PNG/JPEG
+dpi is never used: it is a screen resolution.
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ def open_wsi(path: str | Path, *, mpp: float | None = None) -> WholeSlideImage:
     Parameters
     ----------
     path : the image file.
-    mpp : µm per level-0 pixel; overrides whatever the file says (DESIGN.md: metadata beats file).
+    mpp : µm per level-0 pixel; overrides whatever the file says (metadata beats file:
+        docs/formats.md).
 
     Raises
     ------
