@@ -1,7 +1,8 @@
 """Compare several models' EVAL directories: headline table, per-cancer table, significance.
 
 Data path: EVAL/ of each model (metrics.json, per_slide.csv, per_pathway.csv) -> ``EvalResult``
--> tidy frames (one row per model; per model and cancer type; per model and metric) -> COMPARE/
+(``load_eval``, from ``evaldir``: the one EVAL reader, shared with ``report``) -> tidy frames
+(one row per model; per model and cancer type; per model and metric) -> COMPARE/
 (comparison.csv, comparison.json, comparison.md). Significance: a paired bootstrap over test
 slides for per-slide scores, a sign test over gene sets for GPC. All functions but ``load_eval``
 and ``write_comparison`` are pure.
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from scipy.stats import binomtest
 
 from . import keys
 from .errors import InputError
+from .evaldir import EvalResult, load_eval
 from .evaluate import jsonable, win_rate
 from .io import atomic_path, write_text_atomic
 
@@ -53,52 +54,6 @@ __all__ = [
     "win_rate_matrix",
     "write_comparison",
 ]
-
-
-@dataclass
-class EvalResult:
-    """One model's evaluation, as read back from its EVAL directory.
-
-    metrics: content of metrics.json (``headline``, ``per_cancer``, ...; NaN stored as None).
-    per_slide: (n_slides, k) indexed by sample_id: oncotree_code, hvg, all_genes, gpc_<collection>.
-    per_pathway: (n_sets_total, 5) collection, gene_set, n_genes_in_panel, s_micro, s_macro.
-    """
-
-    name: str
-    metrics: dict
-    per_slide: pd.DataFrame
-    per_pathway: pd.DataFrame
-
-    def set_scores(self, collection: str, column: str = "s_micro") -> pd.Series:
-        """(n_sets,) ``column`` of one collection's gene sets, indexed by gene_set."""
-        pp = self.per_pathway
-        table = pp[pp["collection"] == collection] if "collection" in pp else pp.iloc[:0]
-        if table.empty:
-            return pd.Series(dtype=np.float64, name=column)
-        return table.set_index("gene_set")[column].astype(np.float64)
-
-
-def load_eval(name: str, eval_dir: str | Path) -> EvalResult:
-    """Read metrics.json, per_slide.csv and per_pathway.csv of ``eval_dir`` as model ``name``.
-
-    Raises ``InputError`` naming the directory when it or one of the three files is missing.
-    """
-    eval_dir = Path(eval_dir)
-    if not eval_dir.is_dir():
-        raise InputError("evaluation directory not found", eval_dir)
-    files = (keys.EVAL_METRICS, keys.EVAL_PER_SLIDE, keys.EVAL_PER_PATHWAY)
-    missing = [f for f in files if not (eval_dir / f).is_file()]
-    if missing:
-        raise InputError(f"not an evaluation directory: {', '.join(missing)} missing", eval_dir)
-    try:
-        metrics = json.loads((eval_dir / keys.EVAL_METRICS).read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{keys.EVAL_METRICS} is not valid JSON ({exc})", eval_dir) from exc
-    per_slide = pd.read_csv(
-        eval_dir / keys.EVAL_PER_SLIDE, index_col=keys.SPLIT_ID, dtype={keys.SPLIT_ID: str}
-    )
-    per_pathway = pd.read_csv(eval_dir / keys.EVAL_PER_PATHWAY)
-    return EvalResult(name, metrics, per_slide, per_pathway)
 
 
 # --- statistics ---------------------------------------------------------------------------------

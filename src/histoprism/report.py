@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 
 from . import keys
 from .errors import InputError
+from .evaldir import load_eval
 from .io import write_text_atomic
 
 R_LABEL = "Pearson r"
@@ -424,23 +425,6 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", name)
 
 
-def _read_tables(eval_dir: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """metrics.json, per_slide, per_gene, per_pathway of an EVAL directory."""
-    paths = [
-        eval_dir / n
-        for n in (keys.EVAL_METRICS, keys.EVAL_PER_SLIDE, keys.EVAL_PER_GENE, keys.EVAL_PER_PATHWAY)
-    ]
-    for p in paths:
-        if not p.exists():
-            raise InputError("evaluation output not found (run evaluate first)", p)
-    # gene and sample names are text: no "NA"/"nan" guessing, only empty cells are missing
-    read = dict(keep_default_na=False, na_values=[""])
-    per_slide = pd.read_csv(paths[1], dtype={keys.SPLIT_ID: str, keys.META_CANCER: str}, **read)
-    per_gene = pd.read_csv(paths[2], dtype={"gene": str}, **read)
-    per_pathway = pd.read_csv(paths[3], dtype={"collection": str, "gene_set": str}, **read)
-    return json.loads(paths[0].read_text()), per_slide, per_gene, per_pathway
-
-
 def _overview(metrics: dict) -> str:
     info = {
         k: metrics.get(k)
@@ -524,17 +508,18 @@ def write_report(eval_dir: str | Path, *, examples: Sequence[SpatialExample] = (
     predicted genes, then pathway scores where ``ex.pathways`` is set). Self-contained: inline CSS, figures as base64 PNG, no external URL.
     """
     eval_dir = Path(eval_dir)
-    metrics, per_slide, per_gene, per_pathway = _read_tables(eval_dir)
+    ev = load_eval(eval_dir.name, eval_dir, per_gene=True)
+    metrics = ev.metrics
     title = f"histoprism evaluation — {metrics.get('n_slides')} slides"
     body = [
         f"<h1>{html.escape(title)}</h1>",
         _overview(metrics),
         "<h2>Headline</h2>" + _kv_table(metrics.get("headline") or {}, "headline", describe=True),
         _cancer_section(metrics),
-        "<h2>Per slide</h2>" + _table(per_slide, "per-slide"),
-        _pathway_section(per_pathway),
+        "<h2>Per slide</h2>" + _table(ev.per_slide.reset_index(), "per-slide"),
+        _pathway_section(ev.per_pathway),
         "<h2>Per gene</h2>"
-        + _img(plot_gene_r_hist(per_gene), "Per-gene Pearson r (per_gene.csv)."),
+        + _img(plot_gene_r_hist(ev.per_gene), "Per-gene Pearson r (per_gene.csv)."),
         _spatial_section(examples),
     ]
     path = eval_dir / keys.EVAL_REPORT
