@@ -138,7 +138,7 @@ def test_embeddings_are_shuffled_and_match_spots(cohort: Path) -> None:
     assert list(barcodes) != list(st.obs_names)
     features, coords = emb[keys.H5_FEATURES], emb[keys.H5_COORDS]
     assert features.shape == (st.n_obs, 32) and features.dtype == np.float32
-    assert coords.dtype == np.float32
+    assert coords.dtype == np.float64  # the one writer, as extract's files
     spatial = pd.DataFrame(st.obsm[keys.OBSM_SPATIAL], index=st.obs_names).loc[barcodes]
     np.testing.assert_array_equal(coords, spatial.to_numpy())
 

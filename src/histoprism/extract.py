@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from . import keys
@@ -25,8 +24,8 @@ from .cohort import Cohort
 from .distributed import local_device, rank_share
 from .encoders import Encoder, load_encoder
 from .errors import InputError
-from .io import atomic_path
 from .progress import progress_bar
+from .readers.embeddings import write_embeddings
 from .readers.hest import read_hest_patches
 from .readers.st import read_st
 
@@ -109,8 +108,8 @@ def extract_slide(
     batch_size: int = 64,
     bar=None,
 ) -> SlideExtraction:
-    """Embed one slide and write ``out`` atomically: features (N, D) float32, coords (N, 2) spot
-    centres in level-0 px, barcodes (N,) bytes."""
+    """Embed one slide and write ``out`` atomically (``write_embeddings``): features (N, D)
+    float32, coords (N, 2) spot centres in level-0 px, barcodes (N,) bytes."""
     start = time.perf_counter()
     for stale in out.parent.glob(f".{out.stem}.*.partial{out.suffix}"):
         stale.unlink()  # left by a killed run (atomic_path cleans up only after exceptions)
@@ -123,15 +122,13 @@ def extract_slide(
     features, coords, barcodes = arrays
     if not np.isfinite(features).all():
         raise InputError(f"encoder '{model.config.name}' returned NaN/inf features", out)
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as h5:
-        h5.create_dataset(keys.H5_FEATURES, data=features.astype(np.float32))
-        h5.create_dataset(keys.H5_COORDS, data=coords.astype(np.float64))
-        h5.create_dataset(keys.H5_BARCODES, data=np.char.encode(barcodes.astype(str), "utf-8"))
-        h5.attrs[keys.H5_ATTR_ENCODER] = model.config.name
-        h5.attrs[keys.H5_ATTR_MPP] = model.config.mpp
-        h5.attrs[keys.H5_ATTR_PATCH_PX] = model.config.patch_size
-        h5.attrs["source"] = record.source
-        h5.attrs["coords_are"] = "spot centres, level-0 px (x, y)"
+    attrs = {
+        keys.H5_ATTR_ENCODER: model.config.name,
+        keys.H5_ATTR_MPP: model.config.mpp,
+        keys.H5_ATTR_PATCH_PX: model.config.patch_size,
+        keys.H5_ATTR_SOURCE: record.source,
+    }
+    write_embeddings(out, features, coords, barcodes, **attrs)
     record.seconds, record.path = time.perf_counter() - start, out
     return record
 

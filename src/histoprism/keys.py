@@ -48,6 +48,8 @@ TORCH_EMBEDDINGS_SUFFIX = "_embeddings.pt"  # HistoPrism repository: {id}_embedd
 H5_ATTR_ENCODER = "encoder"  # attrs of embeddings written by `histoprism extract`
 H5_ATTR_MPP = "target_mpp"
 H5_ATTR_PATCH_PX = "patch_size"
+H5_ATTR_SOURCE = "source"  # "patches" | "wsi": what `histoprism extract` embedded
+H5_ATTR_COORDS_ARE = "coords_are"  # written by every writer: what ``coords`` holds
 
 # --- HEST patches/{id}.h5 and metadata/{id}.json --------------------------------------------------
 HEST_METADATA_DIR = "metadata"  # metadata/{id}.json (may hold bare NaN)

@@ -39,7 +39,6 @@ from functools import cache
 from pathlib import Path
 
 import anndata as ad
-import h5py
 import numpy as np
 import pandas as pd
 from scipy import ndimage, sparse
@@ -49,6 +48,7 @@ from scipy.special import digamma
 from histoprism import __version__, keys
 from histoprism.genes import GENESET_COLLECTIONS, bench_hvg, gene_table, gpc_genesets
 from histoprism.io import atomic_path, write_text_atomic
+from histoprism.readers.embeddings import write_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -851,15 +851,12 @@ def _write_embedding(
     rng: np.random.Generator,
     encoder: str,
 ) -> None:
-    """features (N, D), coords (N, 2) float32 px, barcodes (N,) bytes, in a shuffled spot order
-    (extractors do not keep the h5ad's order; readers must align by barcode)."""
+    """features (N, D), coords (N, 2) px, barcodes (N,) str via ``write_embeddings``, in a shuffled
+    spot order (extractors do not keep the h5ad's order; readers must align by barcode)."""
     order = rng.permutation(len(barcodes))
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
-        fh.create_dataset(keys.H5_FEATURES, data=features[order])
-        fh.create_dataset(keys.H5_COORDS, data=xy[order].astype(np.float32))
-        fh.create_dataset(keys.H5_BARCODES, data=np.char.encode(barcodes[order], "ascii"))
-        fh.attrs["encoder"] = encoder
-        fh.attrs["coords_are"] = "spot centres, level-0 px (x, y)"
+    write_embeddings(
+        path, features[order], xy[order], barcodes[order], **{keys.H5_ATTR_ENCODER: encoder}
+    )
 
 
 # --- the cohort ---------------------------------------------------------------------------------
@@ -980,7 +977,7 @@ def make_cohort(out: str | Path, *, config: SyntheticConfig = SyntheticConfig())
     Returns
     -------
     The cohort directory, holding ``metadata.csv``, ``st/{id}.h5ad`` (raw counts, float32 CSR),
-    ``embeddings/{encoder}/{id}.h5`` (features (N, D) float32, coords (N, 2) float32 px,
+    ``embeddings/{encoder}/{id}.h5`` (features (N, D) float32, coords (N, 2) float64 px,
     barcodes (N,) bytes), ``splits/{train,val,test}_split.csv``, ``ceiling/{id}.h5ad``
     (E[log1p counts | visible], dense float32) and ``README.txt``; with ``config.images`` also
     ``wsis/{id}.tif`` (H&E-like pyramidal TIFF of the whole frame, 0.5 µm/px, the pixels of

@@ -1,6 +1,7 @@
 """Embedding files: ours / HEST-bench (``features``|``embeddings``, ``coords``, ``barcodes``) and
 TRIDENT/CLAM (``features``, ``coords`` = patch top-left corner, attr ``patch_size_level0``), and
-HistoPrism repository ``{id}_embeddings.pt`` (barcode -> 1-D tensor; no coordinates)."""
+HistoPrism repository ``{id}_embeddings.pt`` (barcode -> 1-D tensor; no coordinates). Ours are
+written by ``write_embeddings`` only (``histoprism extract`` and the synthetic cohort)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import numpy as np
 
 from .. import keys
 from ..errors import InputError
+from ..io import atomic_path
+
+COORDS_ARE = "spot centres, level-0 px (x, y)"  # value of the ``coords_are`` attribute we write
 
 
 @dataclass
@@ -76,6 +80,38 @@ def read_embeddings(path: str | Path) -> EmbeddingFile:
     elif barcodes is None and patch0 is not None:
         coords = coords + float(patch0) / 2.0
     return EmbeddingFile(features=features, coords=coords[:, :2], barcodes=barcodes, path=path)
+
+
+def write_embeddings(
+    path: str | Path,
+    features: np.ndarray,
+    coords: np.ndarray,
+    barcodes: np.ndarray,
+    **attrs: str | float | int,
+) -> Path:
+    """Write one slide's embedding file atomically, in the layout ``read_embeddings`` reads back.
+
+    features: (N, D), stored float32.  coords: (N, 2) spot centres, level-0 px (x, y), stored
+    float64.  barcodes: (N,) str, stored as UTF-8 bytes.  attrs: file attributes, name (a
+    ``keys.H5_ATTR_*``) -> value; ``coords_are`` is always written. Returns ``path``.
+    """
+    path = Path(path)
+    features, coords = np.asarray(features), np.asarray(coords)
+    barcodes = np.asarray(barcodes).astype(str)
+    n = len(features)
+    if features.ndim != 2 or coords.shape != (n, 2) or barcodes.shape != (n,):
+        raise ValueError(
+            f"features {features.shape}, coords {coords.shape} and barcodes {barcodes.shape} "
+            "are not (N, D), (N, 2) and (N,)"
+        )
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        h5.create_dataset(keys.H5_FEATURES, data=features.astype(np.float32))
+        h5.create_dataset(keys.H5_COORDS, data=coords.astype(np.float64))
+        h5.create_dataset(keys.H5_BARCODES, data=np.char.encode(barcodes, "utf-8"))
+        for name, value in attrs.items():
+            h5.attrs[name] = value
+        h5.attrs[keys.H5_ATTR_COORDS_ARE] = COORDS_ARE
+    return path
 
 
 def read_torch_embeddings(path: str | Path) -> EmbeddingFile:
