@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -183,3 +185,13 @@ def test_pyramid_tiff_round_trip(tmp_path):
         np.testing.assert_allclose(glass.reshape(-1, 3).mean(axis=0), (241, 242, 243), atol=1.5)
         half = np.asarray(slide.read_region((256, 512), 1, (384, 256)).convert("RGB"))
         assert np.abs(half.astype(float) - image[::2, ::2]).mean() < 2.0
+
+
+def test_images_share_the_geometry_without_importing_the_expression_model():
+    # one definition of the lattice and niches (synthetic_geometry), and no import cycle
+    code = (
+        "import sys, histoprism.synthetic_images; assert 'histoprism.synthetic' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert synthetic_images.NICHES is synthetic.NICHES
+    assert synthetic_images.UM_PER_PX == synthetic.UM_PER_PX

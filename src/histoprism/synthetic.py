@@ -49,6 +49,13 @@ from histoprism import __version__, keys
 from histoprism.genes import GENESET_COLLECTIONS, bench_hvg, gene_table, gpc_genesets
 from histoprism.io import atomic_path, write_text_atomic
 from histoprism.readers.embeddings import write_embeddings
+from histoprism.synthetic_geometry import (  # shared with synthetic_images; re-exported
+    NICHES,
+    NUCLEAR_BY_NICHE,
+    PITCH_UM,
+    ROW_PITCH_UM,
+    UM_PER_PX,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +70,6 @@ ORGANS = {
 }
 PANEL_SIZE = 38_982  # genes in the STPath/HistoPrism panel
 
-NICHES = ("tumour", "stroma", "immune", "epithelium", "necrosis", "adipose")
 # log relative niche abundance per cancer (rows: CANCERS, columns: NICHES)
 NICHE_LOG_ABUNDANCE = np.array(
     [
@@ -131,10 +137,7 @@ KEYWORD_DRIVER = (
     ("ANDROGEN", "epithelium"),
 )
 
-# --- geometry (Visium) ---
-UM_PER_PX = 0.5
-PITCH_UM = 100.0  # centre-to-centre spot distance
-ROW_PITCH_UM = PITCH_UM * np.sqrt(3) / 2  # hex rows are closer than spots in a row
+# --- geometry (Visium; the spot lattice and pixel size are in synthetic_geometry) ---
 SPOT_DIAMETER_UM = 55.0
 VISIUM_FRAME = (78, 64)  # rows x spots per row (array_col 0..127, parity follows the row)
 FRAME_ORIGIN_PX = 1200.0  # margin between image border and the first spot centre
@@ -144,8 +147,6 @@ HIDDEN_SIGMA_UM = 200.0  # smoothing of hidden programme fields
 NEIGHBOURHOOD_UM = 300.0  # radius of the neighbourhood features
 IMAGE_STREAM = 0x494D47  # "IMG": images draw from SeedSequence([seed, IMAGE_STREAM]), no other
 NICHE_SHARPNESS = 2.2  # softmax gain: higher gives purer spots
-# nuclear density of each pure niche: cellular niches are dense, fat and necrosis are not
-NUCLEAR_BY_NICHE = np.array([1.2, -0.4, 1.5, 0.4, -1.0, -1.5])
 
 # --- counts ---
 # depth scale: the observed median library is ~2x this (programme variation adds mass), so

@@ -39,7 +39,13 @@ from scipy import ndimage
 
 from histoprism.io import atomic_path
 from histoprism.readers.hest import write_hest_patches
-from histoprism.synthetic import NICHES, NUCLEAR_BY_NICHE, PITCH_UM, ROW_PITCH_UM, UM_PER_PX
+from histoprism.synthetic_geometry import (
+    NICHES,
+    NUCLEAR_BY_NICHE,
+    PITCH_UM,
+    ROW_PITCH_UM,
+    UM_PER_PX,
+)
 
 log = logging.getLogger(__name__)
 
