@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -128,7 +127,9 @@ def train(
         attention_radius_um=attention_radius_um,
         crop_spots=crop_spots,
     )
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one summary from rank 0
+    from .distributed import torchrun_env
+
+    if torchrun_env()[0] != 0:  # under torchrun, one summary from rank 0
         return
     from .checkpoint import load_run
 
@@ -190,9 +191,9 @@ def predict(
         attention=attention,
         attention_radius_um=attention_radius_um,
     )
-    from .distributed import launch_rank
+    from .distributed import torchrun_env
 
-    rank, world = launch_rank()
+    rank, world, _ = torchrun_env()
     share = f" (rank {rank} of {world})" if world > 1 else ""
     typer.echo(f"predicted {len(paths)} slides{share} -> {out} [{time.perf_counter() - t0:.0f}s]")
 

@@ -16,6 +16,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from .distributed import torchrun_env  # torch-free: progress bars must not load torch
+
 
 class _InfoColumn(ProgressColumn):
     """Free text a task may carry in its ``info`` field (losses, sample id)."""
@@ -26,7 +28,7 @@ class _InfoColumn(ProgressColumn):
 
 def progress_bar(*, enabled: bool = True) -> Progress:
     """A rich Progress to use as a context manager; tasks may carry an ``info`` field."""
-    quiet = os.environ.get("HISTOPRISM_QUIET") or int(os.environ.get("RANK", "0")) != 0
+    quiet = os.environ.get("HISTOPRISM_QUIET") or torchrun_env()[0] != 0
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
