@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -311,28 +310,20 @@ CHILDREN = {
 
 def measure(spec: dict, timeout: float) -> dict:
     """Run one child; its result plus wall seconds and peak RSS (MB, the child's own ru_maxrss
-    from ``os.wait4``), or an error (timeout, crash, out of memory)."""
-    cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() - t0 > timeout:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                return {"error": f"timed out after {timeout:.0f} s"}
-            time.sleep(0.05)
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-        out.seek(0), err.seek(0)
-        if proc.returncode != 0:
-            last = (err.read().strip().splitlines() or [""])[-1]
-            return {"error": f"exit {proc.returncode}: {last}"[:200]}
-        res = json.loads(out.read().strip().splitlines()[-1])
-    res["wall_seconds"] = time.perf_counter() - t0
-    res["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux: kB
+    from ``os.wait4``, via ``histoprism.benchmark.measure_process``), or an error (timeout,
+    crash, out of memory)."""
+    # imported here, not at the top: children must not load it (it would add to their RSS)
+    from histoprism.benchmark import measure_process
+
+    m = measure_process([sys.executable, __file__, "--child", json.dumps(spec)], timeout=timeout)
+    if m["timed_out"]:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if m["returncode"] != 0:
+        last = (m["stderr"].strip().splitlines() or [""])[-1]
+        return {"error": f"exit {m['returncode']}: {last}"[:200]}
+    res = json.loads(m["stdout"].strip().splitlines()[-1])
+    res["wall_seconds"] = m["seconds"]
+    res["peak_rss_mb"] = m["peak_rss_mb"]
     return res
 
 

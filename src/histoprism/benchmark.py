@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,19 +73,55 @@ def select_models(names: list[str] | None) -> tuple[BenchModel, ...]:
     return tuple(m for m in BENCH_MODELS if m.name in names)
 
 
+def measure_process(cmd: list[str], *, timeout: float | None = None) -> dict:
+    """Run ``cmd`` in a child process, measured alone.
+
+    Returns {"returncode", "stdout", "stderr" (text), "seconds" (wall, start to exit),
+    "peak_rss_mb" (the child's own ru_maxrss from ``os.wait4``; Linux reports kB), "timed_out"}.
+    Output goes to temporary files, not pipes, so a chatty child cannot stall on a full pipe.
+    With ``timeout`` (seconds), a child still running then is killed and ``timed_out`` is True.
+    """
+    t0 = time.perf_counter()
+    with (
+        tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as out,
+        tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as err,
+    ):
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        timed_out = False
+        if timeout is None:
+            _, status, usage = os.wait4(proc.pid, 0)
+        else:
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.perf_counter() - t0 > timeout:
+                    proc.kill()
+                    _, status, usage = os.wait4(proc.pid, 0)
+                    timed_out = True
+                    break
+                time.sleep(0.05)
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        out.seek(0), err.seek(0)
+        return {
+            "returncode": proc.returncode,
+            "stdout": out.read(),
+            "stderr": err.read(),
+            "seconds": seconds,
+            "peak_rss_mb": usage.ru_maxrss / 1024,
+            "timed_out": timed_out,
+        }
+
+
 def run_measured(args: list[str]) -> dict:
     """Run ``histoprism ARGS`` in a child process -> {seconds, peak_rss_mb}; InputError on failure."""
-    cmd = [sys.executable, "-m", "histoprism.cli", *args]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        lines = [ln.strip(" │╭╮╰╯─") for ln in (stderr or stdout).splitlines()]
+    m = measure_process([sys.executable, "-m", "histoprism.cli", *args])
+    if m["returncode"] != 0:
+        lines = [ln.strip(" │╭╮╰╯─") for ln in (m["stderr"] or m["stdout"]).splitlines()]
         reason = next((ln for ln in reversed(lines) if ln), "no output")
         raise InputError(f"'histoprism {args[0]}' failed: {reason}")
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {"seconds": m["seconds"], "peak_rss_mb": m["peak_rss_mb"]}
 
 
 def _fit_and_predict(
