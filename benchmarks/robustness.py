@@ -34,6 +34,7 @@ import torch
 from histoprism.cohort import Cohort
 from histoprism.evaluate import evaluate
 from histoprism.predict import predict
+from histoprism.registry import VARIANTS
 from histoprism.synthetic import draw_world, make_cohort
 from histoprism.train import train
 
@@ -41,13 +42,7 @@ HERE = Path(__file__).parent
 TUNING_WORLDS = tuple(range(6))
 HELD_OUT_WORLDS = (1001, 1002)  # never looked at while choosing the recipe
 ENCODER = "synthetic"
-# label -> keyword arguments of histoprism.train.train
-MODELS = {
-    "histoprism": dict(model="histoprism"),
-    "no-conditioning": dict(model="histoprism", conditioning=False),
-    "mlp": dict(model="mlp"),
-    "ridge-knn": dict(model="ridge-knn"),
-}
+MODELS = ("histoprism", "no-conditioning", "mlp", "ridge-knn")  # histoprism.registry.VARIANTS
 WORLD_KEYS = (
     "n_slides",
     "n_cancers",
@@ -160,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worlds", type=int, nargs="*", default=list(TUNING_WORLDS))
     ap.add_argument("--held-out", type=int, nargs="*", default=list(HELD_OUT_WORLDS))
-    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(VARIANTS))
     ap.add_argument("--config", default=None, help="recipe (preset or YAML) for histoprism models")
     ap.add_argument("--epochs", type=int, default=None, help="cap epochs (default: the recipe's)")
     ap.add_argument("--out", type=Path, default=HERE / "robustness.json")
@@ -171,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    models = {m: dict(MODELS[m]) for m in args.models}
+    models = {m: VARIANTS[m].train_options() for m in args.models}
     if args.config:
         for kw in models.values():
             if kw["model"] == "histoprism":

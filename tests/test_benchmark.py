@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 from histoprism import keys
-from histoprism.benchmark import benchmark, benchmark_paper, select_models
+from histoprism.benchmark import benchmark, benchmark_paper
 from histoprism.compare import load_eval
 from histoprism.errors import InputError
+from histoprism.registry import select_variants
 from histoprism.report import regenerate
 
 ENCODER = "synthetic"  # embedding folder of the synthetic cohort
@@ -60,7 +61,7 @@ def test_rerun_reuses_finished_models(bench, tiny_cohort, tmp_path):
 
 def test_unknown_model_is_refused():
     with pytest.raises(InputError, match="unknown model"):
-        select_models(["histoprism", "transformer-xl"])
+        select_variants(["histoprism", "transformer-xl"])
 
 
 def test_paper_protocol_over_two_splits(tiny_cohort, tmp_path):

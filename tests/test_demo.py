@@ -13,7 +13,7 @@ from histoprism.synthetic import tiny
 
 def test_demo_table_has_every_model_and_the_ceiling(tmp_path):
     table = run_demo(tmp_path, cohort=tiny(), models=DEMO_MODELS, epochs=1, progress=False)
-    assert list(table.index) == [m.name for m in DEMO_MODELS] + [table.index[-1]]
+    assert list(table.index) == [m.label for m in DEMO_MODELS] + [table.index[-1]]
     assert table.index[-1].startswith("ceiling")
     hvg = table["HVG-50 micro"].astype(float)
     assert hvg.notna().all() and (hvg.between(-1, 1)).all()
@@ -26,8 +26,8 @@ def test_demo_table_has_every_model_and_the_ceiling(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert md.count("\n") == len(table) + 2 and "| HistoPrism |" in md
     for m in DEMO_MODELS:
-        assert (tmp_path / "eval" / m.slug / "metrics.json").exists()
-        assert (tmp_path / "eval" / m.slug / "report.html").exists()
+        assert (tmp_path / "eval" / m.name / "metrics.json").exists()
+        assert (tmp_path / "eval" / m.name / "report.html").exists()
 
 
 def test_pipe_table_formats_floats_and_text():
@@ -41,7 +41,7 @@ def test_pipe_table_formats_floats_and_text():
 def test_demo_from_images_embeds_the_rendered_slides(tmp_path):
     cfg = replace(tiny(), n_slides=6)
     table = run_demo(tmp_path, cohort=cfg, epochs=2, progress=False, from_images=True)
-    assert list(table.index) == [m.name for m in IMAGE_MODELS] + [
+    assert list(table.index) == [m.label for m in IMAGE_MODELS] + [
         "training mean (constant per gene)",
         table.index[-1],
     ]

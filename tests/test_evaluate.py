@@ -410,6 +410,9 @@ def test_evaluate_matches_independent_computation(toy, evaluated):
         {i: np.nanmean(R.loc[i, hvg[c]]) if c in hvg else np.nan for i, c in cancers.items()}
     )
     head = metrics["headline"]
+    # names defined once; a user's own GMT adds its gpc_<name>_macro/micro pair
+    extra = {"n_genes_pooled", "gpc_mine_macro", "gpc_mine_micro"}
+    assert set(head) == set(keys.HEADLINE_METRICS) | extra
     assert metrics["evaluator_version"] == EVALUATOR_VERSION and metrics["n_slides"] == 4
     assert metrics["hvg_genes"]["IDC"] == hvg["IDC"] and metrics["hvg_missing"] == ["MESO"]
     assert head["hvg_micro"] == pytest.approx(slide_hvg.mean(), rel=1e-9)

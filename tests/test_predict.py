@@ -23,6 +23,7 @@ from histoprism.cohort import Cohort
 from histoprism.errors import InputError
 from histoprism.evaluate import evaluate
 from histoprism.genes import GENESET_COLLECTIONS, gpc_genesets
+from histoprism.pathways import panel_membership
 from histoprism.predict import load, predict, predict_slide
 from histoprism.tensors import centred, knn_index
 
@@ -114,7 +115,7 @@ def test_tiled_head_equals_single_block(
 
 def test_closed_form_pathway_scores_in_spot_blocks(trained_runs, monkeypatch):
     run = load(trained_runs["histoprism"])
-    _, M = predict_mod.pathway_membership(run.panel, _all_gpc_sets())
+    _, M = panel_membership(run.panel, _all_gpc_sets())
     prepared = torch.randn(
         50, run.predictor.model.cfg.hidden, generator=torch.Generator().manual_seed(0)
     )

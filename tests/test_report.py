@@ -15,7 +15,8 @@ from matplotlib.figure import Figure
 
 from histoprism import keys
 from histoprism.errors import InputError
-from histoprism.evaluate import pathway_scores, spatial_example
+from histoprism.evaluate import spatial_example
+from histoprism.pathways import pathway_scores
 from histoprism.report import (
     PathwayMaps,
     SpatialExample,

@@ -508,3 +508,15 @@ def test_ridge_equals_independent_hest_fit(tiny_cohort, trained_runs, tmp_path, 
     assert np.abs(delta).max() < 1e-3
     assert np.abs(expected - expected.mean(0)).max() > 0.1  # the comparison is not of zeros
     assert math.isfinite(float(got.sum()))
+
+
+def test_training_seed_does_not_move_the_automatic_split(cohort_copy, tmp_path):
+    """Without split files, predict and evaluate draw the cohort's split; a model trained with
+    another --seed must have been trained on that split's training slides, never on its test."""
+    cc = cohort_copy()
+    shutil.rmtree(cc.root / keys.SPLITS_DIR)
+    run = train(cc.root, ENCODER, tmp_path / "run", model="ridge", seed=3, progress=False)
+    trained_on = set(_config(run)["train_slides"]) | set(_config(run)["val_slides"])
+    cohort = Cohort(cc.root)
+    assert trained_on == set(cohort.ids("train")) | set(cohort.ids("val"))
+    assert not trained_on & set(cohort.ids("test"))

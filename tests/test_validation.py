@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from histoprism.correlation import pearson_per_gene
 from histoprism.tensors import SlideTensors
 from histoprism.train import health_message
 from histoprism.validation import (
@@ -36,6 +37,22 @@ def test_pearson_from_sums_matches_numpy(p: np.ndarray, t: np.ndarray) -> None:
         ):
             continue  # (near-)constant columns: NaN by rule, numpy is unstable there
         assert abs(r[g] - np.corrcoef(p[:, g], t[:, g])[0, 1]) < 1e-6
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    arrays(np.float64, (9, 4), elements=st.floats(-50, 50)),
+    arrays(np.float64, (9, 4), elements=st.floats(-50, 50)),
+    st.floats(-1e3, 1e3),
+)
+def test_training_and_evaluation_share_one_pearson(p, t, c) -> None:
+    """Validation r from running sums equals the evaluator's from centred co-moments, constant
+    columns (here column 0 of the prediction, at any level c) included: NaN in both."""
+    p[:, 0] = c
+    from_sums = pearson_from_sums(moment_sums(torch.from_numpy(p), torch.from_numpy(t))[:5], 9)
+    reference = pearson_per_gene(p, t)
+    assert math.isnan(float(from_sums[0])) and math.isnan(reference[0])
+    np.testing.assert_allclose(from_sums.numpy(), reference, atol=1e-6, equal_nan=True)
 
 
 def test_constant_column_is_nan_and_skipped_by_the_mean() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 from .cohort import Slide
 from .genes import GenePanel
+from .registry import FitOptions
 from .tensors import (
     CancerVocabulary,
     feature_stats,
@@ -33,10 +35,9 @@ from .tensors import (
     slide_targets,
     to_tensors,
 )
+from .train import TrainingData, save_baseline
 
 log = logging.getLogger(__name__)
-
-BASELINES = ("ridge", "ridge-knn", "mlp")
 
 
 def smooth_knn(pred: np.ndarray, neighbours: np.ndarray, *, own: float = 0.75) -> np.ndarray:
@@ -61,6 +62,7 @@ class RidgeBaseline:
     panel: GenePanel
     knn: int = 0
     n_components: int = 256
+    closed_form_pathways = False  # Predictor protocol: pathway scores from the written genes
     solver: str = "cholesky"
     seed: int = 0
 
@@ -175,6 +177,7 @@ class MLPBaseline:
     vocab: CancerVocabulary
     hidden: int = 512
     epochs: int = 60
+    closed_form_pathways = False  # Predictor protocol: pathway scores from the written genes
     lr: float = 1e-3
     batch_spots: int = 512
     patience: int = 8
@@ -255,39 +258,27 @@ class MLPBaseline:
         return self
 
 
-def fit_baseline(
-    kind: str,
-    train: list[Slide],
-    val: list[Slide],
-    *,
-    panel: GenePanel,
-    vocab: CancerVocabulary,
-    seed: int = 0,
-    epochs: int | None = None,
-):
-    """Fit baseline ``kind`` -> (fitted object, extra config to save with it)."""
-    if kind in ("ridge", "ridge-knn"):
-        knn = 8 if kind == "ridge-knn" else 0
-        return RidgeBaseline(panel=panel, knn=knn, seed=seed).fit(train), {"knn": knn}
-    if kind == "mlp":
-        mlp = MLPBaseline(
-            panel=panel, vocab=vocab, seed=seed, epochs=60 if epochs is None else epochs
-        )
-        return mlp.fit(train, val), {"hidden": mlp.hidden}
-    raise ValueError(f"unknown baseline '{kind}' (have: {', '.join(BASELINES)})")
+def fit_ridge(data: TrainingData, out: Path, options: FitOptions, *, knn: int) -> Path:
+    """The registry's fit for ``ridge`` (knn 0) and ``ridge-knn`` (knn 8): a run directory."""
+    ridge = RidgeBaseline(panel=data.panel, knn=knn, seed=options.seed).fit(data.train)
+    return save_baseline(data, out, options, {"knn": knn}, ridge.tensors())
 
 
-def load_baseline(
-    kind: str,
-    config: dict,
-    tensors: dict[str, torch.Tensor],
-    *,
-    panel: GenePanel,
-    vocab: CancerVocabulary,
-):
-    """Rebuild a saved baseline from its run config and tensors."""
-    if kind in ("ridge", "ridge-knn"):
-        return RidgeBaseline.from_tensors(panel, config["baseline"]["knn"], tensors)
-    if kind == "mlp":
-        return MLPBaseline.from_tensors(panel, vocab, config["baseline"]["hidden"], tensors)
-    raise ValueError(f"unknown baseline '{kind}'")
+def fit_mlp(data: TrainingData, out: Path, options: FitOptions) -> Path:
+    """The registry's fit for ``mlp`` (60 epochs unless ``options.epochs``): a run directory."""
+    epochs = 60 if options.epochs is None else options.epochs
+    mlp = MLPBaseline(panel=data.panel, vocab=data.vocab, seed=options.seed, epochs=epochs)
+    mlp.fit(data.train, data.val)
+    return save_baseline(data, out, options, {"hidden": mlp.hidden}, mlp.tensors())
+
+
+def load_ridge(config: dict, tensors: dict, *, panel: GenePanel, **_) -> RidgeBaseline:
+    """The registry's load for ``ridge`` and ``ridge-knn`` (no device or overrides: numpy)."""
+    return RidgeBaseline.from_tensors(panel, config["baseline"]["knn"], tensors)
+
+
+def load_mlp(
+    config: dict, tensors: dict, *, panel: GenePanel, vocab: CancerVocabulary, **_
+) -> MLPBaseline:
+    """The registry's load for ``mlp`` (runs on the CPU: a per-spot network)."""
+    return MLPBaseline.from_tensors(panel, vocab, config["baseline"]["hidden"], tensors)

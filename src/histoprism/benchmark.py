@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -36,41 +35,11 @@ from .evaluate import evaluate
 from .genes import data_path
 from .io import write_text_atomic
 from .progress import progress_bar
+from .registry import Variant, select_variants
 from .report import write_benchmark_report
 
 log = logging.getLogger(__name__)
 TIMING = keys.BENCH_TIMING
-
-
-@dataclass(frozen=True)
-class BenchModel:
-    """One row of the comparison: a model kind plus the flags that make it an ablation."""
-
-    name: str
-    flags: tuple[str, ...] = ()
-    config: dict = field(default_factory=dict)  # YAML overrides written to configs/{name}.yaml
-
-
-BENCH_MODELS = (
-    BenchModel("histoprism"),
-    BenchModel("no-conditioning", ("--no-conditioning",)),
-    BenchModel("positional-encoding", ("--positional-encoding",)),
-    BenchModel("context-tokens", config={"model": {"context_tokens": 4}}),
-    BenchModel("mlp", ("--model", "mlp")),
-    BenchModel("ridge-knn", ("--model", "ridge-knn")),
-    BenchModel("ridge", ("--model", "ridge")),
-)
-
-
-def select_models(names: list[str] | None) -> tuple[BenchModel, ...]:
-    """The registered models named in ``names`` (all when None), in registry order."""
-    if not names:
-        return BENCH_MODELS
-    known = {m.name: m for m in BENCH_MODELS}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise InputError(f"unknown model(s) {', '.join(unknown)} (have: {', '.join(known)})")
-    return tuple(m for m in BENCH_MODELS if m.name in names)
 
 
 def measure_process(cmd: list[str], *, timeout: float | None = None) -> dict:
@@ -125,11 +94,11 @@ def run_measured(args: list[str]) -> dict:
 
 
 def _fit_and_predict(
-    model: BenchModel, data: Path, encoder: str, out: Path, train_flags: list[str], split: list[str]
+    model: Variant, data: Path, encoder: str, out: Path, train_flags: list[str], split: list[str]
 ) -> dict:
     """Train and predict one model in child processes; return its timing."""
     run, pred = out / "runs" / model.name, out / "pred" / model.name
-    flags = list(model.flags)
+    flags = model.cli_flags()
     if model.config:
         cfg = out / "configs" / f"{model.name}.yaml"
         write_text_atomic(cfg, yaml.safe_dump(model.config))
@@ -162,8 +131,8 @@ def benchmark(
     ``report``. Models whose evaluation and timing already exist in ``out`` are not rerun.
     """
     data, out = Path(data), Path(out)
-    cohort = Cohort(data, split_dir=split, seed=seed)
-    chosen = select_models(models)
+    cohort = Cohort(data, split_dir=split)  # the split every command draws (seed is the models')
+    chosen = select_variants(models)
     timing = _read_timing(out)
     split_flags = ["--split", str(split)] if split else []
     train_flags = ["--seed", str(seed), *([] if epochs is None else ["--epochs", str(epochs)])]
@@ -233,7 +202,7 @@ def benchmark_paper(
         benchmark(data, encoder, folder, models=models, split=split_dir, hvg="bench",
                   epochs=epochs, seed=seed, progress=progress)  # fmt: skip
         per_split.append(
-            [load_eval(m.name, folder / "eval" / m.name) for m in select_models(models)]
+            [load_eval(m.name, folder / "eval" / m.name) for m in select_variants(models)]
         )
     table = paper_table(per_split)
     table.to_csv(out / "paper_table.csv")

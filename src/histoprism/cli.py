@@ -11,7 +11,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from . import keys
 from .errors import InputError
+from .registry import MODEL_KINDS, VARIANTS
 
 app = typer.Typer(
     add_completion=False,
@@ -77,7 +79,7 @@ def train(
     encoder: Encoder,
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
     split: Split = None,
-    model: Annotated[str, typer.Option(help="histoprism | ridge | ridge-knn | mlp")] = "histoprism",
+    model: Annotated[str, typer.Option(help=" | ".join(MODEL_KINDS))] = "histoprism",
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs (default: recipe's).")] = None,
     no_conditioning: Annotated[
         bool, typer.Option("--no-conditioning", help="Ablation: no cancer-type conditioning.")
@@ -223,7 +225,7 @@ def evaluate(
     cohort = _run(ctx, Cohort, data, split_dir=split)
     ids = [s.strip() for s in samples.split(",")] if samples else None
     m = _run(ctx, api.evaluate, pred, cohort, out, hvg=hvg, genesets=genesets, samples=ids)
-    h = {k: _score(v) for k, v in m["headline"].items()}
+    h = {k: _score(m["headline"].get(k)) for k in keys.HEADLINE_METRICS}  # no gpc: n/a
     typer.echo(
         f"{m['n_slides']} slides: HVG-50 {h['hvg_micro']} (macro {h['hvg_macro']}), "
         f"GPC Hallmark {h['gpc_hallmark_micro']}, GO {h['gpc_go_micro']}, "
@@ -248,9 +250,7 @@ def benchmark(
     split: Split = None,
     models: Annotated[
         str | None,
-        typer.Option(
-            help="Comma-separated subset of: histoprism, no-conditioning, positional-encoding, context-tokens, mlp, ridge-knn, ridge."
-        ),
+        typer.Option(help=f"Comma-separated subset of: {', '.join(VARIANTS)}."),
     ] = None,
     protocol: Annotated[
         str,

@@ -145,7 +145,8 @@ class Cohort:
     Layout: docs/formats.md, "Cohort directory".
 
     ``split_dir`` overrides ``root/splits``; without either, slides are split by patient (70/15/15,
-    seeded) so that no patient is in two splits.
+    ``seed``; every command uses the default, so that they agree) so that no patient is in two
+    splits.
     """
 
     def __init__(self, root: str | Path, *, split_dir: str | Path | None = None, seed: int = 0):

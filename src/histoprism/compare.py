@@ -28,17 +28,7 @@ from .io import atomic_path, write_text_atomic
 # output files of ``write_comparison`` (candidates for keys.py)
 COMPARE_TABLE, COMPARE_JSON, COMPARE_MD = keys.COMPARE_TABLE, keys.COMPARE_JSON, keys.COMPARE_MD
 
-HEADLINE = (
-    "hvg_micro",
-    "hvg_macro",
-    "gpc_hallmark_micro",
-    "gpc_hallmark_macro",
-    "gpc_go_micro",
-    "gpc_go_macro",
-    "all_genes_micro",
-    "all_genes_macro",
-    "pooled_pearson",
-)
+HEADLINE = tuple(keys.HEADLINE_METRICS)
 TIMING = ("train_s", "predict_s", "peak_rss_mb")
 TEST_METRICS = ("hvg", "gpc_hallmark", "gpc_go", "all_genes")
 DASH = "—"  # NaN in markdown

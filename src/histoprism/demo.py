@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
@@ -19,6 +19,7 @@ from .genes import harmonise_counts, looks_like_ensembl
 from .io import write_text_atomic
 from .predict import predict
 from .readers.st import read_st
+from .registry import VARIANTS, Variant
 from .synthetic import SyntheticConfig, make_cohort
 from .train import train
 
@@ -33,31 +34,19 @@ DEMO_EPOCHS = 25  # the cosine schedule spans these; the full recipe trains up t
 IMAGE_ENCODER = "stain-texture"  # `demo --from-images`: the built-in weights-free encoder
 
 
-@dataclass(frozen=True)
-class DemoModel:
-    name: str  # row label
-    slug: str  # folder name under runs/, pred/, eval/
-    train_args: dict = field(default_factory=dict)
-
-
-DEMO_MODELS = (
-    DemoModel("HistoPrism", "histoprism", dict(model="histoprism")),
-    DemoModel("HistoPrism, no conditioning", "no-conditioning", dict(conditioning=False)),
-    DemoModel("ridge + kNN smoothing", "ridge-knn", dict(model="ridge-knn")),
-    DemoModel("ridge (HEST-bench)", "ridge", dict(model="ridge")),
-)
-IMAGE_MODELS = (
-    DemoModel("HistoPrism", "histoprism", dict(model="histoprism")),
-    DemoModel("ridge + kNN smoothing", "ridge-knn", dict(model="ridge-knn")),
-)
-COLUMNS = {
-    "hvg_micro": "HVG-50 micro",
-    "hvg_macro": "HVG-50 macro",
-    "gpc_hallmark_micro": "GPC Hallmark micro",
-    "gpc_hallmark_macro": "GPC Hallmark macro",
-    "gpc_go_micro": "GPC GO micro",
-    "gpc_go_macro": "GPC GO macro",
-    "all_genes_micro": "all genes",
+DEMO_MODELS = tuple(VARIANTS[n] for n in ("histoprism", "no-conditioning", "ridge-knn", "ridge"))
+IMAGE_MODELS = tuple(VARIANTS[n] for n in ("histoprism", "ridge-knn"))
+COLUMNS = {  # headline metric -> column of the demo table
+    k: keys.HEADLINE_METRICS[k][0]
+    for k in (
+        "hvg_micro",
+        "hvg_macro",
+        "gpc_hallmark_micro",
+        "gpc_hallmark_macro",
+        "gpc_go_micro",
+        "gpc_go_macro",
+        "all_genes_micro",
+    )
 }
 
 
@@ -65,7 +54,7 @@ def run_demo(
     out: str | Path,
     *,
     cohort: SyntheticConfig = DEMO_COHORT,
-    models: tuple[DemoModel, ...] = DEMO_MODELS,
+    models: tuple[Variant, ...] = DEMO_MODELS,
     epochs: int | None = None,
     progress: bool = True,
     from_images: bool = False,
@@ -96,13 +85,14 @@ def run_demo(
     for m in models:
         t0 = time.perf_counter()
         run = train(
-            data, encoder, out / "runs" / m.slug, epochs=epochs, progress=progress, **m.train_args
-        )
+            data, encoder, out / "runs" / m.name, epochs=epochs, progress=progress,
+            **m.train_options(),
+        )  # fmt: skip
         seconds = time.perf_counter() - t0
-        pred = out / "pred" / m.slug
+        pred = out / "pred" / m.name
         predict(run, data, encoder, pred, progress=progress)
-        metrics = evaluate(pred, c, out / "eval" / m.slug, progress=progress)
-        rows.append(_row(m.name, metrics, seconds, mse=_test_mse(pred, c)))
+        metrics = evaluate(pred, c, out / "eval" / m.name, progress=progress)
+        rows.append(_row(m.label, metrics, seconds, mse=_test_mse(pred, c)))
     if from_images:
         rows.append(
             _row("training mean (constant per gene)", {"headline": {}}, None, mse=_mean_mse(c))

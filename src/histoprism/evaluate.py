@@ -24,6 +24,14 @@ import scipy.sparse as sp
 
 from . import keys
 from .cohort import Cohort, file_gene_ids
+from .correlation import (
+    MOMENT_COLUMNS,
+    comoments,
+    merge_moments,
+    pearson_from_moments,
+    pearson_per_gene,
+    pooled_pearson,
+)
 from .errors import InputError
 from .genes import (
     GENESET_COLLECTIONS,
@@ -36,6 +44,7 @@ from .genes import (
     read_gmt,
 )
 from .io import atomic_path, write_text_atomic
+from .pathways import membership, pathway_scores
 from .progress import progress_bar
 from .readers import read_h5ad, read_st
 from .report import PathwayMaps, SpatialExample, write_report
@@ -50,8 +59,6 @@ N_EXAMPLE_SETS = 2  # best-predicted gene sets per example slide (pathway maps)
 EXAMPLE_COLLECTION = "hallmark"  # where the example gene sets come from, if evaluated
 MIN_EXAMPLE_SET_GENES = 5  # a set needs this many genes (or the most any set has) to be shown
 _BLOCK = 2**24  # float64 elements per (spots x genes) block: ~128 MB, bounds memory per slide
-_CONST_RTOL = 1e-12  # std below this share of |mean| is rounding error: the column is constant
-MOMENT_COLUMNS = ("n", "mean_pred", "mean_truth", "m2_pred", "m2_truth", "cross")
 
 __all__ = [
     "EVALUATOR_VERSION",
@@ -83,93 +90,6 @@ __all__ = [
     "truth_counts",
     "win_rate",
 ]
-
-
-# --- Pearson r per gene -------------------------------------------------------------------------
-def comoments(pred: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-column co-moments of ``pred`` and ``truth`` over the rows where both are finite.
-
-    pred, truth: (N, G) float, computed in float64. Returns {name: (G,) float64} for the names in
-    ``MOMENT_COLUMNS``: ``n`` rows used, the two means, the two sums of squared deviations
-    (``m2_*``) and the sum of cross products (``cross``).
-    """
-    pred = np.asarray(pred, dtype=np.float64)
-    truth = np.asarray(truth, dtype=np.float64)
-    if pred.ndim == 1:
-        pred, truth = pred[:, None], truth.reshape(-1, 1)
-    if pred.shape != truth.shape or pred.ndim != 2:
-        raise ValueError(f"pred {pred.shape} and truth {truth.shape} must be the same (N, G)")
-    ok = np.isfinite(pred) & np.isfinite(truth)
-    n = ok.sum(axis=0).astype(np.float64)
-    zero = np.zeros_like(n)
-    mean_p = np.divide(np.where(ok, pred, 0.0).sum(axis=0), n, out=zero.copy(), where=n > 0)
-    mean_t = np.divide(np.where(ok, truth, 0.0).sum(axis=0), n, out=zero.copy(), where=n > 0)
-    # two-pass (centred) sums: exact zeros for constant columns, no cancellation
-    dp = np.where(ok, pred - mean_p, 0.0)
-    dt = np.where(ok, truth - mean_t, 0.0)
-    return {
-        "n": n,
-        "mean_pred": mean_p,
-        "mean_truth": mean_t,
-        "m2_pred": np.einsum("ij,ij->j", dp, dp),
-        "m2_truth": np.einsum("ij,ij->j", dt, dt),
-        "cross": np.einsum("ij,ij->j", dp, dt),
-    }
-
-
-def pearson_from_moments(m: Mapping[str, np.ndarray] | pd.DataFrame) -> np.ndarray:
-    """(G,) Pearson r from co-moments; NaN with < 2 rows or a constant column on either side."""
-    n, mean_p, mean_t, m2_p, m2_t, cross = (
-        np.asarray(m[k], dtype=np.float64) for k in MOMENT_COLUMNS
-    )
-    with np.errstate(invalid="ignore", divide="ignore"):
-        const_p = np.sqrt(m2_p / n) <= _CONST_RTOL * np.abs(mean_p)
-        const_t = np.sqrt(m2_t / n) <= _CONST_RTOL * np.abs(mean_t)
-        r = cross / np.sqrt(m2_p * m2_t)
-    return np.where((n < 2) | const_p | const_t | ~np.isfinite(r), np.nan, np.clip(r, -1.0, 1.0))
-
-
-def pearson_per_gene(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Pearson r across rows (spots) for each column (gene).
-
-    pred, truth: (N, G) float. Returns (G,) float64; NaN where either column is constant (up to
-    float rounding) or fewer than 2 rows are finite in both. Non-finite rows are left out per column.
-    """
-    return pearson_from_moments(comoments(pred, truth))
-
-
-def merge_moments(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
-    """Pool the spots of two co-moment tables (rows = genes; Chan et al.'s parallel update).
-
-    A gene missing from one table contributes nothing from it; ``n_slides`` (how many slides
-    measured the gene) adds up.
-    """
-    genes = a.index.union(b.index, sort=False)
-    a = a.reindex(genes, fill_value=0.0)
-    b = b.reindex(genes, fill_value=0.0)
-    n = a["n"] + b["n"]
-    w = (b["n"] / n).where(n > 0, 0.0)  # weight of b in the pooled mean
-    k = a["n"] * w  # = n_a n_b / n
-    d_p = b["mean_pred"] - a["mean_pred"]
-    d_t = b["mean_truth"] - a["mean_truth"]
-    return pd.DataFrame(
-        {
-            "n": n,
-            "mean_pred": a["mean_pred"] + d_p * w,
-            "mean_truth": a["mean_truth"] + d_t * w,
-            "m2_pred": a["m2_pred"] + b["m2_pred"] + d_p * d_p * k,
-            "m2_truth": a["m2_truth"] + b["m2_truth"] + d_t * d_t * k,
-            "cross": a["cross"] + b["cross"] + d_p * d_t * k,
-            "n_slides": a["n_slides"] + b["n_slides"],
-        },
-        index=genes,
-    )
-
-
-def pooled_pearson(moments: pd.DataFrame, n_slides: int) -> pd.Series:
-    """Pooled r per gene (HEST-bench protocol): only genes measured in all ``n_slides`` slides."""
-    full = moments[moments["n_slides"] >= n_slides]
-    return pd.Series(pearson_from_moments(full), index=full.index, name="pooled_r")
 
 
 # --- one slide ----------------------------------------------------------------------------------
@@ -248,38 +168,6 @@ def score_slide(pred: ad.AnnData, st: ad.AnnData, *, path: Path | None = None) -
     if len(have) == 0:
         log.warning("%s: no predicted gene is measured on this slide", path)
     return SlideScore(r, moments, n_spots=st.n_obs, n_spots_matched=len(st_rows))
-
-
-def _zscore_columns(X: np.ndarray) -> np.ndarray:
-    """(N, G) float64: each column minus its mean over finite rows, over its std (ddof 0).
-
-    A constant column (std within rounding of its mean) becomes 0; non-finite entries become 0.
-    """
-    X = np.asarray(X, dtype=np.float64)
-    ok = np.isfinite(X)
-    n = np.maximum(ok.sum(axis=0), 1)
-    mean = np.where(ok, X, 0.0).sum(axis=0) / n
-    d = np.where(ok, X - mean, 0.0)
-    std = np.sqrt((d * d).sum(axis=0) / n)
-    const = std <= _CONST_RTOL * np.maximum(np.abs(mean), 1e-300)
-    return np.divide(d, std, out=np.zeros_like(d), where=~const & (std > 0))
-
-
-def pathway_scores(
-    X: np.ndarray, genes: Sequence[str], genesets: Mapping[str, Sequence[str]]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-spot pathway scores: mean over each set's genes in ``genes`` of the z-scored ``X``.
-
-    X: (N, G) log1p expression of one slide, column g = ``genes[g]``; z per gene across the N
-    spots, a constant gene contributes 0 (and still counts in the mean). Returns (N, S) float64
-    scores (NaN for a set with no gene in ``genes``) and (S,) int genes per set.
-    """
-    membership = _membership(pd.Index(genes), genesets)  # (S, G)
-    counts = membership.sum(axis=1)  # (S,)
-    sums = _zscore_columns(X) @ membership.T  # (N, S)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        scores = np.where(counts > 0, sums / counts, np.nan)
-    return scores, counts.astype(np.int64)
 
 
 def _example_pathways(
@@ -427,24 +315,14 @@ def geneset_scores(R: pd.DataFrame, genesets: Mapping[str, Sequence[str]]) -> pd
     One matrix product over a (sets x genes) membership matrix; NaN where no gene of the set has
     a finite r on the slide.
     """
-    membership = _membership(R.columns, genesets)  # (S, G)
+    M = membership(R.columns, genesets).T.astype(np.float64)  # (S, G)
     V = R.to_numpy(dtype=np.float64)
     ok = np.isfinite(V)
-    sums = np.where(ok, V, 0.0) @ membership.T
-    counts = ok.astype(np.float64) @ membership.T
+    sums = np.where(ok, V, 0.0) @ M.T
+    counts = ok.astype(np.float64) @ M.T
     with np.errstate(invalid="ignore", divide="ignore"):
         scores = np.where(counts > 0, sums / counts, np.nan)
     return pd.DataFrame(scores, index=R.index, columns=list(genesets))
-
-
-def _membership(genes: pd.Index, genesets: Mapping[str, Sequence[str]]) -> np.ndarray:
-    """(S, G) float64: 1 where gene g belongs to set s."""
-    pos = [genes.get_indexer(list(dict.fromkeys(m))) for m in genesets.values()]
-    rows = np.repeat(np.arange(len(pos)), [len(p) for p in pos])
-    cols = np.concatenate(pos) if pos else np.empty(0, dtype=np.int64)
-    out = np.zeros((len(pos), len(genes)))
-    out[rows[cols >= 0], cols[cols >= 0]] = 1.0
-    return out
 
 
 def gpc_table(

@@ -80,6 +80,36 @@ EVAL_PER_GENE = "per_gene.csv"
 EVAL_PER_PATHWAY = "per_pathway.csv"
 EVAL_REPORT = "report.html"
 
+# --- headline metrics: EVAL/metrics.json "headline" (docs/metrics.md) ------------------------------
+# name -> (short label for tables, one-line description). Custom gene-set collections add
+# gpc_<collection>_micro/_macro beside the bundled two.
+HEADLINE_METRICS: dict[str, tuple[str, str]] = {
+    "hvg_micro": (
+        "HVG-50 micro",
+        "HVG-50: mean r over the cancer type's 50 HVGs, mean over slides",
+    ),
+    "hvg_macro": (
+        "HVG-50 macro",
+        "HVG-50, mean over cancer types of the mean over their slides",
+    ),
+    "gpc_hallmark_micro": (
+        "GPC Hallmark micro",
+        "GPC hallmark: mean over gene sets of s_m (mean over slides)",
+    ),
+    "gpc_hallmark_macro": (
+        "GPC Hallmark macro",
+        "GPC hallmark: mean over gene sets of s_m (mean over cancer types)",
+    ),
+    "gpc_go_micro": ("GPC GO micro", "GPC go: mean over gene sets of s_m (mean over slides)"),
+    "gpc_go_macro": ("GPC GO macro", "GPC go: mean over gene sets of s_m (mean over cancer types)"),
+    "all_genes_micro": ("all genes", "all measured genes: mean r per slide, mean over slides"),
+    "all_genes_macro": ("all genes macro", "all measured genes, mean over cancer types"),
+    "pooled_pearson": (
+        "pooled r",
+        "HEST-bench protocol: r per gene over all test spots pooled, mean over genes",
+    ),
+}
+
 # --- benchmark directory ----------------------------------------------------------------------
 COMPARE_TABLE = "comparison.csv"
 COMPARE_JSON = "comparison.json"

@@ -22,15 +22,17 @@ import pandas as pd
 import torch
 
 from . import __version__, keys
-from .baselines import BASELINES, load_baseline
 from .checkpoint import check_encoder, load_run
 from .cohort import Cohort, Slide
+from .correlation import constant_genes
 from .distributed import local_device, rank_share
 from .errors import InputError
-from .genes import GENESET_COLLECTIONS, GenePanel, gpc_genesets, looks_like_ensembl
+from .genes import GenePanel
 from .io import atomic_path
 from .model import SPOT_CHUNK, HistoPrism, ModelConfig
+from .pathways import default_genesets, panel_membership, zscore_columns
 from .progress import progress_bar
+from .registry import Predictor, model_kind
 from .tensors import CancerVocabulary, input_options, to_tensors
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class HistoPrismPredictor:
     model: HistoPrism
     vocab: CancerVocabulary
     device: torch.device = torch.device("cpu")
+    closed_form_pathways = True  # Predictor protocol: its head is linear (pathway_scores)
 
     def prepare(self, slide: Slide, *, unknown_cancer: bool = False) -> torch.Tensor:
         """Run everything up to the last layer once: (N, H) on the model's device."""
@@ -82,7 +85,7 @@ class HistoPrismPredictor:
         The head is linear, X = h W' + b, so X - mean(X) = (h - mean(h)) W' and gene g's variance
         over the spots is w_g' C w_g with C the (H, H) covariance of h: the z-scores of all N x G
         predictions, averaged per set, are (h - mean(h)) @ A with A = W' diag(1/sd) M / set size,
-        without an (N, G) pass. Constant genes (sd 0) contribute 0, as in ``_zscore``.
+        without an (N, G) pass. Constant genes contribute 0, as in ``pathways.zscore_columns``.
         """
         n = len(prepared)
         blocks = prepared.split(SPOT_CHUNK)  # float64 copies a block at a time
@@ -90,9 +93,11 @@ class HistoPrismPredictor:
         cov = sum((b.double() - mean).T @ (b.double() - mean) for b in blocks) / n  # (H, H)
         w = self.model.head_out.weight.double()  # (G, H)
         sd = ((w @ cov) * w).sum(1).clamp(min=0).sqrt()  # (G,)
+        gene_mean = w @ mean + self.model.head_out.bias.double()  # (G,)
+        const = constant_genes(sd.cpu().numpy(), gene_mean.cpu().numpy())  # as zscore_columns
         m = torch.from_numpy(membership).to(w)  # (G, S)
         m = m / m.sum(0).clamp(min=1)  # mean over the set's genes
-        scale = torch.where(sd > 0, 1 / sd.clamp(min=1e-300), 0.0)  # (G,)
+        scale = torch.where(torch.from_numpy(const).to(sd.device), 0.0, 1 / sd.clamp(min=1e-300))
         a = w.T @ (m * scale[:, None])  # (H, S)
         return torch.cat([(b.double() - mean) @ a for b in blocks]).cpu().numpy()  # (N, S)
 
@@ -103,7 +108,7 @@ class Run:
 
     path: Path
     config: dict
-    predictor: object
+    predictor: Predictor
     panel: GenePanel
     vocab: CancerVocabulary
 
@@ -127,49 +132,40 @@ def load(
     config, tensors = load_run(run_dir)
     panel = GenePanel(tuple(config["genes"]))
     vocab = CancerVocabulary(tuple(config["cancers"]))
-    kind = config["model"]
-    if kind == "histoprism":
-        cfg = ModelConfig(**config["model_config"])  # settings added since: their defaults
-        overrides = dict(attention=attention, attention_radius_um=attention_radius_um)
-        try:
-            cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
-        model = HistoPrism(cfg)
-        model.load_state_dict(tensors)
-        dev = torch.device(device) if device is not None else local_device()
-        predictor = HistoPrismPredictor(model.eval().to(dev), vocab, dev)
-    elif kind in BASELINES:
-        predictor = load_baseline(kind, config, tensors, panel=panel, vocab=vocab)
-    else:
-        raise InputError(f"unknown model kind '{kind}'", Path(run_dir) / keys.RUN_CONFIG)
+    try:
+        kind = model_kind(config["model"])
+    except InputError as exc:
+        raise InputError(str(exc), Path(run_dir) / keys.RUN_CONFIG) from None
+    predictor = kind.load_function()(
+        config,
+        tensors,
+        panel=panel,
+        vocab=vocab,
+        device=torch.device(device) if device is not None else local_device(),
+        overrides=dict(attention=attention, attention_radius_um=attention_radius_um),
+    )
     return Run(Path(run_dir), config, predictor, panel, vocab)
 
 
-def pathway_membership(
-    panel: GenePanel, genesets: dict[str, list[str]]
-) -> tuple[list[str], np.ndarray]:
-    """Sets with at least one panel gene and their (G, S) float32 membership matrix."""
-    names, cols = [], []
-    for name, genes in genesets.items():
-        idx = panel.locate(genes)
-        idx = idx[idx >= 0]
-        if len(idx):
-            names.append(name)
-            cols.append(idx)
-    M = np.zeros((len(panel), len(names)), dtype=np.float32)
-    for j, idx in enumerate(cols):
-        M[idx, j] = 1.0
-    return names, M
-
-
-def default_genesets(panel: GenePanel) -> dict[str, list[str]]:
-    """The bundled GPC Hallmark + GO sets in the panel's naming (symbols or Ensembl ids)."""
-    ids = "ensembl" if looks_like_ensembl(panel.genes) else "symbols"
-    sets: dict[str, list[str]] = {}
-    for collection in GENESET_COLLECTIONS:
-        sets.update(gpc_genesets(collection, ids=ids))
-    return sets
+def load_histoprism(
+    config: dict,
+    tensors: dict,
+    *,
+    vocab: CancerVocabulary,
+    device: torch.device,
+    overrides: dict,
+    **_,
+) -> HistoPrismPredictor:
+    """The registry's load for ``histoprism``: the saved network, with the prediction-time
+    ``overrides`` (attention mode and radius; None keeps the trained setting) on ``device``."""
+    cfg = ModelConfig(**config["model_config"])  # settings added since: their defaults
+    try:
+        cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    model = HistoPrism(cfg)
+    model.load_state_dict(tensors)
+    return HistoPrismPredictor(model.eval().to(device), vocab, device)
 
 
 def predict_slide(
@@ -189,11 +185,11 @@ def predict_slide(
     """
     predictor = run.predictor
     prepared = predictor.prepare(slide, unknown_cancer=unknown_cancer)
-    names, M = pathway_membership(
+    names, M = panel_membership(
         run.panel, genesets if genesets is not None else default_genesets(run.panel)
     )
     n, g = slide.n_spots, len(run.panel)
-    closed_form = hasattr(predictor, "pathway_scores")
+    closed_form = predictor.closed_form_pathways
     rows, cols = _tile_shape(n, g, whole_columns=not closed_form)
     used = run.vocab.codes[run.vocab.index(slide.cancer, fallback=unknown_cancer)]
     with atomic_path(path) as tmp:
@@ -253,7 +249,7 @@ def _write_columns(predictor, prepared, X: h5py.Dataset, cols: int, M: np.ndarra
         block = predictor.predict_genes(prepared, slice(c, min(c + cols, g)))  # (N, cols)
         X[:, c : c + block.shape[1]] = _cast(block, X.dtype)
         in_sets = np.flatnonzero(M[c : c + block.shape[1]].any(1))  # only genes of some set
-        pathways += _zscore(block[:, in_sets]) @ M[c + in_sets]
+        pathways += zscore_columns(block[:, in_sets]) @ M[c + in_sets]
     return pathways / sizes
 
 
@@ -266,12 +262,6 @@ def _cast(block: np.ndarray, dtype) -> np.ndarray:
 
 def _torch_dtype(dtype) -> torch.dtype:
     return getattr(torch, np.dtype(dtype).name)
-
-
-def _zscore(block: np.ndarray) -> np.ndarray:
-    """Per-gene z-score across the slide's spots; constant genes contribute 0."""
-    sd = block.std(0)
-    return np.where(sd > 0, (block - block.mean(0)) / np.where(sd > 0, sd, 1), 0.0)
 
 
 def _skeleton(run: Run, slide: Slide, cancer_used: str) -> ad.AnnData:

@@ -358,19 +358,14 @@ figure { margin: 1em 0; } figure img { max-width: 100%; } figcaption { font-size
 p.note { color: #555; font-size: .9em; }
 """
 
-_DESCRIBE = {
-    "hvg_micro": "HVG-50: mean r over the cancer type's 50 HVGs, mean over slides",
-    "hvg_macro": "HVG-50, mean over cancer types of the mean over their slides",
-    "all_genes_micro": "all measured genes: mean r per slide, mean over slides",
-    "all_genes_macro": "all measured genes, mean over cancer types",
-    "pooled_pearson": "HEST-bench protocol: r per gene over all test spots pooled, mean over genes",
+_DESCRIBE = {k: d for k, (_, d) in keys.HEADLINE_METRICS.items()} | {
     "n_genes_pooled": "genes measured in every test slide (pooled Pearson)",
 }
 
 
 def _describe(key: str) -> str:
     m = re.fullmatch(r"gpc_(.+)_(micro|macro)", key)
-    if m:
+    if m and key not in _DESCRIBE:  # a custom gene-set collection
         over = "slides" if m.group(2) == "micro" else "cancer types"
         return f"GPC {m.group(1)}: mean over gene sets of s_m (mean over {over})"
     return _DESCRIBE.get(key, "")

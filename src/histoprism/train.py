@@ -20,7 +20,6 @@ import torch.distributed as dist
 import yaml
 
 from . import keys
-from .baselines import fit_baseline
 from .checkpoint import load_optimizer, load_tensors, save_optimizer, save_run, save_tensors
 from .cohort import Cohort, Slide
 from .distributed import DistContext
@@ -29,6 +28,7 @@ from .genes import GenePanel, looks_like_ensembl, read_gene_list
 from .io import write_text_atomic
 from .model import HistoPrism, ModelConfig
 from .progress import progress_bar
+from .registry import FitOptions, model_kind
 from .tensors import (
     CancerVocabulary,
     SlideTensors,
@@ -116,18 +116,23 @@ PRESETS: dict[str, tuple[dict, dict]] = {
 }
 
 
-def resolve_config(config: str | Path | None = "default") -> tuple[dict, dict]:
-    """A preset name or a YAML/JSON file -> (model overrides, training overrides).
+def resolve_config(config: str | Path | dict | None = "default") -> tuple[dict, dict]:
+    """A preset name, a YAML/JSON file or its content as a dict -> (model overrides, training
+    overrides).
 
     A file may name a ``preset`` to start from, then ``model:`` and ``train:`` sections.
     """
     config = config or "default"
-    if str(config) in PRESETS:
+    path = None
+    if isinstance(config, dict):
+        spec = config
+    elif str(config) in PRESETS:
         return tuple(dict(d) for d in PRESETS[str(config)])  # type: ignore[return-value]
-    path = Path(config)
-    if not path.exists():
-        raise InputError(f"'{config}' is neither a preset ({', '.join(PRESETS)}) nor a file")
-    spec = yaml.safe_load(path.read_text()) or {}
+    else:
+        path = Path(config)
+        if not path.exists():
+            raise InputError(f"'{config}' is neither a preset ({', '.join(PRESETS)}) nor a file")
+        spec = yaml.safe_load(path.read_text()) or {}
     model, train = resolve_config(spec.get("preset", "default"))
     model.update(spec.get("model", {}))
     train.update(spec.get("train", {}))
@@ -523,9 +528,6 @@ def _read_history(path: Path) -> list[dict]:
 
 
 # --- one entry point for every model kind --------------------------------------------------------
-MODELS = ("histoprism", "ridge", "ridge-knn", "mlp")
-
-
 def train(
     data: str | Path,
     encoder: str,
@@ -541,53 +543,76 @@ def train(
     crop_spots: int | None = None,
     genes: str | Path | None = None,
     seed: int = 0,
-    config: str | Path | None = "default",
+    config: str | Path | dict | None = "default",
     resume: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Train ``model`` on the cohort at ``data`` and write the run directory ``out``.
+    """Train ``model`` (a ``registry.MODEL_KINDS`` name) on the cohort at ``data`` and write the
+    run directory ``out``.
 
     Parameters mirror ``histoprism train``; ``attention``, ``attention_radius_um`` (ModelConfig)
     and ``crop_spots`` (TrainConfig) override the recipe when given. Returns ``out``.
     """
-    if model not in MODELS:
-        raise InputError(f"unknown model '{model}' (have: {', '.join(MODELS)})")
+    kind = model_kind(model)
     if epochs is not None and epochs < 1:
         raise InputError(f"--epochs must be at least 1, got {epochs}")
-    cohort = Cohort(data, split_dir=split, seed=seed)
+    # the automatic split (no split files) is the cohort's, not the run's: predict and evaluate
+    # must see the same test slides whatever --seed a model was trained with
+    cohort = Cohort(data, split_dir=split)
     td = load_training_data(cohort, encoder, genes=genes, seed=seed)
-    if model == "histoprism":
-        m_over, t_over = resolve_config(config)
-        if not conditioning:
-            m_over["conditioning"] = False
-        if positional_encoding:
-            m_over["positional_encoding"] = True
-        given = dict(attention=attention, attention_radius_um=attention_radius_um)
-        m_over.update({k: v for k, v in given.items() if v is not None})
-        try:
-            ModelConfig(**m_over)
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
-        if crop_spots is not None:
-            t_over["crop_spots"] = crop_spots
-        t_cfg = TrainConfig(
-            **{**t_over, "seed": seed, **({} if epochs is None else {"epochs": epochs})}
-        )
-        return train_histoprism(
-            td, out, model_overrides=m_over, config=t_cfg, resume=resume, progress=progress
-        )
-    fitted, extra = fit_baseline(
-        model, td.train, td.val, panel=td.panel, vocab=td.vocab, seed=seed, epochs=epochs
-    )
-    run_config = dict(
+    options = FitOptions(
         model=model,
-        baseline=extra,
         encoder=encoder,
-        in_dim=td.in_dim,
-        genes=list(td.panel.genes),
-        cancers=list(td.vocab.codes),
         seed=seed,
-        train_slides=[s.id for s in td.train],
-        val_slides=[s.id for s in td.val],
+        epochs=epochs,
+        conditioning=conditioning,
+        positional_encoding=positional_encoding,
+        attention=attention,
+        attention_radius_um=attention_radius_um,
+        crop_spots=crop_spots,
+        config=config,
+        resume=resume,
+        progress=progress,
     )
-    return save_run(out, config=run_config, tensors=fitted.tensors())
+    return kind.fit_function()(td, Path(out), options, **kind.params)
+
+
+def fit_histoprism(data: TrainingData, out: Path, options: FitOptions) -> Path:
+    """The registry's fit for ``histoprism``: the recipe ``options.config`` plus the options."""
+    m_over, t_over = resolve_config(options.config)
+    if not options.conditioning:
+        m_over["conditioning"] = False
+    if options.positional_encoding:
+        m_over["positional_encoding"] = True
+    given = dict(attention=options.attention, attention_radius_um=options.attention_radius_um)
+    m_over.update({k: v for k, v in given.items() if v is not None})
+    try:
+        ModelConfig(**m_over)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if options.crop_spots is not None:
+        t_over["crop_spots"] = options.crop_spots
+    epochs = {} if options.epochs is None else {"epochs": options.epochs}
+    t_cfg = TrainConfig(**{**t_over, "seed": options.seed, **epochs})
+    return train_histoprism(
+        data, out, model_overrides=m_over, config=t_cfg, resume=options.resume,
+        progress=options.progress,
+    )  # fmt: skip
+
+
+def save_baseline(
+    data: TrainingData, out: Path, options: FitOptions, extra: dict, tensors: dict
+) -> Path:
+    """Write a fitted baseline's run directory: its tensors and the shared run config."""
+    run_config = dict(
+        model=options.model,
+        baseline=extra,
+        encoder=data.encoder,
+        in_dim=data.in_dim,
+        genes=list(data.panel.genes),
+        cancers=list(data.vocab.codes),
+        seed=options.seed,
+        train_slides=[s.id for s in data.train],
+        val_slides=[s.id for s in data.val],
+    )
+    return save_run(out, config=run_config, tensors=tensors)

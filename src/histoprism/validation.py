@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .correlation import moments_from_sums, pearson_from_moments
 from .tensors import SlideTensors
 
 MAX_CHECK_GENES = 2_000  # the most variable training genes: bounds the ridge's (spots, genes) Y
@@ -20,13 +21,11 @@ RIDGE_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # x mean eigenvalue of the 
 
 
 def pearson_from_sums(sums: torch.Tensor, n: int) -> torch.Tensor:
-    """(5, G) float64 sums of p, t, p², t², p·t over n spots -> (G,) Pearson r; NaN where either
-    column is constant."""
-    sp, st, spp, stt, spt = sums
-    cov, vp, vt = spt - sp * st / n, spp - sp * sp / n, stt - st * st / n
-    den = (vp.clamp(min=0) * vt.clamp(min=0)).sqrt()
-    ok = (vp > 1e-12 * (spp + 1)) & (vt > 1e-12 * (stt + 1)) & (den > 0)
-    return torch.where(ok, cov / den.clamp(min=1e-300), torch.full_like(den, float("nan")))
+    """(5, G) float64 sums of p, t, p², t², p·t over n spots -> (G,) float64 Pearson r on the
+    CPU (``correlation.pearson_from_moments``: evaluation's definition); NaN where either column
+    is constant."""
+    moments = moments_from_sums(sums.detach().cpu().numpy(), n)
+    return torch.from_numpy(pearson_from_moments(moments))
 
 
 def moment_sums(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

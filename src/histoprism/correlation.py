@@ -1,0 +1,131 @@
+"""Pearson r per gene from co-moments: the one definition that evaluation, pooling over slides
+and validation during training share.
+
+Co-moments (``MOMENT_COLUMNS``: rows used, two means, two sums of squared deviations, the sum of
+cross deviations) are computed in float64 per block of genes and pooled over slides exactly
+(Chan et al.'s parallel update), so no (spots x genes) matrix of a whole cohort is ever held.
+A column whose std is rounding error of its mean is constant: its r is NaN, not noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+
+MOMENT_COLUMNS = ("n", "mean_pred", "mean_truth", "m2_pred", "m2_truth", "cross")
+CONST_RTOL = 1e-12  # std below this share of |mean| is rounding error: the column is constant
+SUMS_CANCELLATION = 1e-12  # from raw sums, a squared deviation below this share of Σx² is rounding
+
+
+def constant_genes(std: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """(G,) bool: columns whose std is rounding error of their mean (or 0, or undefined)."""
+    return (std <= CONST_RTOL * np.maximum(np.abs(mean), 1e-300)) | ~(std > 0)
+
+
+def moments_from_sums(sums: np.ndarray, n: float) -> dict[str, np.ndarray]:
+    """(5, G) sums of p, t, p², t², p·t over n rows -> co-moments (``MOMENT_COLUMNS``): for
+    running sums kept on a device during training (``validation.moment_sums``)."""
+    sp, st, spp, stt, spt = np.asarray(sums, dtype=np.float64)
+
+    def m2(s: np.ndarray, ss: np.ndarray) -> np.ndarray:
+        # ss - s²/n cancels: what is left below ~1e-12 of ss is rounding, i.e. a constant column
+        d = ss - s * s / n
+        return np.where(d > SUMS_CANCELLATION * np.abs(ss), d, 0.0)
+
+    return {
+        "n": np.full(sp.shape, float(n)),
+        "mean_pred": sp / n,
+        "mean_truth": st / n,
+        "m2_pred": m2(sp, spp),
+        "m2_truth": m2(st, stt),
+        "cross": spt - sp * st / n,
+    }
+
+
+# --- Pearson r per gene -------------------------------------------------------------------------
+def comoments(pred: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-column co-moments of ``pred`` and ``truth`` over the rows where both are finite.
+
+    pred, truth: (N, G) float, computed in float64. Returns {name: (G,) float64} for the names in
+    ``MOMENT_COLUMNS``: ``n`` rows used, the two means, the two sums of squared deviations
+    (``m2_*``) and the sum of cross products (``cross``).
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    if pred.ndim == 1:
+        pred, truth = pred[:, None], truth.reshape(-1, 1)
+    if pred.shape != truth.shape or pred.ndim != 2:
+        raise ValueError(f"pred {pred.shape} and truth {truth.shape} must be the same (N, G)")
+    ok = np.isfinite(pred) & np.isfinite(truth)
+    n = ok.sum(axis=0).astype(np.float64)
+    zero = np.zeros_like(n)
+    mean_p = np.divide(np.where(ok, pred, 0.0).sum(axis=0), n, out=zero.copy(), where=n > 0)
+    mean_t = np.divide(np.where(ok, truth, 0.0).sum(axis=0), n, out=zero.copy(), where=n > 0)
+    # two-pass (centred) sums: exact zeros for constant columns, no cancellation
+    dp = np.where(ok, pred - mean_p, 0.0)
+    dt = np.where(ok, truth - mean_t, 0.0)
+    return {
+        "n": n,
+        "mean_pred": mean_p,
+        "mean_truth": mean_t,
+        "m2_pred": np.einsum("ij,ij->j", dp, dp),
+        "m2_truth": np.einsum("ij,ij->j", dt, dt),
+        "cross": np.einsum("ij,ij->j", dp, dt),
+    }
+
+
+def pearson_from_moments(m: Mapping[str, np.ndarray] | pd.DataFrame) -> np.ndarray:
+    """(G,) Pearson r from co-moments; NaN with < 2 rows or a constant column on either side."""
+    n, mean_p, mean_t, m2_p, m2_t, cross = (
+        np.asarray(m[k], dtype=np.float64) for k in MOMENT_COLUMNS
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        const_p = constant_genes(np.sqrt(m2_p / n), mean_p)
+        const_t = constant_genes(np.sqrt(m2_t / n), mean_t)
+        r = cross / np.sqrt(m2_p * m2_t)
+    return np.where((n < 2) | const_p | const_t | ~np.isfinite(r), np.nan, np.clip(r, -1.0, 1.0))
+
+
+def pearson_per_gene(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Pearson r across rows (spots) for each column (gene).
+
+    pred, truth: (N, G) float. Returns (G,) float64; NaN where either column is constant (up to
+    float rounding) or fewer than 2 rows are finite in both. Non-finite rows are left out per column.
+    """
+    return pearson_from_moments(comoments(pred, truth))
+
+
+def merge_moments(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """Pool the spots of two co-moment tables (rows = genes; Chan et al.'s parallel update).
+
+    A gene missing from one table contributes nothing from it; ``n_slides`` (how many slides
+    measured the gene) adds up.
+    """
+    genes = a.index.union(b.index, sort=False)
+    a = a.reindex(genes, fill_value=0.0)
+    b = b.reindex(genes, fill_value=0.0)
+    n = a["n"] + b["n"]
+    w = (b["n"] / n).where(n > 0, 0.0)  # weight of b in the pooled mean
+    k = a["n"] * w  # = n_a n_b / n
+    d_p = b["mean_pred"] - a["mean_pred"]
+    d_t = b["mean_truth"] - a["mean_truth"]
+    return pd.DataFrame(
+        {
+            "n": n,
+            "mean_pred": a["mean_pred"] + d_p * w,
+            "mean_truth": a["mean_truth"] + d_t * w,
+            "m2_pred": a["m2_pred"] + b["m2_pred"] + d_p * d_p * k,
+            "m2_truth": a["m2_truth"] + b["m2_truth"] + d_t * d_t * k,
+            "cross": a["cross"] + b["cross"] + d_p * d_t * k,
+            "n_slides": a["n_slides"] + b["n_slides"],
+        },
+        index=genes,
+    )
+
+
+def pooled_pearson(moments: pd.DataFrame, n_slides: int) -> pd.Series:
+    """Pooled r per gene (HEST-bench protocol): only genes measured in all ``n_slides`` slides."""
+    full = moments[moments["n_slides"] >= n_slides]
+    return pd.Series(pearson_from_moments(full), index=full.index, name="pooled_r")
