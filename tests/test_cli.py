@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from histoprism import keys
-from histoprism.cli import app
+from histoprism.cli import app, hoist_global_flags
 from histoprism.cohort import Cohort
 from histoprism.errors import InputError
 
@@ -45,6 +45,48 @@ def test_help_lists_design_flags(command):
     missing = [f for f in FLAGS[command].split() if f not in words]
     assert not missing, f"{command} --help lacks {missing}"
     assert "Usage:" in result.stdout and len(result.stdout.splitlines()) > 10
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "extract"])
+def test_flags_show_no_value_placeholder(command):
+    """A flag takes no value: its help line names no type beside it."""
+    lines = invoke(command, "--help").stdout.splitlines()
+    flag_lines = [
+        ln for ln in lines if "--float16" in ln or "--resume" in ln or "--overwrite" in ln
+    ]
+    assert flag_lines and not any("<bool>" in ln for ln in flag_lines)
+
+
+def test_debug_and_verbose_accepted_after_the_subcommand(tmp_path):
+    args = ["predict", "--model", "RUN", "--debug", "-v", "--out", "PRED"]
+    assert hoist_global_flags(args) == [
+        "--debug",
+        "-v",
+        "predict",
+        "--model",
+        "RUN",
+        "--out",
+        "PRED",
+    ]
+    # hoisted, the callback turns --debug on: a bad run directory raises instead of one line
+    result = invoke(
+        *hoist_global_flags(
+            [
+                "predict",
+                "--model",
+                tmp_path / "none",
+                "--data",
+                tmp_path,
+                "--encoder",
+                ENCODER,
+                "--out",
+                tmp_path / "p",
+                "--debug",
+            ]
+        )
+    )
+    assert result.exit_code != 0 and result.exception is not None
+    assert not isinstance(result.exception, SystemExit)
 
 
 def test_top_level_help_lists_commands():

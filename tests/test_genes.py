@@ -137,3 +137,17 @@ def test_read_gene_list_header_and_comments(tmp_path):
     assert read_gene_list(path) == ["A1BG", "A2M", "TP53"]
     with pytest.raises(InputError, match="not found"):
         read_gene_list(tmp_path / "missing.txt")
+
+
+@pytest.mark.parametrize("name", ["gpc_hallmark", "gpc_go"])
+@pytest.mark.parametrize("ids", ["symbols", "ensembl"])
+def test_bundled_gmt_reads_the_same_split_on_any_whitespace(name, ids):
+    """decoupler.pp.read_gmt and other readers split GMT lines on any whitespace: the description
+    field must hold none, or its words become genes of every set."""
+    from histoprism.genes import data_path
+
+    path = data_path("genesets", f"{name}.{ids}.gmt")
+    ours = read_gmt(path)
+    for line in path.read_text().splitlines():
+        fields = line.split()
+        assert fields[1].startswith("https://") and fields[2:] == ours[fields[0]]

@@ -78,8 +78,19 @@ def test_prediction_h5ad_contract(tiny_cohort, trained_runs, predictions, split_
         info = pred.uns[keys.UNS_HISTOPRISM]
         assert info["version"] == __version__ and info["model"] == "histoprism"
         assert info["encoder"] == ENCODER and info["units"] == "log1p(counts)"
-        # log1p scale: non-negative up to the model's error, and varying across spots
-        assert pred.X.mean() > 0 and pred.X.std(0).max() > 0.05
+        # log1p scale: never negative (the head's output is clipped at 0), varying across spots
+        assert pred.X.min() >= 0 and pred.X.mean() > 0 and pred.X.std(0).max() > 0.05
+        # the grid position and gene ids of the counts file, the pathway scores by name
+        for col in (keys.OBS_ARRAY_ROW, keys.OBS_ARRAY_COL):
+            np.testing.assert_array_equal(pred.obs[col].to_numpy(), st.obs[col].to_numpy())
+        assert {keys.VAR_GENE_IDS, keys.VAR_GENE_SYMBOLS} <= set(pred.var.columns)
+        np.testing.assert_array_equal(pred.obs[pw.columns].to_numpy(), pw.to_numpy())
+        assert info["pathways"]["method"] == predict_mod.PATHWAY_METHOD
+        # no image in this cohort: a white canvas that covers every spot, for scanpy to draw on
+        library = pred.uns[keys.UNS_SPATIAL][sid]
+        canvas, scale = library["images"]["hires"], library["scalefactors"]["tissue_hires_scalef"]
+        assert (canvas == 255).all() and library["metadata"]["source_image"] == "none"
+        assert (pred.obsm[keys.OBSM_SPATIAL] * scale < np.array(canvas.shape[1::-1])).all()
 
 
 @pytest.mark.parametrize(
@@ -151,13 +162,20 @@ def test_pathway_score_is_mean_zscore_of_set_genes(
     tiny_cohort, trained_runs, predictions, split_test_ids, tmp_path, kind
 ):
     """HistoPrism's scores come in closed form from its trunk output, a baseline's from the
-    z-scored output blocks: both equal the mean z-score of the set's genes in X."""
+    z-scored output blocks: both equal the mean z-score of the set's genes in the model's output,
+    of which X is the part >= 0."""
+    sid = split_test_ids[0]
     if kind == "histoprism":
-        pred = ad.read_h5ad(predictions[0] / f"{split_test_ids[0]}.h5ad")
+        pred = ad.read_h5ad(predictions[0] / f"{sid}.h5ad")
     else:
-        predict(trained_runs[kind], tiny_cohort, ENCODER, tmp_path, samples=split_test_ids[0])
-        pred = ad.read_h5ad(tmp_path / f"{split_test_ids[0]}.h5ad")
-    x = pred.X.astype(np.float64)
+        predict(trained_runs[kind], tiny_cohort, ENCODER, tmp_path, samples=sid)
+        pred = ad.read_h5ad(tmp_path / f"{sid}.h5ad")
+    run = load(trained_runs[kind])
+    p = run.predictor
+    out = p.predict_genes(p.prepare(Cohort(tiny_cohort).slide(sid, ENCODER)), slice(None))
+    x = out.astype(np.float64)  # (N, G) before the clip at 0
+    assert (x < 0).any()  # the clip matters here: the test could tell the two apart
+    np.testing.assert_allclose(pred.X, np.maximum(out, 0), atol=1e-5, rtol=0)
     sd = x.std(0)
     z = pd.DataFrame(
         np.where(sd > 0, (x - x.mean(0)) / np.where(sd > 0, sd, 1.0), 0.0),
@@ -421,3 +439,71 @@ def test_default_model_ignores_a_stain_shift_of_the_whole_slide(
     shifted = ad.read_h5ad(tmp_path / "shifted" / f"{sid}.h5ad")
     plain = ad.read_h5ad(tmp_path / "plain" / f"{sid}.h5ad")
     np.testing.assert_allclose(shifted.X, plain.X, atol=1e-4, rtol=0)
+
+
+# --- the spatial ecosystem -------------------------------------------------------------------------------
+def _write_slide_image(cc, sid: str) -> tuple[int, int]:
+    """A PNG covering the slide's spots as wsis/{id}.png: (width, height) level-0 px."""
+    from PIL import Image
+
+    xy = _st(cc.root, sid).obsm[keys.OBSM_SPATIAL]
+    w, h = (int(v) + 50 for v in xy.max(0))
+    rgb = np.full((h, w, 3), 240, np.uint8)
+    rgb[:, : w // 2] = (200, 80, 160)  # a pink half: what the drawn image must show
+    (cc.root / "wsis").mkdir(exist_ok=True)
+    Image.fromarray(rgb).save(cc.root / "wsis" / f"{sid}.png")
+    return w, h
+
+
+def test_prediction_carries_the_slide_image_at_space_ranger_resolutions(
+    trained_runs, cohort_copy, split_test_ids, tmp_path
+):
+    sid = split_test_ids[0]
+    cc = cohort_copy()
+    w, h = _write_slide_image(cc, sid)
+    predict(trained_runs["histoprism"], cc.root, ENCODER, tmp_path, samples=sid, progress=False)
+    library = ad.read_h5ad(tmp_path / f"{sid}.h5ad").uns[keys.UNS_SPATIAL][sid]
+    hires, factors = library["images"]["hires"], library["scalefactors"]
+    assert hires.dtype == np.uint8 and max(hires.shape[:2]) == min(2000, max(w, h))
+    assert factors["tissue_hires_scalef"] == pytest.approx(hires.shape[1] / w, rel=0.01)
+    assert max(library["images"]["lowres"].shape[:2]) == min(600, max(w, h))
+    # the left half is pink at either resolution: the image is not flipped or transposed
+    assert (
+        hires[:, : hires.shape[1] // 4, 1].mean() < 100 < hires[:, -hires.shape[1] // 4 :, 1].mean()
+    )
+    # Visium-like pitch: spots drawn at 0.55 of the nearest-neighbour distance
+    xy = _st(cc.root, sid).obsm[keys.OBSM_SPATIAL]
+    d = np.sort(np.linalg.norm(xy[:, None] - xy[None], axis=-1), axis=1)[:, 1]
+    assert factors["spot_diameter_fullres"] == pytest.approx(0.55 * np.median(d), rel=1e-6)
+    no_image = tmp_path / "no_image"
+    predict(
+        trained_runs["histoprism"], cc.root, ENCODER, no_image, samples=sid, images=False,
+        progress=False,
+    )  # fmt: skip
+    blank = ad.read_h5ad(no_image / f"{sid}.h5ad").uns[keys.UNS_SPATIAL][sid]
+    assert blank["metadata"]["source_image"] == "none" and (blank["images"]["hires"] == 255).all()
+
+
+@pytest.mark.parametrize("with_image", [True, False])
+def test_scanpy_and_squidpy_draw_a_prediction_over_its_tissue(
+    trained_runs, cohort_copy, split_test_ids, tmp_path, with_image
+):
+    sc = pytest.importorskip("scanpy")
+    sq = pytest.importorskip("squidpy")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    sid = split_test_ids[0]
+    cc = cohort_copy()
+    if with_image:
+        _write_slide_image(cc, sid)
+    predict(trained_runs["histoprism"], cc.root, ENCODER, tmp_path, samples=sid, progress=False)
+    pred = sc.read_h5ad(tmp_path / f"{sid}.h5ad")
+    gene, pathway = pred.var_names[0], pred.obsm[keys.OBSM_PATHWAYS].columns[0]
+    for color in (gene, pathway):  # no spot_size, library_id or image argument
+        ax = sc.pl.spatial(pred, color=color, show=False)[0]
+        assert len(ax.images) == 1 and len(ax.collections) >= 1  # the tissue, then the spots
+    sq.pl.spatial_scatter(pred, color=gene)
+    fig = matplotlib.pyplot.gcf()
+    assert any(len(a.images) == 1 for a in fig.axes)
+    matplotlib.pyplot.close("all")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -22,6 +23,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
+# a flag takes no value: an empty metavar keeps the help from showing "<bool>" beside it
+Flag = functools.partial(typer.Option, metavar="")
+GLOBAL_FLAGS = ("--debug", "--verbose", "-v")
 
 Data = Annotated[Path, typer.Option("--data", help="Cohort directory (layout: docs/formats.md).")]
 Encoder = Annotated[str, typer.Option("--encoder", help="Embedding folder name under embeddings/.")]
@@ -39,8 +43,8 @@ Split = Annotated[
 @app.callback()
 def main(
     ctx: typer.Context,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+    debug: Annotated[bool, Flag("--debug", help="Show tracebacks on errors.")] = False,
+    verbose: Annotated[bool, Flag("--verbose", "-v", help="Log more.")] = False,
 ) -> None:
     ctx.obj = {"debug": debug}  # read back by _run: no module-level state
     logging.basicConfig(
@@ -82,11 +86,11 @@ def train(
     model: Annotated[str, typer.Option(help=" | ".join(MODEL_KINDS))] = "histoprism",
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs (default: recipe's).")] = None,
     no_conditioning: Annotated[
-        bool, typer.Option("--no-conditioning", help="Ablation: no cancer-type conditioning.")
+        bool, Flag("--no-conditioning", help="Ablation: no cancer-type conditioning.")
     ] = False,
     positional_encoding: Annotated[
         bool,
-        typer.Option("--positional-encoding", help="Sinusoidal encoding of spot centres (µm)."),
+        Flag("--positional-encoding", help="Sinusoidal encoding of spot centres (µm)."),
     ] = False,
     genes: Annotated[
         Path | None,
@@ -98,7 +102,7 @@ def train(
     config: Annotated[
         str, typer.Option(help="Preset (default | paper) or YAML/JSON file.")
     ] = "default",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.")] = False,
+    resume: Annotated[bool, Flag("--resume", help="Continue from OUT/last.")] = False,
     attention: Attention = None,
     attention_radius_um: AttentionRadius = None,
     crop_spots: Annotated[
@@ -164,16 +168,20 @@ def predict(
     samples: Annotated[str, typer.Option(help="test | all | ID,ID,...")] = "test",
     unknown_cancer: Annotated[
         bool,
-        typer.Option(
+        Flag(
             "--unknown-cancer",
             help="Predict cancer codes the model never saw with its 'Unknown' token instead of failing.",
         ),
     ] = False,
     float16: Annotated[
-        bool, typer.Option("--float16", help="Store predictions as float16 (half the disk).")
+        bool, Flag("--float16", help="Store predictions as float16 (half the disk).")
     ] = False,
     attention: Attention = None,
     attention_radius_um: AttentionRadius = None,
+    no_images: Annotated[
+        bool,
+        Flag("--no-images", help="Leave the slide image out of uns['spatial'] (smaller files)."),
+    ] = False,
 ) -> None:
     """Predict whole slides as AnnData (X = log1p expression, obsm['pathways'])."""
     from . import predict as api
@@ -192,6 +200,7 @@ def predict(
         dtype="float16" if float16 else "float32",
         attention=attention,
         attention_radius_um=attention_radius_um,
+        images=not no_images,
     )
     from .distributed import torchrun_env
 
@@ -325,7 +334,7 @@ def extract(
     ] = None,
     allow_download: Annotated[
         bool,
-        typer.Option("--allow-download", help="Fetch weights from the Hugging Face hub if needed."),
+        Flag("--allow-download", help="Fetch weights from the Hugging Face hub if needed."),
     ] = False,
     samples: Annotated[str, typer.Option(help="all, or comma-separated sample ids.")] = "all",
     source: Annotated[
@@ -338,7 +347,7 @@ def extract(
     batch_size: Annotated[int, typer.Option(help="Patches per encoder call.")] = 64,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Redo slides that already have embeddings.")
+        bool, Flag("--overwrite", help="Redo slides that already have embeddings.")
     ] = False,
 ) -> None:
     """Embed the spots of every slide (HEST patches, or patches cut from the whole-slide image at
@@ -419,7 +428,7 @@ def demo(
     ] = None,
     from_images: Annotated[
         bool,
-        typer.Option(
+        Flag(
             "--from-images",
             help="Give the cohort H&E-like slide images and embed them with stain-texture first.",
         ),
@@ -445,9 +454,16 @@ def _print_table(table, *, title: str) -> None:
     typer.echo(f"\n{title}\n\n{pipe_table(table)}")
 
 
+def hoist_global_flags(argv: list[str]) -> list[str]:
+    """Move --debug / --verbose given after the subcommand to the front, where the callback
+    reads them: ``histoprism train ... --debug`` works as ``histoprism --debug train ...``."""
+    flags = [a for a in argv if a in GLOBAL_FLAGS]
+    return flags + [a for a in argv if a not in GLOBAL_FLAGS]
+
+
 def entry() -> None:  # pragma: no cover - console script
-    app()
+    app(args=hoist_global_flags(sys.argv[1:]), prog_name="histoprism")
 
 
 if __name__ == "__main__":  # pragma: no cover - python -m histoprism.cli (torchrun)
-    sys.exit(app())
+    entry()

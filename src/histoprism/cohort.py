@@ -40,6 +40,8 @@ class Slide:
     counts: sp.csr_matrix | None = None
     meta: dict = field(default_factory=dict)
     gene_ids: np.ndarray | None = None  # (G_s,) the counts file's var['gene_ids'] (Ensembl), if any
+    array_rc: np.ndarray | None = None  # (N, 2) int the counts file's obs array_row/array_col
+    scalefactors: dict = field(default_factory=dict)  # the counts file's Space Ranger scale factors
 
     @property
     def n_spots(self) -> int:
@@ -271,6 +273,8 @@ class Cohort:
             genes=adata.var_names.to_numpy().astype(str),
             counts=adata.X[al.st_rows],
             gene_ids=file_gene_ids(adata),
+            array_rc=_array_rc(adata, al.st_rows),
+            scalefactors=_scalefactors(adata),
             **common,
         )
 
@@ -296,6 +300,23 @@ class Cohort:
                     )
                 )
         return filled
+
+
+def _array_rc(st: ad.AnnData, rows: np.ndarray) -> np.ndarray | None:
+    """(N, 2) int the spots' grid row and column (Space Ranger's array_row/col), None if absent."""
+    if not {keys.OBS_ARRAY_ROW, keys.OBS_ARRAY_COL} <= set(st.obs.columns):
+        return None
+    rc = st.obs[[keys.OBS_ARRAY_ROW, keys.OBS_ARRAY_COL]].to_numpy()[rows]
+    return rc.astype(np.int64) if np.isfinite(rc.astype(float)).all() else None
+
+
+def _scalefactors(st: ad.AnnData) -> dict:
+    """The scale factors of the counts file's (first) ``uns['spatial']`` library, or {}."""
+    libraries = st.uns.get("spatial", {})
+    for library in libraries.values() if isinstance(libraries, dict) else ():
+        if isinstance(library, dict) and isinstance(library.get("scalefactors"), dict):
+            return {k: float(v) for k, v in library["scalefactors"].items()}
+    return {}
 
 
 def _spot_names(n: int) -> np.ndarray:

@@ -62,8 +62,11 @@ PATCH_ATTR_PIXEL_SIZE = "pixel_size"  # µm per pixel of img
 OBSM_SPATIAL = "spatial"  # (N, 2) spot centres, level-0 pixels (x, y)
 OBSM_PATHWAYS = "pathways"  # (N, S) predicted pathway activity
 OBS_CANCER = "oncotree_code"
+OBS_ARRAY_ROW, OBS_ARRAY_COL = "array_row", "array_col"  # Space Ranger grid position of a spot
 VAR_GENE_IDS = "gene_ids"
+VAR_GENE_SYMBOLS = "gene_symbols"  # as sc.pl.* gene_symbols= names it
 UNS_HISTOPRISM = "histoprism"
+UNS_SPATIAL = "spatial"  # {library_id: {images, scalefactors, metadata}}, as Space Ranger/scanpy
 UNS_PATHWAY_NAMES = "pathway_names"
 UNITS_LOG1P = "log1p(counts)"
 

@@ -23,6 +23,7 @@ from .attention import LocalPlan, local_attention, plan_tiles
 SPOT_CHUNK = 8192  # spots per block of the per-spot layers: bounds the (chunk, D) temporaries
 ATTENTION_MODES = ("auto", "full", "local")
 CONDITIONING_SITES = ("input", "hidden")
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}  # nonlinearity of the feed-forward and head
 
 
 @dataclass
@@ -69,6 +70,13 @@ class ModelConfig:
     # recipes"). Applied where slides become tensors (``tensors.to_tensors``), over the whole
     # slide, so that training crops and tiled prediction see the same centre.
     centre_slides: bool = False
+    # The authors' released network (the "paper" preset; ``authors.py`` imports its checkpoints)
+    # differs from ours in three more places: ReLU (torch's TransformerEncoderLayer default) where
+    # we use GELU, a LayerNorm inside the head, and no dropout on the cross-attention output
+    # (torch's MultiheadAttention drops attention weights only; this one matters in training only).
+    activation: str = "gelu"  # feed-forward and head nonlinearity: "gelu" or "relu"
+    head_norm: bool = False  # LayerNorm between the head's hidden linear layer and its activation
+    cross_output_dropout: bool = True  # dropout on the cancer cross-attention output before its add
 
     def __post_init__(self):
         if self.attention not in ATTENTION_MODES:
@@ -80,6 +88,10 @@ class ModelConfig:
                 f"conditioning_site must be one of {CONDITIONING_SITES}, "
                 f"got '{self.conditioning_site}'"
             )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {tuple(ACTIVATIONS)}, got '{self.activation}'"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,7 +100,14 @@ class ModelConfig:
 class CancerConditioning(nn.Module):
     """Cross-attention from spot features (queries) to the cancer type's context tokens
     (keys/values). At the input (the paper): Add & LayerNorm on the patch embedding. In the
-    hidden space: a pre-norm residual branch whose output layer starts at zero."""
+    hidden space: a pre-norm residual branch whose output layer starts at zero.
+
+    With one token this computes the authors' layer (``nn.MultiheadAttention`` whose key and value
+    are ``Linear(one-hot cancer)``) with D² + 2D fewer weights: their query projection (D² + D)
+    cannot change a softmax over one key, so it never affects the output and its gradient is
+    exactly zero (DDP refuses such weights), and a one-hot through a Linear is an Embedding row
+    plus the bias, folded into each row here (D). ``authors.authors_parameter_count`` counts theirs.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -102,6 +121,7 @@ class CancerConditioning(nn.Module):
         # input: after the add; hidden: on the queries, which one token does not need
         self.norm = nn.LayerNorm(d) if not self.residual or self.t > 1 else None
         self.dropout = cfg.dropout
+        self.output_dropout = cfg.cross_output_dropout
         if self.residual:
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
@@ -119,7 +139,8 @@ class CancerConditioning(nn.Module):
             kv = self.kv(ctx).view(B, self.t, 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
             a = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=p)  # (B, h, N, D/h)
             a = self.out(a.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
-        a = F.dropout(a, p, self.training)
+        if self.output_dropout:
+            a = F.dropout(a, p, self.training)
         return x + a if self.residual else self.norm(x + a)
 
     def _single_token(self, ctx: torch.Tensor, N: int, p: float) -> torch.Tensor:
@@ -167,7 +188,7 @@ class EncoderBlock(nn.Module):
         self.qkv, self.out = nn.Linear(h, 3 * h), nn.Linear(h, h)
         self.ff = nn.Sequential(
             nn.Linear(h, cfg.ff_mult * h),
-            nn.GELU(),
+            ACTIVATIONS[cfg.activation](),
             nn.Dropout(cfg.dropout),
             nn.Linear(cfg.ff_mult * h, h),
         )
@@ -210,7 +231,10 @@ class HistoPrism(nn.Module):
         self.position = SinusoidalPosition(h, cfg.pe_scale_um) if cfg.positional_encoding else None
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(h) if cfg.norm_first else nn.Identity()
-        self.head_hidden = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Dropout(cfg.dropout))
+        # the authors' head: Linear -> LayerNorm -> ReLU -> Dropout; ours has no LayerNorm
+        norm = [nn.LayerNorm(h)] if cfg.head_norm else []
+        act = ACTIVATIONS[cfg.activation]()
+        self.head_hidden = nn.Sequential(nn.Linear(h, h), *norm, act, nn.Dropout(cfg.dropout))
         self.head_out = nn.Linear(h, cfg.n_genes)
 
     def trunk(

@@ -27,12 +27,13 @@ from .cohort import Cohort, Slide
 from .correlation import constant_genes
 from .distributed import local_device, rank_share
 from .errors import InputError
-from .genes import GenePanel
+from .genes import GeneIdMap, GenePanel
 from .io import atomic_path
 from .model import SPOT_CHUNK, HistoPrism, ModelConfig
 from .pathways import default_genesets, panel_membership, zscore_columns
 from .progress import progress_bar
 from .registry import Predictor, model_kind
+from .spatial_view import spatial_uns
 from .tensors import CancerVocabulary, input_options, to_tensors
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ CHUNK_BYTES = 256 * 2**20  # most float32 output held at once: one block of (spo
 # ~90% of the machine's GEMM speed, where whole-column blocks of a large slide fall to ~50%
 # (benchmarks/)
 TILE_SPOTS, TILE_GENES = 2048, 4096
+# what obsm['pathways'] holds: equal to decoupler's `waggr` (weights 1) scaled per set
+PATHWAY_METHOD = "mean of per-gene z-scored predicted log1p over the set's genes"
 H5_CHUNK_SPOTS = 256  # HDF5 chunk = (256 spots, <= TILE_GENES genes): 4 MB, whole-chunk writes
 
 
@@ -176,12 +179,16 @@ def predict_slide(
     genesets: dict[str, list[str]] | None = None,
     unknown_cancer: bool = False,
     dtype: str = "float32",
+    image: str | Path | None = None,
 ) -> Path:
     """Predict one slide and write it as an h5ad (atomically).
 
-    Writes ``X`` (N, G) predicted log1p(counts), ``obs_names`` barcodes, ``obsm['spatial']`` (N, 2)
-    level-0 px, ``obs['oncotree_code']`` (condition used), ``obsm['pathways']`` (N, S) DataFrame of
-    pathway activity (mean z-scored predicted log1p of the set's genes), ``uns['histoprism']``.
+    Writes ``X`` (N, G) predicted log1p(counts), >= 0, ``obs_names`` barcodes, ``obsm['spatial']``
+    (N, 2) level-0 px, ``obs['oncotree_code']`` (condition used), ``obsm['pathways']`` (N, S)
+    DataFrame of pathway activity (mean z-scored predicted log1p of the set's genes) and the same
+    scores as ``obs`` columns named by set, ``var['gene_ids'/'gene_symbols']``,
+    ``uns['spatial'][slide.id]`` (tissue images of ``image``, scale factors: what scanpy and
+    squidpy draw with) and ``uns['histoprism']``.
     """
     predictor = run.predictor
     prepared = predictor.prepare(slide, unknown_cancer=unknown_cancer)
@@ -192,8 +199,9 @@ def predict_slide(
     closed_form = predictor.closed_form_pathways
     rows, cols = _tile_shape(n, g, whole_columns=not closed_form)
     used = run.vocab.codes[run.vocab.index(slide.cancer, fallback=unknown_cancer)]
+    skeleton = _skeleton(run, slide, used, image=image)
     with atomic_path(path) as tmp:
-        _skeleton(run, slide, used).write_h5ad(tmp)
+        skeleton.write_h5ad(tmp, compression="gzip")  # the tissue images; X is written below
         with h5py.File(tmp, "a") as f:
             chunks = (min(n, H5_CHUNK_SPOTS), min(cols, TILE_GENES)) if n and g else None
             X = f.create_dataset("X", shape=(n, g), dtype=dtype, chunks=chunks)
@@ -205,6 +213,11 @@ def predict_slide(
                 pathways = _write_columns(predictor, prepared, X, cols, M)
             frame = pd.DataFrame(pathways.astype(np.float32), index=slide.barcodes, columns=names)
             ad.io.write_elem(f["obsm"], keys.OBSM_PATHWAYS, frame)
+            # by name too, where scanpy's and squidpy's color= looks (set names are not genes)
+            del f["obs"]
+            named = frame.drop(columns=skeleton.obs.columns, errors="ignore")
+            obs = pd.concat([skeleton.obs, named.set_axis(skeleton.obs.index)], axis=1)
+            ad.io.write_elem(f, "obs", obs)
     return Path(path)
 
 
@@ -234,6 +247,7 @@ def _write_tiles(predictor, prepared, X: h5py.Dataset, rows: int, cols: int) -> 
             shape = (r1 - r, c1 - c)
             out = buf[: shape[0] * shape[1]].view(shape)  # contiguous, edge tiles too
             block = predictor.predict_genes(prepared, slice(c, c1), slice(r, r1), out=out)
+            torch.from_numpy(block).clamp_(min=0)  # in place, multithreaded: log1p is >= 0
             if cast is not None:  # multithreaded, unlike numpy's astype
                 block = cast[: block.size].view(shape).copy_(torch.from_numpy(block)).numpy()
             X[r:r1, c:c1] = block
@@ -247,7 +261,7 @@ def _write_columns(predictor, prepared, X: h5py.Dataset, cols: int, M: np.ndarra
     pathways = np.zeros((n, M.shape[1]), dtype=np.float64)
     for c in range(0, g, cols):
         block = predictor.predict_genes(prepared, slice(c, min(c + cols, g)))  # (N, cols)
-        X[:, c : c + block.shape[1]] = _cast(block, X.dtype)
+        X[:, c : c + block.shape[1]] = _cast(np.maximum(block, 0), X.dtype)  # log1p is >= 0
         in_sets = np.flatnonzero(M[c : c + block.shape[1]].any(1))  # only genes of some set
         pathways += zscore_columns(block[:, in_sets]) @ M[c + in_sets]
     return pathways / sizes
@@ -264,11 +278,23 @@ def _torch_dtype(dtype) -> torch.dtype:
     return getattr(torch, np.dtype(dtype).name)
 
 
-def _skeleton(run: Run, slide: Slide, cancer_used: str) -> ad.AnnData:
+def _skeleton(
+    run: Run, slide: Slide, cancer_used: str, *, image: str | Path | None = None
+) -> ad.AnnData:
     """Everything of the output AnnData but X and the pathways (streamed in afterwards)."""
     obs = pd.DataFrame({keys.OBS_CANCER: cancer_used}, index=pd.Index(slide.barcodes.astype(str)))
-    adata = ad.AnnData(obs=obs, var=pd.DataFrame(index=pd.Index(run.panel.genes)))
+    if slide.array_rc is not None:
+        obs[keys.OBS_ARRAY_ROW], obs[keys.OBS_ARRAY_COL] = slide.array_rc.T
+    adata = ad.AnnData(obs=obs, var=gene_annotation(run.panel))
     adata.obsm[keys.OBSM_SPATIAL] = np.asarray(slide.coords, dtype=np.float64)
+    adata.uns[keys.UNS_SPATIAL] = {
+        slide.id: spatial_uns(
+            slide.coords,
+            image=image,
+            scalefactors=slide.scalefactors,
+            technology=slide.meta.get(keys.META_TECH),
+        )
+    }
     adata.uns[keys.UNS_HISTOPRISM] = {
         "version": __version__,
         "model": run.kind,
@@ -277,8 +303,27 @@ def _skeleton(run: Run, slide: Slide, cancer_used: str) -> ad.AnnData:
         "units": keys.UNITS_LOG1P,
         "cancer_requested": slide.cancer,
         "pixel_size_um": slide.pixel_size_um if slide.pixel_size_um else float("nan"),
+        "pathways": {"method": PATHWAY_METHOD, "gene_sets": "bundled GPC Hallmark + GO"},
     }
     return adata
+
+
+def gene_annotation(panel: GenePanel) -> pd.DataFrame:
+    """var of a prediction: panel genes as index, ``gene_ids`` (Ensembl) and ``gene_symbols``
+    ('' where the bundled table has none), as Space Ranger and scanpy name them."""
+    idmap = GeneIdMap.bundled()
+    names = np.asarray(panel.genes, dtype=object)
+    return pd.DataFrame(
+        {
+            keys.VAR_GENE_IDS: _or_empty(idmap.to_ensembl(names)),
+            keys.VAR_GENE_SYMBOLS: _or_empty(idmap.to_symbol(names)),
+        },
+        index=pd.Index(panel.genes),
+    )
+
+
+def _or_empty(values: np.ndarray) -> np.ndarray:
+    return np.array(["" if v is None else str(v) for v in values], dtype=object)
 
 
 def predict(
@@ -293,13 +338,15 @@ def predict(
     dtype: str = "float32",
     attention: str | None = None,
     attention_radius_um: float | None = None,
+    images: bool = True,
     progress: bool = True,
 ) -> list[Path]:
     """Predict the slides ``samples`` ('test', 'all' or comma-separated ids) of a cohort into ``out``.
 
     Slides with counts are aligned by barcode as in training; slides without counts (never
     sequenced) are predicted from their embeddings alone. ``attention`` / ``attention_radius_um``
-    override the model's attention settings (see ``load``). Under torchrun (RANK, WORLD_SIZE),
+    override the model's attention settings (see ``load``). ``images``: put the slide image's
+    hires/lowres views in ``uns['spatial']`` when the cohort has one. Under torchrun (RANK, WORLD_SIZE),
     rank r predicts slides r, r + W, ...: no process group is needed. Returns the paths this
     process wrote.
     """
@@ -322,6 +369,7 @@ def predict(
                     genesets=genesets,
                     unknown_cancer=unknown_cancer,
                     dtype=dtype,
+                    image=cohort.wsi_path(sample_id) if images else None,
                 )
             )
             bar.update(task, advance=1, info=sample_id)
