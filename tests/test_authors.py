@@ -213,6 +213,25 @@ def test_bundled_panel_and_uni_name_by_default(tmp_path):
     assert run.panel.genes == tuple(stpath_panel()) and run.config["in_dim"] == 1024
 
 
+def test_import_checkpoint_command(tmp_path):
+    """The CLI: one summary line; a wrong checkpoint is one error line naming the key."""
+    from typer.testing import CliRunner
+
+    from histoprism.cli import app
+
+    state = reference(d=1024, g=len(stpath_panel()), h=8, heads=2).state_dict()
+    log = write_log_dir(tmp_path / "log", state, dict(SETTINGS, transformer_heads=2, hidden_dim=8))
+    result = CliRunner().invoke(app, ["import-checkpoint", str(log), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "imported" in result.stdout and str(tmp_path / "r") in result.stdout
+    assert predict.load(tmp_path / "r", device="cpu").config["encoder"] == "uni"
+    state.pop("gene_regression_head.0.weight")
+    bad = write_log_dir(tmp_path / "bad", state, dict(SETTINGS, transformer_heads=2, hidden_dim=8))
+    result = CliRunner().invoke(app, ["import-checkpoint", str(bad), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "gene_regression_head.0.weight" in result.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_authors_order_of_cancer_codes():
     codes = cancer_codes()
     assert len(codes) == 29 and codes[0] == "PAAD" and codes[17] == "Unknown"

@@ -20,6 +20,7 @@ CONFIGS = {
     "local-attention": dict(attention="local", attention_radius_um=1500.0),
     "default": dict(conditioning_site="hidden", norm_first=True, standardize_inputs=True),
     "hidden-context-tokens": dict(conditioning_site="hidden", norm_first=True, context_tokens=3),
+    "authors": dict(activation="relu", ff_mult=8, head_norm=True, cross_output_dropout=False),
 }
 # a zero-initialised output layer passes no gradient to what feeds it on the first step
 ZERO_AT_INIT = ("condition.tokens.", "condition.kv.", "condition.q.", "condition.norm.")

@@ -356,6 +356,9 @@ def test_paper_preset():
     assert tr["lr"] == 5e-5 and tr["patience"] == 30 and tr["select_on"] == "loss"
     assert model["neighbours"] == 0 and model["standardize_inputs"] is False
     assert model["conditioning_site"] == "input" and model["norm_first"] is False
+    # the authors' network (tests/test_authors.py): ReLU, width 2,048, head LayerNorm, dense
+    assert model["activation"] == "relu" and model["ff_mult"] == 8 and model["head_norm"] is True
+    assert model["cross_output_dropout"] is False and model["attention"] == "full"
     default, _ = resolve_config("default")
     assert default["conditioning_site"] == "hidden" and default["norm_first"] is True
     model["neighbours"] = 99  # callers get copies: the preset itself is not changed

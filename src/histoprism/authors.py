@@ -43,7 +43,7 @@ import yaml
 from .checkpoint import save_run
 from .encoders import ENCODERS
 from .errors import InputError
-from .genes import data_path, stpath_panel
+from .genes import GenePanel, data_path, stpath_panel
 from .io import atomic_path
 from .model import HistoPrism, ModelConfig
 from .train import PRESETS
@@ -85,10 +85,11 @@ def import_checkpoint(
     settings = read_config(config_path)
     ckpt = read_checkpoint(ckpt_path)
     state, ignored = _split_unused(ckpt["model_state"])
-    panel = list(genes) if genes is not None else _bundled_panel(settings, config_path)
+    panel = GenePanel(tuple(genes if genes is not None else _bundled_panel(settings, config_path)))
     cancers = cancer_codes()
-    cfg = model_config(state, settings, n_genes=len(panel), n_cancers=len(cancers),
-                       ckpt_path=ckpt_path, config_path=config_path)  # fmt: skip
+    cfg = model_config(
+        state, settings, n_genes=len(panel), n_cancers=len(cancers), paths=(ckpt_path, config_path)
+    )
     _check_shapes(state, expected_shapes(cfg), ckpt_path)
     encoder = _encoder(encoder, settings, cfg.in_dim, config_path)
     model = HistoPrism(cfg)
@@ -98,10 +99,10 @@ def import_checkpoint(
         model_config=cfg.to_dict(),
         encoder=encoder,
         in_dim=cfg.in_dim,
-        genes=panel,
+        genes=list(panel.genes),
         cancers=cancers,
-        best_epoch=_number(ckpt.get("epoch"), int),
-        best_val_loss=_number(ckpt.get("best_val_loss"), float),
+        best_epoch=_number(ckpt.get("epoch"), int),  # their count of epochs run, as ours
+        best_val_loss=_number(ckpt.get("best_val_loss"), float),  # theirs: not our masked loss
         imported=dict(
             source="github.com/susuhu/HistoPrism",
             log_dir=str(log_dir.resolve()),
@@ -191,11 +192,11 @@ def model_config(
     *,
     n_genes: int,
     n_cancers: int,
-    ckpt_path: Path,
-    config_path: Path,
+    paths: tuple[Path, Path],
 ) -> ModelConfig:
     """The "paper" preset at the checkpoint's sizes (weights) and head counts (config.yml: the
-    weights do not tell them; defaults as their code's)."""
+    weights do not tell them; defaults as their code's). ``paths``: (checkpoint, config.yml)."""
+    ckpt_path, config_path = paths
     graph = settings.get("graph_config") or {}
     if graph.get("n_conv_layers") or 0:
         raise InputError(
