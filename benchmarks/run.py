@@ -29,6 +29,13 @@ GENES = 38_982  # the STPath panel the paper predicts
 PITCH_UM = 16.0  # Visium HD bin
 PAPER_GPU = dict(spots=19_600, seconds=0.109, memory_gb=3.15)  # paper: A100, full output in fp32
 
+TIMED_FACTORISED = (
+    "scaling entries with output=factorised (--visium-hd): predict_slide with output='factorised' "
+    "on an 8 µm grid (pitch_um): trunk (local attention, 400 µm), closed-form pathway scores and "
+    "the h5ad (hidden layer float16, head float32); output_mb = file size; read_gene_seconds = "
+    "histoprism.prediction.read_genes of one gene for every bin; read_pathway_seconds = "
+    "read_pathways of one Hallmark set (closed form), both from the just-written file"
+)
 TIMED = {
     "gemm_gflops": "best of 3 torch.mm of two 4096 x 4096 float32 matrices (2·4096³ FLOP)",
     "inference": "trunk (embeddings -> (N, H), dense attention up to 20k spots), once, + the head "
@@ -42,6 +49,7 @@ TIMED = {
     "(attention weights too). seconds_per_epoch_500_slides = 500 x seconds_per_slide (no validation)",
     "scaling": "histoprism.predict.predict_slide: trunk (auto attention: dense up to 20k spots, "
     "local 400 µm above), head, pathway scores and the h5ad written to disk (X in float16)",
+    "scaling_factorised": TIMED_FACTORISED,
     "reference.dense": "inference: the paper's way, one forward with dense attention, the whole "
     "(N, 38,982) float32 output in memory at once; training: the full output, then the masked "
     "loss; scaling: predict_slide with dense attention forced at every size",
@@ -51,14 +59,14 @@ TIMED = {
 
 
 # --- synthetic inputs ------------------------------------------------------------------------------
-def grid_um(n: int) -> np.ndarray:
-    """(n, 2) spot centres in µm on a square Visium HD 16 µm grid."""
+def grid_um(n: int, pitch_um: float = PITCH_UM) -> np.ndarray:
+    """(n, 2) spot centres in µm on a square Visium HD grid (16 µm bins unless told)."""
     side = int(np.ceil(np.sqrt(n)))
     yy, xx = np.divmod(np.arange(n), side)
-    return np.stack([xx, yy], axis=1).astype(np.float64) * PITCH_UM
+    return np.stack([xx, yy], axis=1).astype(np.float64) * pitch_um
 
 
-def make_slide(n: int, dim: int = 1024, seed: int = 0):
+def make_slide(n: int, dim: int = 1024, seed: int = 0, pitch_um: float = PITCH_UM):
     from histoprism.cohort import Slide
 
     rng = np.random.default_rng(seed)
@@ -67,7 +75,7 @@ def make_slide(n: int, dim: int = 1024, seed: int = 0):
         cancer="IDC",
         barcodes=np.char.add("s", np.arange(n).astype(str)),
         features=rng.standard_normal((n, dim), dtype=np.float32),
-        coords=grid_um(n) / 0.5,  # level-0 pixels at 0.5 µm/px
+        coords=grid_um(n, pitch_um) / 0.5,  # level-0 pixels at 0.5 µm/px
         pixel_size_um=0.5,
     )
 
@@ -284,18 +292,37 @@ def child_scaling(spec: dict) -> dict:
     n, dev = spec["spots"], spec["device"]
     attention = spec.get("attention", "auto")
     run = make_run(spec["model"], dev, attention=attention)
-    slide = make_slide(n)
+    slide = make_slide(n, pitch_um=spec.get("pitch_um", PITCH_UM))
     out = Path(spec["tmp"]) / f"{spec['model']}_{n}.h5ad"
+    output = spec.get("output", "dense")
     t0 = time.perf_counter()
-    predict_slide(run, slide, out, dtype=spec["dtype"])
+    predict_slide(run, slide, out, dtype=spec["dtype"], output=output)
     seconds = time.perf_counter() - t0
     size = out.stat().st_size / 1e9
+    reads = _time_reads(out, run.panel.genes) if spec.get("reads") else {}
     out.unlink()
     if spec["model"] == "histoprism":
         attention = "local" if run.predictor.model.uses_local_attention(n) else "full"
     else:
         attention = "none"
-    return {"seconds": seconds, "file_gb": size, "attention": attention, **gpu_memory(dev)}
+    res = {"seconds": seconds, "file_gb": size, "output_mb": size * 1e3, "attention": attention}
+    return {**res, "output": output, **reads, **gpu_memory(dev)}
+
+
+def _time_reads(path: Path, genes) -> dict:
+    """Seconds to read one gene, and one Hallmark set's score, for every spot of a written file
+    (cold page cache is not forced: the file was just written)."""
+    from histoprism.genes import gpc_genesets
+    from histoprism.prediction import read_genes, read_pathways
+
+    t0 = time.perf_counter()
+    x = read_genes(path, [genes[len(genes) // 2]])
+    t1 = time.perf_counter()
+    name, members = next(iter(gpc_genesets("hallmark", ids="ensembl").items()))
+    scores = read_pathways(path, {name: members})
+    t2 = time.perf_counter()
+    assert x.shape[0] == scores.shape[0]
+    return {"read_gene_seconds": t1 - t0, "read_pathway_seconds": t2 - t1}
 
 
 CHILDREN = {
@@ -399,8 +426,45 @@ def ridge_entry(n: int, res: dict, gemm: float) -> dict:
 def scaling_entry(n: int, res: dict, dtype: str) -> dict:
     if "error" in res:
         return {"spots": n, **res}
-    keep = ("seconds", "peak_rss_mb", "attention", "file_gb", "load_avg_1min", "gpu_max_memory_gb")
+    keep = (
+        "seconds",
+        "peak_rss_mb",
+        "attention",
+        "file_gb",
+        "output_mb",
+        "output",
+        "read_gene_seconds",
+        "read_pathway_seconds",
+        "load_avg_1min",
+        "gpu_max_memory_gb",
+    )
     return {"spots": n, **{k: res[k] for k in keep if k in res}, "dtype": dtype}
+
+
+VISIUM_HD = dict(spots=[200_000, 600_000], pitch_um=8.0)  # a whole slide of 8 µm bins
+
+
+def visium_hd(args) -> list[dict]:
+    """Whole Visium HD slides predicted to factorised files (8 µm bins, 38,982 genes), with
+    the time to read one gene and one pathway back for every bin."""
+    tmp = Path(tempfile.mkdtemp(prefix="histoprism_bench_", dir=args.tmp))
+    rows = []
+    for n in VISIUM_HD["spots"]:
+        spec = dict(
+            kind="scaling",
+            device=args.device,
+            spots=n,
+            model="histoprism",
+            dtype="float16",
+            output="factorised",
+            pitch_um=VISIUM_HD["pitch_um"],
+            reads=True,
+            tmp=str(tmp),
+        )
+        entry = scaling_entry(n, measure(spec, 3600), "float16")
+        rows.append({**entry, "pitch_um": VISIUM_HD["pitch_um"]})
+        print(f"  visium-hd {n:>7,} bins: {_brief(rows[-1])}")
+    return rows
 
 
 def benchmark(args) -> dict:
@@ -508,6 +572,9 @@ def _brief(e: dict) -> str:
         return f"ERROR {e['error']}"
     keys = (
         "seconds",
+        "output_mb",
+        "read_gene_seconds",
+        "read_pathway_seconds",
         "seconds_per_slide",
         "gflops",
         "roofline_ratio",
@@ -689,10 +756,22 @@ def main() -> None:
     ap.add_argument("--tmp", default=None, help="folder for the h5ad files (default: system tmp)")
     ap.add_argument("--profile", action="store_true", help="print profiler tables and exit")
     ap.add_argument("--report", action="store_true", help="tables and plot of --out, no runs")
+    ap.add_argument(
+        "--visium-hd",
+        action="store_true",
+        help="only the whole-slide Visium HD series (factorised output), merged into --out",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return run_child(json.loads(args.child))
+    if args.visium_hd:
+        results = json.loads(args.out.read_text()) if args.out.exists() else {"scaling": []}
+        kept = [e for e in results.get("scaling", []) if e.get("output") != "factorised"]
+        results["scaling"] = kept + visium_hd(args)
+        results.setdefault("timed", TIMED)["scaling_factorised"] = TIMED_FACTORISED
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        return print(f"wrote the Visium HD entries into {args.out}")
     if args.profile:
         return profile()
     if args.report:

@@ -18,13 +18,15 @@ from hypothesis.extra.numpy import arrays
 from scipy.stats import pearsonr
 
 from histoprism import __version__, keys
+from histoprism import pathways as pathways_mod
 from histoprism import predict as predict_mod
 from histoprism.cohort import Cohort
 from histoprism.errors import InputError
 from histoprism.evaluate import evaluate
 from histoprism.genes import GENESET_COLLECTIONS, gpc_genesets
-from histoprism.pathways import panel_membership
+from histoprism.pathways import panel_membership, pathway_scores
 from histoprism.predict import load, predict, predict_slide
+from histoprism.prediction import is_factorised, read_genes, read_pathways, read_prediction
 from histoprism.tensors import centred, knn_index
 
 ENCODER = "synthetic"
@@ -131,7 +133,7 @@ def test_closed_form_pathway_scores_in_spot_blocks(trained_runs, monkeypatch):
         50, run.predictor.model.cfg.hidden, generator=torch.Generator().manual_seed(0)
     )
     whole = run.predictor.pathway_scores(prepared, M)
-    monkeypatch.setattr(predict_mod, "SPOT_CHUNK", 7)
+    monkeypatch.setattr(pathways_mod, "SPOT_BLOCK", 7)
     np.testing.assert_allclose(run.predictor.pathway_scores(prepared, M), whole, atol=1e-10)
 
 
@@ -507,3 +509,74 @@ def test_scanpy_and_squidpy_draw_a_prediction_over_its_tissue(
     fig = matplotlib.pyplot.gcf()
     assert any(len(a.images) == 1 for a in fig.axes)
     matplotlib.pyplot.close("all")
+
+
+# --- factorised output (Visium HD scale) ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def factorised(tiny_cohort, trained_runs, tmp_path_factory):
+    """PRED/ of the HistoPrism run on the test split, factorised."""
+    out = tmp_path_factory.mktemp("pred_factorised")
+    predict(
+        trained_runs["histoprism"], tiny_cohort, ENCODER, out, output="factorised", progress=False
+    )
+    return out
+
+
+def test_factorised_prediction_reads_as_the_dense_one(predictions, factorised, split_test_ids):
+    for sid in split_test_ids:
+        dense_path, fact_path = predictions[0] / f"{sid}.h5ad", factorised / f"{sid}.h5ad"
+        assert is_factorised(fact_path) and not is_factorised(dense_path)
+        with h5py.File(fact_path) as f:
+            assert "X" not in f and f["obsm"][keys.OBSM_HIDDEN].shape[1] < f["var"]["_index"].size
+        dense, fact = read_prediction(dense_path), read_prediction(fact_path)
+        np.testing.assert_allclose(fact.X, dense.X, atol=1e-5, rtol=0)
+        assert fact.X.min() >= 0 and keys.OBSM_HIDDEN not in fact.obsm
+        assert fact.uns[keys.UNS_HISTOPRISM]["output"] == "factorised"
+        pd.testing.assert_frame_equal(fact.obsm[keys.OBSM_PATHWAYS], dense.obsm[keys.OBSM_PATHWAYS])
+        # a few genes, in any order, as the whole file has them
+        genes = [dense.var_names[7], dense.var_names[2], dense.var_names[-1]]
+        for path in (dense_path, fact_path):
+            np.testing.assert_allclose(read_genes(path, genes), dense[:, genes].X, atol=1e-5)
+            sub = read_prediction(path, genes)
+            assert list(sub.var_names) == genes
+            np.testing.assert_allclose(sub.X, dense[:, genes].X, atol=1e-5)
+        # any gene set: in closed form from the factors, the scores predict wrote (of the
+        # model's output before the clip at 0); from a dense file, those of X as written
+        sets = _all_gpc_sets()
+        written = dense.obsm[keys.OBSM_PATHWAYS]
+        np.testing.assert_allclose(read_pathways(fact_path, sets), written, atol=1e-4)
+        from_x = read_pathways(dense_path, sets)
+        expected, _ = pathway_scores(dense.X, dense.var_names, {n: sets[n] for n in written})
+        np.testing.assert_allclose(from_x[written.columns], expected, atol=1e-5)
+
+
+def test_evaluate_scores_factorised_and_dense_predictions_alike(
+    tiny_cohort, predictions, factorised, tmp_path
+):
+    dense = evaluate(predictions[0], Cohort(tiny_cohort), tmp_path / "d", progress=False)
+    fact = evaluate(factorised, Cohort(tiny_cohort), tmp_path / "f", progress=False)
+    for name, value in dense["headline"].items():
+        assert fact["headline"][name] == pytest.approx(value, abs=1e-5), name
+
+
+def test_output_mode_auto_switches_on_size_and_refuses_nonlinear_models(
+    tiny_cohort, trained_runs, split_test_ids, tmp_path, monkeypatch
+):
+    sid = split_test_ids[0]
+    run, slide = load(trained_runs["histoprism"]), Cohort(tiny_cohort).slide(sid, ENCODER)
+    assert not is_factorised(predict_slide(run, slide, tmp_path / "small.h5ad"))
+    monkeypatch.setattr(predict_mod, "DENSE_MAX_BYTES", slide.n_spots * len(run.panel) * 4 - 1)
+    assert is_factorised(predict_slide(run, slide, tmp_path / "large.h5ad"))
+    ridge = load(trained_runs["ridge"])  # no linear head over a hidden layer: always dense
+    assert not is_factorised(predict_slide(ridge, slide, tmp_path / "ridge.h5ad"))
+    with pytest.raises(InputError, match="linear head"):
+        predict_slide(ridge, slide, tmp_path / "refused.h5ad", output="factorised")
+    with pytest.raises(InputError, match="output must be one of"):
+        predict_slide(run, slide, tmp_path / "bad.h5ad", output="sparse")
+    assert not (tmp_path / "refused.h5ad").exists() and not (tmp_path / "bad.h5ad").exists()
+
+
+def test_reading_an_unknown_gene_names_it(predictions, split_test_ids):
+    path = predictions[0] / f"{split_test_ids[0]}.h5ad"
+    with pytest.raises(InputError, match="'NOT_A_GENE'"):
+        read_genes(path, ["NOT_A_GENE"])

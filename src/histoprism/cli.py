@@ -182,6 +182,13 @@ def predict(
         bool,
         Flag("--no-images", help="Leave the slide image out of uns['spatial'] (smaller files)."),
     ] = False,
+    output: Annotated[
+        str,
+        typer.Option(
+            help="dense (X) | factorised (hidden layer + head; any gene on read) | auto "
+            "(factorised above 4 GiB of X, e.g. Visium HD)."
+        ),
+    ] = "auto",
 ) -> None:
     """Predict whole slides as AnnData (X = log1p expression, obsm['pathways'])."""
     from . import predict as api
@@ -201,6 +208,7 @@ def predict(
         attention=attention,
         attention_radius_um=attention_radius_um,
         images=not no_images,
+        output=output,
     )
     from .distributed import torchrun_env
 
@@ -410,6 +418,31 @@ def import_sample(
     adata.file.close()
     typer.echo(
         f"imported {sample_id} ({fmt}): {n_obs} spots, {n_vars} genes -> {path} [{time.perf_counter() - t0:.0f}s]"
+    )
+
+
+@app.command("import-checkpoint")
+def import_checkpoint(
+    ctx: typer.Context,
+    log_dir: Annotated[
+        Path, typer.Argument(help="The authors' log directory: config.yml, ckpt/best_model.pt.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Run directory to write (new or empty).")],
+    encoder: Annotated[
+        str | None, typer.Option(help="Embedding folder the run expects (default: config.yml).")
+    ] = None,
+) -> None:
+    """Import a checkpoint of the authors' HistoPrism code as a run directory for predict,
+    evaluate and benchmark."""
+    from . import authors as api
+
+    t0 = time.perf_counter()
+    s = _run(ctx, api.import_checkpoint, log_dir, out, encoder=encoder)
+    skipped = f"; {len(s['ignored'])} unused weights skipped" if s["ignored"] else ""
+    typer.echo(
+        f"imported {log_dir} (epoch {s['epoch']}, validation loss {s['best_val_loss']}, "
+        f"{s['n_parameters']:,} parameters{skipped}) -> {s['out']} "
+        f"[{time.perf_counter() - t0:.0f}s]"
     )
 
 

@@ -7,7 +7,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 
@@ -18,6 +17,7 @@ from .evaluate import evaluate, truth_counts
 from .genes import harmonise_counts, looks_like_ensembl
 from .io import write_text_atomic
 from .predict import predict
+from .prediction import read_prediction
 from .readers.st import read_st
 from .registry import VARIANTS, Variant
 from .synthetic import SyntheticConfig, make_cohort
@@ -129,7 +129,7 @@ def _test_mse(pred_dir: Path, cohort: Cohort) -> float:
     """
     total, n = 0.0, 0
     for sid in cohort.ids("test"):
-        pred = ad.read_h5ad(Path(pred_dir) / f"{sid}.h5ad")
+        pred = read_prediction(Path(pred_dir) / f"{sid}.h5ad")
         truth, guess = _matched(cohort, sid, pred.obs_names, pd.Index(pred.var_names))
         total += float(((np.asarray(pred.X)[guess[0]][:, guess[1]] - truth) ** 2).sum())
         n += truth.size

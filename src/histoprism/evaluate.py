@@ -45,6 +45,7 @@ from .genes import (
 )
 from .io import atomic_path, write_text_atomic
 from .pathways import membership, pathway_scores
+from .prediction import read_prediction
 from .progress import progress_bar
 from .readers import read_h5ad, read_st
 from .report import PathwayMaps, SpatialExample, write_report
@@ -469,16 +470,6 @@ def resolve_genesets(
 
 
 # --- EVAL directory -----------------------------------------------------------------------------
-def read_prediction(path: Path) -> ad.AnnData:
-    """Read PRED/{id}.h5ad; ``InputError`` for an unreadable file, no X, duplicate spots or genes."""
-    pred = read_h5ad(path)
-    if pred.X is None or pred.n_obs == 0 or pred.n_vars == 0:
-        raise InputError("prediction has no X (spots x genes)", path)
-    if pred.var_names.has_duplicates:
-        raise InputError(f"duplicate gene '{pred.var_names[pred.var_names.duplicated()][0]}'", path)
-    return pred
-
-
 def _peek_prediction(path: Path) -> tuple[pd.Index, dict]:
     """Gene names and ``uns['histoprism']`` of a prediction, without loading X."""
     pred = read_h5ad(path, backed="r")

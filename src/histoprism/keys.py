@@ -61,6 +61,10 @@ PATCH_ATTR_PIXEL_SIZE = "pixel_size"  # µm per pixel of img
 # --- AnnData slots ----------------------------------------------------------------------------
 OBSM_SPATIAL = "spatial"  # (N, 2) spot centres, level-0 pixels (x, y)
 OBSM_PATHWAYS = "pathways"  # (N, S) predicted pathway activity
+# factorised predictions: X = max(hidden @ head.T + bias, 0), multiplied out when read
+OBSM_HIDDEN = "histoprism_hidden"  # (N, H) the model's last hidden layer
+VARM_HEAD = "histoprism_head"  # (G, H) weights of its linear head
+VAR_HEAD_BIAS = "histoprism_bias"  # (G,) bias of its linear head
 OBS_CANCER = "oncotree_code"
 OBS_ARRAY_ROW, OBS_ARRAY_COL = "array_row", "array_col"  # Space Ranger grid position of a spot
 VAR_GENE_IDS = "gene_ids"

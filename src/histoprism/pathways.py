@@ -13,9 +13,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .correlation import constant_genes
 from .genes import GENESET_COLLECTIONS, GenePanel, gpc_genesets, looks_like_ensembl
+
+SPOT_BLOCK = 8192  # spots per float64 copy in linear_head_scores: bounds its temporaries
 
 
 def zscore_columns(X: np.ndarray) -> np.ndarray:
@@ -77,3 +80,29 @@ def pathway_scores(
     with np.errstate(invalid="ignore", divide="ignore"):
         scores = np.where(counts > 0, sums / counts, np.nan)
     return scores, counts.astype(np.int64)
+
+
+@torch.no_grad()
+def linear_head_scores(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, membership: np.ndarray
+) -> np.ndarray:
+    """``pathway_scores`` of X = hidden @ weight.T + bias without forming X: (N, H), (G, H), (G,),
+    (G, S) -> (N, S) float64.
+
+    X - mean(X) = (h - mean(h)) W' and gene g's variance over the spots is w_g' C w_g with C the
+    (H, H) covariance of h: the z-scores of all N x G values, averaged per set, are
+    (h - mean(h)) @ A with A = W' diag(1/sd) M / set size. Constant genes contribute 0, as in
+    ``zscore_columns``. Used where predictions are written and where factorised ones are read.
+    """
+    n, blocks = len(hidden), hidden.split(SPOT_BLOCK)
+    mean = sum(b.double().sum(0) for b in blocks) / n  # (H,)
+    cov = sum((b.double() - mean).T @ (b.double() - mean) for b in blocks) / n  # (H, H)
+    w = weight.double()  # (G, H)
+    sd = ((w @ cov) * w).sum(1).clamp(min=0).sqrt()  # (G,)
+    gene_mean = w @ mean + bias.double()  # (G,)
+    const = constant_genes(sd.cpu().numpy(), gene_mean.cpu().numpy())  # as zscore_columns
+    m = torch.from_numpy(np.asarray(membership)).to(w)  # (G, S)
+    m = m / m.sum(0).clamp(min=1)  # mean over the set's genes
+    scale = torch.where(torch.from_numpy(const).to(sd.device), 0.0, 1 / sd.clamp(min=1e-300))
+    a = w.T @ (m * scale[:, None])  # (H, S)
+    return torch.cat([(b.double() - mean) @ a for b in blocks]).cpu().numpy()  # (N, S)

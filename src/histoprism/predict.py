@@ -24,13 +24,12 @@ import torch
 from . import __version__, keys
 from .checkpoint import check_encoder, load_run
 from .cohort import Cohort, Slide
-from .correlation import constant_genes
 from .distributed import local_device, rank_share
 from .errors import InputError
 from .genes import GeneIdMap, GenePanel
 from .io import atomic_path
-from .model import SPOT_CHUNK, HistoPrism, ModelConfig
-from .pathways import default_genesets, panel_membership, zscore_columns
+from .model import HistoPrism, ModelConfig
+from .pathways import default_genesets, linear_head_scores, panel_membership, zscore_columns
 from .progress import progress_bar
 from .registry import Predictor, model_kind
 from .spatial_view import spatial_uns
@@ -44,6 +43,10 @@ CHUNK_BYTES = 256 * 2**20  # most float32 output held at once: one block of (spo
 TILE_SPOTS, TILE_GENES = 2048, 4096
 # what obsm['pathways'] holds: equal to decoupler's `waggr` (weights 1) scaled per set
 PATHWAY_METHOD = "mean of per-gene z-scored predicted log1p over the set's genes"
+OUTPUTS = ("auto", "dense", "factorised")
+# auto: above this size of a dense X, write the factors instead (a 600,000-bin Visium HD slide
+# is ~47 GB dense in float16 at 38,982 genes, ~0.6 GB factorised)
+DENSE_MAX_BYTES = 4 * 2**30
 H5_CHUNK_SPOTS = 256  # HDF5 chunk = (256 spots, <= TILE_GENES genes): 4 MB, whole-chunk writes
 
 
@@ -81,28 +84,19 @@ class HistoPrismPredictor:
             block = torch.addmm(b, prepared[rows], w.T, out=out)
         return block.cpu().numpy()
 
-    @torch.no_grad()
-    def pathway_scores(self, prepared: torch.Tensor, membership: np.ndarray) -> np.ndarray:
-        """Mean z-scored prediction of each gene set's genes: (N, H), (G, S) -> (N, S) float64.
+    def linear_head(self) -> tuple[np.ndarray, np.ndarray]:
+        """The head's (G, H) weight and (G,) bias, float32: X = max(h W' + b, 0)."""
+        head = self.model.head_out
+        return (
+            head.weight.detach().float().cpu().numpy(),
+            head.bias.detach().float().cpu().numpy(),
+        )
 
-        The head is linear, X = h W' + b, so X - mean(X) = (h - mean(h)) W' and gene g's variance
-        over the spots is w_g' C w_g with C the (H, H) covariance of h: the z-scores of all N x G
-        predictions, averaged per set, are (h - mean(h)) @ A with A = W' diag(1/sd) M / set size,
-        without an (N, G) pass. Constant genes contribute 0, as in ``pathways.zscore_columns``.
-        """
-        n = len(prepared)
-        blocks = prepared.split(SPOT_CHUNK)  # float64 copies a block at a time
-        mean = sum(b.double().sum(0) for b in blocks) / n  # (H,)
-        cov = sum((b.double() - mean).T @ (b.double() - mean) for b in blocks) / n  # (H, H)
-        w = self.model.head_out.weight.double()  # (G, H)
-        sd = ((w @ cov) * w).sum(1).clamp(min=0).sqrt()  # (G,)
-        gene_mean = w @ mean + self.model.head_out.bias.double()  # (G,)
-        const = constant_genes(sd.cpu().numpy(), gene_mean.cpu().numpy())  # as zscore_columns
-        m = torch.from_numpy(membership).to(w)  # (G, S)
-        m = m / m.sum(0).clamp(min=1)  # mean over the set's genes
-        scale = torch.where(torch.from_numpy(const).to(sd.device), 0.0, 1 / sd.clamp(min=1e-300))
-        a = w.T @ (m * scale[:, None])  # (H, S)
-        return torch.cat([(b.double() - mean) @ a for b in blocks]).cpu().numpy()  # (N, S)
+    def pathway_scores(self, prepared: torch.Tensor, membership: np.ndarray) -> np.ndarray:
+        """Mean z-scored prediction of each gene set's genes, in closed form from the trunk
+        output (the head is linear): (N, H), (G, S) -> (N, S) float64."""
+        head = self.model.head_out
+        return linear_head_scores(prepared, head.weight, head.bias, membership)
 
 
 @dataclass
@@ -180,6 +174,7 @@ def predict_slide(
     unknown_cancer: bool = False,
     dtype: str = "float32",
     image: str | Path | None = None,
+    output: str = "auto",
 ) -> Path:
     """Predict one slide and write it as an h5ad (atomically).
 
@@ -188,29 +183,33 @@ def predict_slide(
     DataFrame of pathway activity (mean z-scored predicted log1p of the set's genes) and the same
     scores as ``obs`` columns named by set, ``var['gene_ids'/'gene_symbols']``,
     ``uns['spatial'][slide.id]`` (tissue images of ``image``, scale factors: what scanpy and
-    squidpy draw with) and ``uns['histoprism']``.
+    squidpy draw with) and ``uns['histoprism']``. ``output`` 'factorised' writes the last hidden
+    layer and the linear head instead of X (``prediction.read_prediction`` multiplies them out);
+    'auto' does so when a dense X would pass ``DENSE_MAX_BYTES``.
     """
     predictor = run.predictor
+    n, g = slide.n_spots, len(run.panel)
+    factorised = _factorised(output, predictor, n * g * np.dtype(dtype).itemsize)
     prepared = predictor.prepare(slide, unknown_cancer=unknown_cancer)
     names, M = panel_membership(
         run.panel, genesets if genesets is not None else default_genesets(run.panel)
     )
-    n, g = slide.n_spots, len(run.panel)
-    closed_form = predictor.closed_form_pathways
-    rows, cols = _tile_shape(n, g, whole_columns=not closed_form)
     used = run.vocab.codes[run.vocab.index(slide.cancer, fallback=unknown_cancer)]
     skeleton = _skeleton(run, slide, used, image=image)
+    if factorised:
+        weight, bias = predictor.linear_head()
+        skeleton.var[keys.VAR_HEAD_BIAS] = bias
+    skeleton.uns[keys.UNS_HISTOPRISM]["output"] = "factorised" if factorised else "dense"
     with atomic_path(path) as tmp:
-        skeleton.write_h5ad(tmp, compression="gzip")  # the tissue images; X is written below
+        skeleton.write_h5ad(tmp, compression="gzip")  # the images; arrays read often: raw
         with h5py.File(tmp, "a") as f:
-            chunks = (min(n, H5_CHUNK_SPOTS), min(cols, TILE_GENES)) if n and g else None
-            X = f.create_dataset("X", shape=(n, g), dtype=dtype, chunks=chunks)
-            X.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-            if closed_form:
-                _write_tiles(predictor, prepared, X, rows, cols)
+            if factorised:
+                hidden = prepared.cpu().numpy().astype(dtype, copy=False)
+                ad.io.write_elem(f["obsm"], keys.OBSM_HIDDEN, hidden)
+                ad.io.write_elem(f["varm"], keys.VARM_HEAD, weight)
                 pathways = predictor.pathway_scores(prepared, M)  # (N, S)
             else:
-                pathways = _write_columns(predictor, prepared, X, cols, M)
+                pathways = _write_dense(predictor, prepared, f, (n, g), dtype, M)
             frame = pd.DataFrame(pathways.astype(np.float32), index=slide.barcodes, columns=names)
             ad.io.write_elem(f["obsm"], keys.OBSM_PATHWAYS, frame)
             # by name too, where scanpy's and squidpy's color= looks (set names are not genes)
@@ -219,6 +218,31 @@ def predict_slide(
             obs = pd.concat([skeleton.obs, named.set_axis(skeleton.obs.index)], axis=1)
             ad.io.write_elem(f, "obs", obs)
     return Path(path)
+
+
+def _factorised(output: str, predictor: Predictor, dense_bytes: int) -> bool:
+    """Whether to write the factors rather than X; factors need a linear head."""
+    if output not in OUTPUTS:
+        raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got '{output}'")
+    linear = predictor.closed_form_pathways
+    if output == "factorised" and not linear:
+        raise InputError("--output factorised needs a model with a linear head (histoprism)")
+    return linear and (
+        output == "factorised" or (output == "auto" and dense_bytes > DENSE_MAX_BYTES)
+    )
+
+
+def _write_dense(predictor, prepared, f: h5py.File, shape, dtype, M: np.ndarray) -> np.ndarray:
+    """X (N, G) into the open file, streamed in blocks -> (N, S) pathway scores."""
+    (n, g), closed_form = shape, predictor.closed_form_pathways
+    rows, cols = _tile_shape(n, g, whole_columns=not closed_form)
+    chunks = (min(n, H5_CHUNK_SPOTS), min(cols, TILE_GENES)) if n and g else None
+    X = f.create_dataset("X", shape=(n, g), dtype=dtype, chunks=chunks)
+    X.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    if closed_form:
+        _write_tiles(predictor, prepared, X, rows, cols)
+        return predictor.pathway_scores(prepared, M)  # (N, S)
+    return _write_columns(predictor, prepared, X, cols, M)
 
 
 def _tile_shape(n: int, g: int, *, whole_columns: bool) -> tuple[int, int]:
@@ -339,6 +363,7 @@ def predict(
     attention: str | None = None,
     attention_radius_um: float | None = None,
     images: bool = True,
+    output: str = "auto",
     progress: bool = True,
 ) -> list[Path]:
     """Predict the slides ``samples`` ('test', 'all' or comma-separated ids) of a cohort into ``out``.
@@ -346,7 +371,8 @@ def predict(
     Slides with counts are aligned by barcode as in training; slides without counts (never
     sequenced) are predicted from their embeddings alone. ``attention`` / ``attention_radius_um``
     override the model's attention settings (see ``load``). ``images``: put the slide image's
-    hires/lowres views in ``uns['spatial']`` when the cohort has one. Under torchrun (RANK, WORLD_SIZE),
+    hires/lowres views in ``uns['spatial']`` when the cohort has one. ``output``: 'dense',
+    'factorised' or 'auto' (see ``predict_slide``). Under torchrun (RANK, WORLD_SIZE),
     rank r predicts slides r, r + W, ...: no process group is needed. Returns the paths this
     process wrote.
     """
@@ -370,6 +396,7 @@ def predict(
                     unknown_cancer=unknown_cancer,
                     dtype=dtype,
                     image=cohort.wsi_path(sample_id) if images else None,
+                    output=output,
                 )
             )
             bar.update(task, advance=1, info=sample_id)
