@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
 	$(PIP_INSTALL) torch==2.14.1 torchvision==0.29.1
-	$(PIP_INSTALL) -e ".[test,wsi,encoders,ecosystem]"
+	$(PIP_INSTALL) -e ".[test,wsi,encoders,ecosystem,lazyslide]"
 	touch $(STAMP)
 
 demo: install
