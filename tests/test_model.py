@@ -243,3 +243,17 @@ def test_old_run_configs_load_as_the_paper_architecture():
     assert cfg.conditioning_site == "input" and cfg.norm_first is False
     with pytest.raises(ValueError, match="conditioning_site"):
         small(conditioning_site="output")
+
+
+@pytest.mark.parametrize("name", ["paper", "default", "local-attention", "authors"])
+def test_inference_path_equals_the_autograd_path(name, monkeypatch):
+    """Without autograd the layers after attention run block by block over the attention output
+    (no (N, H) temporaries): the same values as with autograd, for any block size."""
+    torch.manual_seed(0)
+    model = HistoPrism(small(**CONFIGS[name])).eval()
+    x = inputs(n=50)
+    with_grad = model(**x)  # grad mode: the path training takes
+    assert with_grad.requires_grad
+    monkeypatch.setattr(model_mod, "SPOT_CHUNK", 7)  # several blocks, the last a partial one
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x), with_grad.detach(), atol=1e-5, rtol=1e-5)

@@ -40,8 +40,7 @@ class LocalPlan:
 
     xy: torch.Tensor  # (2, N) float µm: x and y rows, gathered apart
     radius: float  # µm
-    batches: list[TileBatch]
-    inverse: torch.Tensor  # (N,) row of each spot in the concatenated outputs of the batches
+    batches: list[TileBatch]  # every spot is a valid query of exactly one batch
 
     @property
     def key_slots(self) -> int:
@@ -60,7 +59,7 @@ def plan_tiles(
 ) -> LocalPlan:
     """Bin spots (N, 2) µm into tiles of side ``radius / split`` and group the tiles into SDPA
     batches of at most ``budget`` scores (at least one tile each). An infinite radius: one tile."""
-    n, dev = coords.shape[0], coords.device
+    dev = coords.device
     # a spot within the radius of a query lies within ``split`` tiles of the query's tile (tiles a
     # hair wider, in float64, so that rounding never puts it one tile further)
     c, side = coords.double(), radius / split * (1 + 1e-6)
@@ -79,15 +78,11 @@ def plan_tiles(
     block_count = torch.where(found, counts[at], 0)
     n_keys = block_count.sum(1)  # (n_tiles,)
 
-    batches, queries = [], []
-    for sel in _group(counts, n_keys, heads=heads, budget=budget):
-        b = _batch(order, starts[sel], counts[sel], block_start[sel], block_count[sel])
-        batches.append(b)
-        queries.append(b.q[b.q_valid])
-    inverse = torch.empty(n, dtype=torch.long, device=dev)
-    inverse[torch.cat(queries)] = torch.arange(n, device=dev)
-    xy = coords.T.contiguous()
-    return LocalPlan(xy=xy, radius=float(radius), batches=batches, inverse=inverse)
+    batches = [
+        _batch(order, starts[sel], counts[sel], block_start[sel], block_count[sel])
+        for sel in _group(counts, n_keys, heads=heads, budget=budget)
+    ]
+    return LocalPlan(xy=coords.T.contiguous(), radius=float(radius), batches=batches)
 
 
 def _group(counts: torch.Tensor, n_keys: torch.Tensor, *, heads: int, budget: int):
@@ -129,13 +124,13 @@ def local_attention(
     Equals dense SDPA with the mask ``distance <= radius``; a spot always sees itself, so no row
     of the softmax is empty.
     """
-    outs = []
+    out = q.new_empty(q.shape)  # (N, h, d): each batch writes its queries' rows, once
     for b in plan.batches:
         mask = _additive_mask(plan, b)  # (T, 1, Q, K)
         qt, kt, vt = (t.transpose(1, 2) for t in (q[b.q], k[b.k], v[b.k]))  # (T, h, Q|K, d)
         a = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p)
-        outs.append(a.transpose(1, 2)[b.q_valid])  # (queries of the batch, h, d)
-    return torch.cat(outs)[plan.inverse]  # (N, h, d) back in spot order
+        out[b.q[b.q_valid]] = a.transpose(1, 2)[b.q_valid]  # (queries of the batch, h, d)
+    return out
 
 
 def _additive_mask(plan: LocalPlan, b: TileBatch) -> torch.Tensor:

@@ -207,13 +207,32 @@ class EncoderBlock(nn.Module):
             a = torch.stack(
                 [local_attention(q[b], k[b], v[b], local[b], dropout_p=p_attn) for b in range(B)]
             )  # (B, N, h, H/h)
-        a = F.dropout(self.out(a.reshape(B, N, H)), p, self.training)  # (B, N, H)
+        del q, k, v, y  # (B, N, 3H) of activations: freed before the per-spot layers
+        a = a.reshape(B, N, H)
+        if not (self.training or torch.is_grad_enabled()):
+            return self._per_spot_inference(x, a)
+        a = F.dropout(self.out(a), p, self.training)  # (B, N, H)
         x = x + a if self.norm_first else self.norm1(x + a)
         # per spot: blocks of spots keep its (B, chunk, 4H) temporaries small without autograd
         y = self.norm2(x) if self.norm_first else x
         f = torch.cat([self.ff(c) for c in y.split(SPOT_CHUNK, dim=1)], dim=1)  # (B, N, H)
         f = F.dropout(f, p, self.training)
         return x + f if self.norm_first else self.norm2(x + f)
+
+    def _per_spot_inference(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The layers after attention, block of spots by block, written over the attention
+        output ``a`` (B, N, H): the same values as the training path without its (B, N, H)
+        temporaries (a 600,000-bin Visium HD slide: ~0.6 GB each)."""
+        for s in range(0, x.shape[1], SPOT_CHUNK):
+            xs, at = x[:, s : s + SPOT_CHUNK], self.out(a[:, s : s + SPOT_CHUNK])
+            if self.norm_first:
+                xs = xs + at
+                xs = xs + self.ff(self.norm2(xs))
+            else:
+                xs = self.norm1(xs + at)
+                xs = self.norm2(xs + self.ff(xs))
+            a[:, s : s + SPOT_CHUNK] = xs
+        return a
 
 
 class HistoPrism(nn.Module):
