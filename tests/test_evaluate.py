@@ -507,3 +507,94 @@ def test_evaluate_bad_input(toy, tmp_path):
     with pytest.raises(InputError, match="HVG list not found"):
         evaluate(pred_dir, Cohort(root), tmp_path, hvg=str(tmp_path / "nope.json"))
     assert not (tmp_path / keys.EVAL_METRICS).exists()
+
+
+# --- the report of real predictions: tissue under the maps, maps kept, slide facts per slide ------
+def _write_coded_image(root, sid: str) -> np.ndarray:
+    """wsis/{id}.png covering the slide's spots, each pixel telling where it lies: red 200 left
+    of the spots' median x (60 right of it), green 80 above their median y (220 below). Returns
+    the medians (x, y), level-0 px."""
+    from PIL import Image
+
+    xy = ad.read_h5ad(root / keys.ST_DIR / f"{sid}.h5ad").obsm[keys.OBSM_SPATIAL]
+    mx, my = (int(v) for v in np.median(xy, axis=0))
+    w, h = (int(v) + 50 for v in xy.max(0))
+    rgb = np.full((h, w, 3), 160, np.uint8)
+    rgb[:, :mx, 0], rgb[:, mx:, 0] = 200, 60
+    rgb[:my, :, 1], rgb[my:, :, 1] = 80, 220
+    (root / keys.WSI_DIR).mkdir(exist_ok=True)
+    Image.fromarray(rgb).save(root / keys.WSI_DIR / f"{sid}.png")
+    return np.array([mx, my], dtype=np.float64)
+
+
+def _spatial_figures(page: str) -> int:
+    return page[page.index('id="spatial-maps"') :].count("<figure>")
+
+
+def test_report_of_predictions_tissue_kept_maps_and_slide_facts(
+    trained_runs, cohort_copy, tmp_path
+):
+    from histoprism import __version__
+    from histoprism.predict import predict
+    from histoprism.report import load_examples, plot_spatial_example, regenerate
+
+    cc = cohort_copy()
+    cohort = Cohort(cc.root)
+    ids = cohort.ids("test")
+    assert len(ids) >= 2
+    areas = {i: np.prod(ad.read_h5ad(cc.st_path(i)).obsm[keys.OBSM_SPATIAL].max(0)) for i in ids}
+    sid = min(areas, key=areas.get)  # the smallest image to write
+    other = next(i for i in ids if i != sid)
+    medians = _write_coded_image(cc.root, sid)
+    pred_dir, out = tmp_path / "pred", tmp_path / "eval"
+    predict(trained_runs["histoprism"], cc.root, "synthetic", pred_dir, progress=False)
+    changed = ad.read_h5ad(pred_dir / f"{other}.h5ad")  # as if predicted by another version
+    changed.uns[keys.UNS_HISTOPRISM]["version"] = "0.0.0+other"
+    changed.write_h5ad(pred_dir / f"{other}.h5ad")
+    metrics = evaluate(pred_dir, cohort, out, progress=False)
+
+    # the run's facts in "model", the slides' in per_slide.csv
+    model = metrics["model"]
+    assert not set(keys.UNS_SLIDE_FACTS) & set(model)
+    assert model["model_id"] == trained_runs["histoprism"].name and model["output"] == "dense"
+    assert model["model"] == "histoprism" and model["units"] == keys.UNITS_LOG1P
+    assert sorted(model["version"]) == sorted([__version__, "0.0.0+other"])  # differs: both
+    per_slide = pd.read_csv(out / keys.EVAL_PER_SLIDE, index_col=0, keep_default_na=False)
+    for i in ids:
+        assert per_slide.loc[i, "cancer_requested"] == cohort.cancer(i)
+        assert per_slide.loc[i, "cancer_used"] == cohort.cancer(i)  # a code the model knows
+        size = cohort.pixel_size_um(i)
+        assert per_slide.loc[i, "pixel_size_um"] == (pytest.approx(size) if size else "")
+    page = (out / keys.EVAL_REPORT).read_text()
+    run_table = re.search(r'<table id="overview".*?</table>', page, re.S).group(0)
+    assert "model: model_id" in run_table
+    assert not [k for k in (*keys.UNS_SLIDE_FACTS, "cancer_used") if k in run_table]
+    per_slide_table = re.search(r'<table[^>]*id="per-slide".*?</table>', page, re.S).group(0)
+    assert all(k in per_slide_table for k in ("cancer_requested", "cancer_used", "pixel_size_um"))
+
+    # the maps are kept; the slide with an image has the tissue under its spots, the other none
+    examples = {ex.sample_id: ex for ex in load_examples(out / keys.EVAL_SPATIAL_MAPS)}
+    assert set(examples) == {sid, other}
+    assert examples[other].image is None
+    ex = examples[sid]
+    x0, x1, y0, y1 = ex.image_extent
+    h, w = ex.image.shape[:2]
+    checked = 0
+    for x, y in ex.coords:
+        if np.abs(np.array([x, y]) - medians).min() < 60:  # too near a colour edge
+            continue
+        row, col = int((y - y0) / (y1 - y0) * h), int((x - x0) / (x1 - x0) * w)
+        expected = (200 if x < medians[0] else 60, 80 if y < medians[1] else 220, 160)
+        np.testing.assert_allclose(ex.image[row, col], expected, atol=2)
+        checked += 1
+    assert checked > len(ex.coords) // 2
+    maps = [a for a in plot_spatial_example(ex).axes if a.get_label() != "<colorbar>"]
+    assert maps and all(len(a.images) == 1 for a in maps)
+
+    # `histoprism report EVAL` draws every map evaluate drew
+    n_maps = _spatial_figures(page)
+    assert n_maps == 2 * len(examples)  # gene maps and pathway maps of each slide
+    (out / keys.EVAL_REPORT).unlink()
+    again = regenerate(out).read_text()
+    assert _spatial_figures(again) == n_maps
+    assert abs(len(again) - len(page)) <= 0.01 * len(page)

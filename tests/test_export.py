@@ -368,3 +368,21 @@ def test_spatialdata_plot_draws_the_export(exported):
     assert len(spots.get_facecolor()) == len(expected)
     assert (spots.norm.vmin, spots.norm.vmax) == pytest.approx((expected.min(), expected.max()))
     plt.close("all")
+
+
+def test_export_command(exported, tmp_path):
+    """``histoprism export``: the stores and one summary line; an unknown format is one line."""
+    from typer.testing import CliRunner
+
+    from histoprism.cli import app
+
+    args = ["export", "--pred", exported.pred, "--data", exported.cohort, "--out", tmp_path]
+    result = CliRunner().invoke(
+        app, [str(a) for a in [*args, "--format", "spatialdata", "--genes", exported.genes[0]]]
+    )
+    assert result.exit_code == 0, result.output
+    assert "exported 1 slides" in result.stdout
+    table = sd.read_zarr(tmp_path / f"{exported.sid}.zarr").tables["predicted"]
+    assert list(table.var_names) == [exported.genes[0]]
+    bad = CliRunner().invoke(app, [str(a) for a in [*args, "--format", "zarr"]])
+    assert bad.exit_code == 2 and "unknown --format 'zarr'" in bad.output

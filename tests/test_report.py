@@ -20,6 +20,7 @@ from histoprism.pathways import pathway_scores
 from histoprism.report import (
     PathwayMaps,
     SpatialExample,
+    load_examples,
     plot_gene_r_hist,
     plot_model_bars,
     plot_models_per_cancer,
@@ -29,6 +30,7 @@ from histoprism.report import (
     plot_per_cancer,
     plot_spatial_example,
     regenerate,
+    save_examples,
     write_benchmark_report,
     write_report,
 )
@@ -377,3 +379,263 @@ def test_regenerate_eval_dir_and_bad_dir(tmp_path):
     assert 'id="per-slide"' in (eval_dir / keys.EVAL_REPORT).read_text()
     with pytest.raises(InputError, match="not a report dir"):
         regenerate(tmp_path / "empty")
+
+
+# --- the tissue under the maps -------------------------------------------------------------------
+PINK, GREEN, GREY = (200, 80, 160), (60, 170, 60), (235, 235, 235)
+
+
+def _tissue(scale: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """An image of level-0 [0, 1000) x [0, 600) at ``scale`` image px per level-0 px: left half
+    pink above y = 300 and green below, right half grey; and its extent (x0, x1, y0, y1)."""
+    w, h = int(1000 * scale), int(600 * scale)
+    image = np.empty((h, w, 3), np.uint8)
+    image[:] = GREY
+    image[: h // 2, : w // 2] = PINK
+    image[h // 2 :, : w // 2] = GREEN
+    return image, np.array([0.0, 1000.0, 0.0, 600.0])
+
+
+def _example_on_tissue() -> SpatialExample:
+    ex = _example_with_pathways()
+    rng = np.random.default_rng(3)
+    ex.coords = rng.uniform([50, 50], [950, 550], size=(len(ex.coords), 2))
+    ex.coords[:3] = [[200, 100], [200, 500], [800, 300]]  # pink, green, grey
+    ex.image, ex.image_extent = _tissue()
+    return ex
+
+
+def _maps(fig) -> list:
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+
+
+def test_tissue_drawn_under_the_spots_at_their_place():
+    ex = _example_on_tissue()
+    fig = plot_spatial_example(ex)
+    maps = _maps(fig)
+    assert len(maps) == 4
+    for ax in maps:
+        (im,) = ax.images
+        assert im.zorder < ax.collections[0].zorder  # spots on top of the tissue
+        assert ax.yaxis_inverted()  # y grows downwards, as on the slide
+        # the pixel of the axes' image under each known spot is the source colour there
+        x0, x1, bottom, top = im.get_extent()
+        arr = np.asarray(im.get_array())
+        h, w = arr.shape[:2]
+        for (x, y), colour in zip(ex.coords[:3], (PINK, GREEN, GREY), strict=True):
+            col = int((x - x0) / (x1 - x0) * w)
+            row = int((y - top) / (bottom - top) * h)  # origin 'upper': row 0 at ``top``
+            assert tuple(arr[row, col]) == colour
+    # as rendered: with the spots hidden, the figure shows the source colour where they sit
+    for ax in maps:
+        ax.collections[0].set_visible(False)
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    for ax in maps:
+        for (x, y), colour in zip(ex.coords[:3], (PINK, GREEN, GREY), strict=True):
+            px, py = ax.transData.transform((x, y))
+            pixel = rgba[int(round(rgba.shape[0] - py)), int(round(px)), :3]
+            np.testing.assert_allclose(pixel, colour, atol=3)
+    pathway_maps = _maps(plot_pathway_maps(ex))
+    assert all(len(ax.images) == 1 for ax in pathway_maps)
+    assert plt.get_fignums() == []
+
+
+def test_no_image_no_tissue():
+    for fig in (plot_spatial_example(_example()), plot_pathway_maps(_example_with_pathways())):
+        maps = _maps(fig)
+        assert maps and all(not ax.images and ax.yaxis_inverted() for ax in maps)
+
+
+def test_spots_off_the_image_stay_in_view():
+    ex = _example_on_tissue()
+    ex.coords[3] = [1400, 800]  # beyond the image's right and bottom edges
+    ax = _maps(plot_spatial_example(ex))[0]
+    (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
+    assert left <= 0 and right >= 1400 and bottom >= 800 and top <= 0
+
+
+def test_tissue_crop_of_a_prediction_library():
+    from histoprism.spatial_view import tissue_crop
+
+    # a 2,000 px hires view of a 10,000 px slide: the spots cover 6,000 level-0 px = 1,200 px
+    scale = 0.2
+    hires = np.zeros((2000, 2000, 3), np.uint8)
+    yy, xx = np.mgrid[0:2000, 0:2000]
+    hires[..., 0] = (xx // 40) % 256  # every pixel tells where it is
+    hires[..., 1] = (yy // 40) % 256
+    library = {
+        "images": {"hires": hires},
+        "scalefactors": {"tissue_hires_scalef": scale},
+        "metadata": {"source_image": "slide.tif"},
+    }
+    rng = np.random.default_rng(4)
+    coords = rng.uniform([2000, 3000], [8000, 6000], size=(300, 2))
+    image, extent = tissue_crop(library, coords)
+    assert image.dtype == np.uint8 and max(image.shape[:2]) <= 800
+    x0, x1, y0, y1 = extent
+    assert x0 < coords[:, 0].min() and x1 > coords[:, 0].max()
+    assert y0 < coords[:, 1].min() and y1 > coords[:, 1].max()
+    h, w = image.shape[:2]
+    assert (x1 - x0) / w == pytest.approx((y1 - y0) / h)  # square pixels
+    for x, y in coords[:20]:  # the crop shows, under a spot, what the hires view has there
+        row, col = int((y - y0) / (y1 - y0) * h), int((x - x0) / (x1 - x0) * w)
+        expected = hires[int(y * scale), int(x * scale), :2].astype(int)
+        assert np.abs(image[row, col, :2].astype(int) - expected).max() <= 1
+    library["metadata"]["source_image"] = "none"  # a white canvas: nothing to draw under
+    assert tissue_crop(library, coords) is None
+    assert tissue_crop(None, coords) is None
+
+
+# --- spatial_maps.h5 -----------------------------------------------------------------------------
+def _assert_examples_equal(got: list[SpatialExample], want: list[SpatialExample]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert (a.sample_id, a.cancer, a.genes, a.gene_source) == (
+            b.sample_id,
+            b.cancer,
+            b.genes,
+            b.gene_source,
+        )
+        for name in ("coords", "measured", "predicted", "r", "image", "image_extent"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None) == (y is None), name
+            if x is not None:
+                assert x.dtype == np.asarray(y).dtype and np.array_equal(x, y), name  # exact
+        assert (a.pathways is None) == (b.pathways is None)
+        if a.pathways is not None:
+            p, q = a.pathways, b.pathways
+            assert (p.collection, p.names) == (q.collection, q.names)
+            for name in ("measured", "predicted", "r", "n_genes"):
+                assert np.array_equal(getattr(p, name), getattr(q, name)), name
+
+
+def test_save_load_examples_round_trip(tmp_path):
+    plain = _example()
+    plain.sample_id, plain.cancer, plain.genes = "slide/α 1", "MESO", ["G-1", "Ω"]
+    examples = [_example_on_tissue(), plain]
+    path = save_examples(tmp_path / keys.EVAL_SPATIAL_MAPS, examples)
+    assert path.is_file() and not list(tmp_path.glob(".*partial*"))
+    _assert_examples_equal(load_examples(path), examples)
+    save_examples(tmp_path / "none.h5", [])
+    assert load_examples(tmp_path / "none.h5") == []
+
+
+def test_load_examples_bad_files(tmp_path):
+    bad = tmp_path / keys.EVAL_SPATIAL_MAPS
+    bad.write_bytes(b"not hdf5 at all")
+    with pytest.raises(InputError, match=re.escape(str(bad))):
+        load_examples(bad)
+    import h5py
+
+    with h5py.File(bad, "w") as f:
+        f["x"] = 1
+    with pytest.raises(InputError, match="not a spatial maps file"):
+        load_examples(bad)
+    save_examples(bad, [_example()])
+    with h5py.File(bad, "a") as f:
+        del f["examples/0/predicted"]
+        f["examples/0/predicted"] = np.zeros((3, 2))  # 3 spots where coords has 40
+    with pytest.raises(InputError, match="do not agree"):
+        load_examples(bad)
+    with pytest.raises(InputError, match="not found"):
+        load_examples(tmp_path / "nope.h5")
+
+
+def _spatial_part(page: str) -> str:
+    return page[page.index('id="spatial-maps"') :]
+
+
+def test_write_report_draws_the_kept_maps(tmp_path):
+    eval_dir = _eval_dir(tmp_path)
+    examples = [_example_on_tissue(), _example()]
+    drawn = write_report(eval_dir, examples=examples).read_text()
+    save_examples(eval_dir / keys.EVAL_SPATIAL_MAPS, examples)
+    (eval_dir / keys.EVAL_REPORT).unlink()
+    again = regenerate(eval_dir).read_text()
+    assert _spatial_part(again).count("<figure>") == 2 + 1  # 2 gene maps, 1 pathway map
+    assert _spatial_part(again) == _spatial_part(drawn)  # the same figures, byte for byte
+    (eval_dir / keys.EVAL_SPATIAL_MAPS).write_bytes(b"broken")
+    with pytest.raises(InputError, match=keys.EVAL_SPATIAL_MAPS):
+        regenerate(eval_dir)
+    (eval_dir / keys.EVAL_SPATIAL_MAPS).unlink()  # a directory from before the file: a note
+    old = regenerate(eval_dir).read_text()
+    assert "No spatial maps" in old and keys.EVAL_SPATIAL_MAPS in old
+    assert _spatial_part(old).count("<figure>") == 0
+
+
+def _overview_table(page: str) -> str:
+    m = re.search(r'<table id="overview".*?</table>', page, re.S)
+    assert m, "no Run table"
+    return m.group(0)
+
+
+def test_run_table_holds_no_slide_facts(tmp_path):
+    eval_dir = _eval_dir(tmp_path)
+    metrics = json.loads((eval_dir / keys.EVAL_METRICS).read_text())
+    # metrics.json as evaluate wrote it before: the first slide's facts in "model"
+    metrics["model"] |= {"cancer_requested": "IDC", "pixel_size_um": 0.2625, "units": "log1p"}
+    (eval_dir / keys.EVAL_METRICS).write_text(json.dumps(metrics))
+    run = _overview_table(write_report(eval_dir).read_text())
+    assert "model: model_id" in run and "model: units" in run  # the run's facts stay
+    for key in keys.UNS_SLIDE_FACTS:
+        assert key not in run
+
+
+# --- long gene-set names -------------------------------------------------------------------------
+def _go_table() -> pd.DataFrame:
+    from histoprism.genes import gpc_genesets
+
+    names = list(gpc_genesets("go"))
+    rng = np.random.default_rng(5)
+    return pd.DataFrame(
+        {
+            "collection": "go",
+            "gene_set": names,
+            "n_genes_in_panel": 5,
+            "s_micro": rng.uniform(-0.1, 0.5, len(names)),
+            "s_macro": rng.uniform(-0.1, 0.5, len(names)),
+        }
+    )
+
+
+def _clipped_labels(fig) -> list[str]:
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    out = []
+    for t in fig.axes[0].get_yticklabels():
+        e = t.get_window_extent(renderer)
+        if e.x0 < box.x0 or e.x1 > box.x1 or e.y0 < box.y0 or e.y1 > box.y1:
+            out.append(t.get_text())
+    return out
+
+
+def test_go_chart_labels_whole_and_inside_the_figure():
+    table = _go_table()
+    fig = plot_pathways(table, collection="go")
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert len(labels) == 87 and len(set(labels)) == 87
+    assert max(map(len, labels)) >= 60 and not any("…" in v for v in labels)  # not cut short
+    full = {re.sub(r"^GO(BP|CC|MF)_", "", n) for n in table["gene_set"]}
+    assert set(labels) == full
+    assert _clipped_labels(fig) == []
+    ax = fig.axes[0]  # the figure grew for the labels: the bars keep their room
+    assert ax.get_position().width * fig.get_figwidth() >= 5.0
+
+
+def test_very_long_set_names_stay_apart_and_inside():
+    stem = "A_GENE_SET_NAME_FROM_A_CUSTOM_GMT_THAT_GOES_ON_AND_ON_" * 3
+    table = pd.DataFrame(
+        {
+            "collection": "mine",
+            "gene_set": [stem + "ONE", stem + "TWO", "GOBP_X", "GOMF_X"],
+            "s_micro": [0.1, 0.2, 0.3, 0.4],
+            "s_macro": [0.1, 0.2, 0.3, 0.4],
+        }
+    )
+    fig = plot_pathways(table, collection="mine")
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert len(set(labels)) == 4  # GOBP_X and GOMF_X keep their prefixes: they would read alike
+    assert "GOBP_X" in labels and all(len(v) <= 80 for v in labels)
+    assert _clipped_labels(fig) == []

@@ -41,6 +41,7 @@ class LocalPlan:
     xy: torch.Tensor  # (2, N) float µm: x and y rows, gathered apart
     radius: float  # µm
     batches: list[TileBatch]  # every spot is a valid query of exactly one batch
+    budget: int = SCORE_BUDGET  # scores per SDPA call; a larger tile's queries go in slices
 
     @property
     def key_slots(self) -> int:
@@ -82,7 +83,7 @@ def plan_tiles(
         _batch(order, starts[sel], counts[sel], block_start[sel], block_count[sel])
         for sel in _group(counts, n_keys, heads=heads, budget=budget)
     ]
-    return LocalPlan(xy=coords.T.contiguous(), radius=float(radius), batches=batches)
+    return LocalPlan(xy=coords.T.contiguous(), radius=float(radius), batches=batches, budget=budget)
 
 
 def _group(counts: torch.Tensor, n_keys: torch.Tensor, *, heads: int, budget: int):
@@ -127,9 +128,18 @@ def local_attention(
     out = q.new_empty(q.shape)  # (N, h, d): each batch writes its queries' rows, once
     for b in plan.batches:
         mask = _additive_mask(plan, b)  # (T, 1, Q, K)
-        qt, kt, vt = (t.transpose(1, 2) for t in (q[b.q], k[b.k], v[b.k]))  # (T, h, Q|K, d)
-        a = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p)
-        out[b.q[b.q_valid]] = a.transpose(1, 2)[b.q_valid]  # (queries of the batch, h, d)
+        kt, vt = (t.transpose(1, 2) for t in (k[b.k], v[b.k]))  # (T, h, K, d)
+        # a batch is at least one tile; a dense one (Visium HD 8 µm bins: 625 queries x 15,625
+        # keys) would pass the score budget many times, so its queries go in slices
+        T, Q, K = *b.q.shape, b.k.shape[1]
+        step = max(1, plan.budget // max(T * q.shape[1] * K, 1))
+        for s in range(0, Q, step):
+            rows, valid = b.q[:, s : s + step], b.q_valid[:, s : s + step]
+            qt = q[rows].transpose(1, 2)  # (T, h, step, d)
+            a = F.scaled_dot_product_attention(
+                qt, kt, vt, attn_mask=mask[:, :, s : s + step], dropout_p=dropout_p
+            )
+            out[rows[valid]] = a.transpose(1, 2)[valid]  # (queries of the slice, h, d)
     return out
 
 

@@ -160,7 +160,14 @@ def train(
 @app.command()
 def predict(
     ctx: typer.Context,
-    model: Annotated[Path, typer.Option("--model", help="Run directory written by train.")],
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model",
+            help="Run directory written by train (with --uncertainty ensemble: a folder of run "
+            "directories trained with different --seed).",
+        ),
+    ],
     data: Data,
     encoder: Encoder,
     out: Annotated[Path, typer.Option("--out", help="Folder for PRED/{id}.h5ad.")],
@@ -189,6 +196,25 @@ def predict(
             "(factorised above 4 GiB of X, e.g. Visium HD)."
         ),
     ] = "auto",
+    cancer: Annotated[
+        str | None,
+        typer.Option(
+            help="Condition every slide on this cancer code instead of its own, or 'auto': the "
+            "known type the run's classifier infers from the slide's embeddings."
+        ),
+    ] = None,
+    uncertainty: Annotated[
+        str | None,
+        typer.Option(
+            help="ensemble | mc-dropout: add layers sd, q025/q10/q90/q975 and "
+            "obsm['pathways_sd'] (dense output only). ensemble: --model is a folder of runs."
+        ),
+    ] = None,
+    members: Annotated[
+        int | None, typer.Option(help="ensemble: use the first K runs of the --model folder.")
+    ] = None,
+    passes: Annotated[int, typer.Option(help="mc-dropout forward passes.")] = 20,
+    uncertainty_seed: Annotated[int, typer.Option(help="Seed of the mc-dropout passes.")] = 0,
 ) -> None:
     """Predict whole slides as AnnData (X = log1p expression, obsm['pathways'])."""
     from . import predict as api
@@ -209,6 +235,11 @@ def predict(
         attention_radius_um=attention_radius_um,
         images=not no_images,
         output=output,
+        cancer=cancer,
+        uncertainty=uncertainty,
+        members=members,
+        passes=passes,
+        seed=uncertainty_seed,
     )
     from .distributed import torchrun_env
 
@@ -272,7 +303,7 @@ def benchmark(
     protocol: Annotated[
         str,
         typer.Option(
-            help="'split': one split (--split or the cohort's); 'paper': the paper's split_0 and split_1 with HEST-bench HVG lists."
+            help="'split': one split (--split or the cohort's); 'paper': the paper's split_0 and split_1 with HEST-bench HVG lists; 'loco': leave one cancer type out of training, for every type."
         ),
     ] = "split",
     hvg: Annotated[
@@ -304,8 +335,14 @@ def benchmark(
             epochs=epochs,
             seed=seed,
         )
+    elif protocol == "loco":
+        from .loco import loco, summary
+
+        table = _run(ctx, loco, data, encoder, out, split=split, epochs=epochs, seed=seed)
+        _print_table(summary(table), title="leave one cancer out: mean over held-out types")
+        paths = {"md": out / "loco.md"}
     else:
-        _run(ctx, _bad, f"unknown --protocol '{protocol}' (split | paper)")
+        _run(ctx, _bad, f"unknown --protocol '{protocol}' (split | paper | loco)")
     typer.echo(f"benchmark finished in {time.perf_counter() - t0:.0f}s -> {paths['md']}")
 
 
@@ -418,6 +455,38 @@ def import_sample(
     adata.file.close()
     typer.echo(
         f"imported {sample_id} ({fmt}): {n_obs} spots, {n_vars} genes -> {path} [{time.perf_counter() - t0:.0f}s]"
+    )
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    fmt: Annotated[str, typer.Option("--format", help="Output format: spatialdata.")],
+    pred: Annotated[Path, typer.Option("--pred", help="Folder of PRED/{id}.h5ad.")],
+    data: Data,
+    out: Annotated[Path, typer.Option("--out", help="Folder for OUT/{id}.zarr.")],
+    samples: Annotated[str, typer.Option(help="all | test | train | val | ID,ID,...")] = "all",
+    genes: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated genes of the predicted table (default: all)."),
+    ] = None,
+    max_image_px: Annotated[
+        int, typer.Option(help="Longest side of the image's finest level (>= 512).")
+    ] = 20_000,
+) -> None:
+    """Write predictions, the slide image and the measured counts as SpatialData stores."""
+    t0 = time.perf_counter()
+    if fmt != "spatialdata":
+        _run(ctx, _bad, f"unknown --format '{fmt}' (spatialdata)")
+    from .export import export_spatialdata
+
+    names = [g.strip() for g in genes.split(",") if g.strip()] if genes else None
+    paths = _run(
+        ctx, export_spatialdata, pred, data, out, samples=samples, genes=names,
+        max_image_px=max_image_px,
+    )  # fmt: skip
+    typer.echo(
+        f"exported {len(paths)} slides as SpatialData -> {out}/ [{time.perf_counter() - t0:.0f}s]"
     )
 
 

@@ -5,7 +5,7 @@ the spots of slide i -> a (slides x genes) matrix R -> HVG-50, GPC and all-genes
 mean over slides; macro: mean over cancer types of the mean over their slides). Per-gene
 co-moments pooled over slides (Chan's parallel update) give the HEST-bench pooled Pearson without
 holding more than one slide in memory. ``evaluate`` writes EVAL/ (metrics.json, per_slide.csv,
-per_gene.csv, per_pathway.csv, report.html).
+per_gene.csv, per_pathway.csv, spatial_maps.h5, report.html).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import functools
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata as ad
@@ -23,6 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import keys
+from .calibration import CalibrationTally
 from .cohort import Cohort, file_gene_ids
 from .correlation import (
     MOMENT_COLUMNS,
@@ -48,7 +49,8 @@ from .pathways import membership, pathway_scores
 from .prediction import read_prediction
 from .progress import progress_bar
 from .readers import read_h5ad, read_st
-from .report import PathwayMaps, SpatialExample, write_report
+from .report import PathwayMaps, SpatialExample, save_examples, write_report
+from .spatial_view import spatial_library, tissue_crop
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ N_EXAMPLE_GENES = 3  # best-predicted HVG genes per example slide
 N_EXAMPLE_SETS = 2  # best-predicted gene sets per example slide (pathway maps)
 EXAMPLE_COLLECTION = "hallmark"  # where the example gene sets come from, if evaluated
 MIN_EXAMPLE_SET_GENES = 5  # a set needs this many genes (or the most any set has) to be shown
+SLIDE_FACT_COLUMNS = ("cancer_requested", "cancer_used", "pixel_size_um")  # per_slide.csv
 _BLOCK = 2**24  # float64 elements per (spots x genes) block: ~128 MB, bounds memory per slide
 
 __all__ = [
@@ -221,7 +224,9 @@ def spatial_example(
     list), for the report's spatial maps; None when no gene has a finite r.
 
     genesets: the sets of ``collection``; if given, ``pathways`` holds the scores of the
-    ``n_sets`` sets best predicted on this slide (see ``pathway_scores``).
+    ``n_sets`` sets best predicted on this slide (see ``pathway_scores``). When the prediction
+    carries its slide image (``uns['spatial'][sample_id]``), ``image`` holds the part under the
+    spots (``spatial_view.tissue_crop``).
     """
     pool, source = r.reindex(list(dict.fromkeys(hvg or []))).dropna(), "HVG"
     if pool.empty:
@@ -243,6 +248,9 @@ def spatial_example(
         r=pool[top].to_numpy(dtype=np.float64),
         gene_source=source,
     )
+    crop = tissue_crop(spatial_library(pred.uns, sample_id), ex.coords)
+    if crop is not None:
+        ex.image, ex.image_extent = crop
     if genesets:
         # only genes in both truth and prediction, and in some set: bounded memory
         wanted = {g for members in genesets.values() for g in members}
@@ -542,6 +550,10 @@ class _Run:
     spots: dict[str, tuple[int, int]]  # slide -> (n_spots, n_spots_matched)
     pooled: dict[str, pd.DataFrame]  # cancer -> co-moments pooled over its slides
     examples: list[SpatialExample]
+    # slide -> (its prediction's uns['histoprism'] as JSON types, the cancer code it was predicted
+    # under: obs['oncotree_code'])
+    facts: dict[str, tuple[dict, str | None]] = field(default_factory=dict)
+    calibration: CalibrationTally = field(default_factory=CalibrationTally)  # layers['sd'] only
 
 
 def _score_slides(s: _Setup, cohort: Cohort, *, progress: bool = True) -> _Run:
@@ -561,6 +573,8 @@ def _score_one(s: _Setup, cohort: Cohort, sid: str, path: Path, run: _Run, *, sh
     pred, st = read_prediction(path), read_st(cohort.st_path(sid))
     score = score_slide(pred, st, path=path)
     run.r[sid], run.spots[sid] = score.r, (score.n_spots, score.n_spots_matched)
+    run.facts[sid] = _prediction_facts(pred)
+    run.calibration.add(pred, st, path=path)
     c = s.cancers[sid]
     pooled = run.pooled.get(c)
     run.pooled[c] = score.moments if pooled is None else merge_moments(pooled, score.moments)
@@ -588,6 +602,46 @@ def _score_one(s: _Setup, cohort: Cohort, sid: str, path: Path, run: _Run, *, sh
     )
 
 
+def _prediction_facts(pred: ad.AnnData) -> tuple[dict, str | None]:
+    """uns['histoprism'] of a prediction (JSON types) and the cancer code(s) it was predicted
+    under (obs['oncotree_code']; None without)."""
+    info = pred.uns.get(keys.UNS_HISTOPRISM)
+    info = jsonable(dict(info)) if isinstance(info, Mapping) else {}
+    if keys.OBS_CANCER not in pred.obs:
+        return info, None
+    return info, ", ".join(sorted(pred.obs[keys.OBS_CANCER].astype(str).unique())) or None
+
+
+def _slide_facts(facts: Mapping[str, tuple[dict, str | None]]) -> pd.DataFrame:
+    """per_slide.csv's columns on how each slide was predicted: cancer_requested, cancer_used,
+    pixel_size_um (empty where the prediction does not say)."""
+    rows = {
+        sid: {
+            "cancer_requested": info.get("cancer_requested"),
+            "cancer_used": used,
+            "pixel_size_um": info.get("pixel_size_um"),
+        }
+        for sid, (info, used) in facts.items()
+    }
+    out = pd.DataFrame.from_dict(rows, orient="index", columns=list(SLIDE_FACT_COLUMNS))
+    return out.astype({"pixel_size_um": np.float64})
+
+
+def _run_model(facts: Mapping[str, tuple[dict, str | None]]) -> dict | None:
+    """metrics.json ``model``: the predictions' uns['histoprism'] without the facts of a slide
+    (``keys.UNS_SLIDE_FACTS``: per_slide.csv has them). A key whose value differs between files
+    holds the list of its values, in slide order; files without uns['histoprism'] are left out."""
+    values: dict[str, list] = {}
+    for info, _ in facts.values():
+        for k, v in info.items():
+            if k in keys.UNS_SLIDE_FACTS:
+                continue
+            seen = values.setdefault(k, [])
+            if v not in seen:
+                seen.append(v)
+    return {k: v[0] if len(v) == 1 else v for k, v in values.items()} or None
+
+
 @dataclass
 class _Tables:
     per_slide: pd.DataFrame
@@ -595,6 +649,7 @@ class _Tables:
     per_pathway: pd.DataFrame
     gpc_by_cancer: dict[str, pd.Series]  # collection -> per cancer, mean over sets
     pooled_by_cancer: dict[str, pd.Series]  # cancer -> pooled r per gene
+    model: dict | None = None  # metrics.json "model": run-level facts of the predictions
 
 
 def _tables(run: _Run, s: _Setup) -> _Tables:
@@ -603,7 +658,7 @@ def _tables(run: _Run, s: _Setup) -> _Tables:
         run.spots, orient="index", columns=["n_spots", "n_spots_matched"]
     )
     scores = [all_genes_scores(R), hvg_scores(R, s.cancers, s.hvg)]
-    per_slide = pd.concat([s.cancers, spots, *scores], axis=1)
+    per_slide = pd.concat([s.cancers, _slide_facts(run.facts), spots, *scores], axis=1)
     pathways, gpc_by_cancer = [], {}
     for name, sets in s.collections.items():
         scores = geneset_scores(R, sets)
@@ -614,10 +669,16 @@ def _tables(run: _Run, s: _Setup) -> _Tables:
     pooled_by_cancer = {c: pooled_pearson(m, int(counts[c])) for c, m in run.pooled.items()}
     pooled = pooled_pearson(functools.reduce(merge_moments, run.pooled.values()), len(s.cancers))
     per_slide.index.name = keys.SPLIT_ID
-    cols = [keys.META_CANCER, "n_spots", "n_spots_matched", "n_genes", "n_hvg", "hvg", "all_genes"]
+    cols = [keys.META_CANCER, *SLIDE_FACT_COLUMNS, "n_spots", "n_spots_matched", "n_genes"]
+    cols += ["n_hvg", "hvg", "all_genes"]
     per_slide = per_slide[cols + [f"gpc_{c}" for c in s.collections]]
     return _Tables(
-        per_slide, _per_gene(R, pooled), pd.concat(pathways), gpc_by_cancer, pooled_by_cancer
+        per_slide,
+        _per_gene(R, pooled),
+        pd.concat(pathways),
+        gpc_by_cancer,
+        pooled_by_cancer,
+        model=_run_model(run.facts),
     )
 
 
@@ -681,7 +742,7 @@ def _metrics(s: _Setup, t: _Tables) -> dict:
             "headline": _headline(t, s.cancers),
             "per_cancer": _per_cancer(t, s.cancers, s.hvg),
             "hvg_genes": s.hvg,
-            "model": s.model or None,
+            "model": t.model,
         }
     )
 
@@ -719,14 +780,19 @@ def evaluate(
     Slides: ``samples``, else the cohort's ``split``; a missing prediction is an ``InputError``.
     ``hvg``: 'train', 'bench' or a file (see ``resolve_hvg``); ``genesets``: 'gpc' (bundled
     Hallmark + GO, the default) and/or GMT paths. Writes metrics.json, per_slide.csv,
-    per_gene.csv, per_pathway.csv and report.html, each atomically; ``progress`` shows a bar.
-    Returns the metrics as written to metrics.json (NaN as None).
+    per_gene.csv, per_pathway.csv, spatial_maps.h5 (the report's maps) and report.html, each
+    atomically; predictions with ``layers['sd']`` (``predict --uncertainty``) add
+    metrics.json ``calibration`` and calibration.csv (``calibration.py``); ``progress`` shows a
+    bar. Returns the metrics as written to metrics.json (NaN as None).
     """
     setup = _setup(Path(pred_dir), cohort, split=split, hvg=hvg, genesets=genesets, samples=samples)
     run = _score_slides(setup, cohort, progress=progress)
     tables = _tables(run, setup)
     metrics = _metrics(setup, tables)
+    if (calibration := run.calibration.write(out_dir)) is not None:  # calibration.csv
+        metrics["calibration"] = jsonable(calibration)
     _write_outputs(Path(out_dir), metrics, tables)
+    save_examples(Path(out_dir) / keys.EVAL_SPATIAL_MAPS, run.examples)
     write_report(out_dir, examples=run.examples)
     return metrics
 

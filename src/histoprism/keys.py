@@ -61,6 +61,9 @@ PATCH_ATTR_PIXEL_SIZE = "pixel_size"  # µm per pixel of img
 # --- AnnData slots ----------------------------------------------------------------------------
 OBSM_SPATIAL = "spatial"  # (N, 2) spot centres, level-0 pixels (x, y)
 OBSM_PATHWAYS = "pathways"  # (N, S) predicted pathway activity
+OBSM_PATHWAYS_SD = "pathways_sd"  # (N, S) its predictive sd (predict --uncertainty)
+LAYER_SD = "sd"  # layers['sd'] (N, G) predictive sd of the measured log1p(counts)
+LAYER_BOUNDS = ("q025", "q10", "q90", "q975")  # layers: central 95 % and 80 % interval bounds
 # factorised predictions: X = max(hidden @ head.T + bias, 0), multiplied out when read
 OBSM_HIDDEN = "histoprism_hidden"  # (N, H) the model's last hidden layer
 VARM_HEAD = "histoprism_head"  # (G, H) weights of its linear head
@@ -70,6 +73,8 @@ OBS_ARRAY_ROW, OBS_ARRAY_COL = "array_row", "array_col"  # Space Ranger grid pos
 VAR_GENE_IDS = "gene_ids"
 VAR_GENE_SYMBOLS = "gene_symbols"  # as sc.pl.* gene_symbols= names it
 UNS_HISTOPRISM = "histoprism"
+# keys of uns['histoprism'] that describe the slide, not the run (per_slide.csv, not "model")
+UNS_SLIDE_FACTS = ("cancer_requested", "pixel_size_um")
 UNS_SPATIAL = "spatial"  # {library_id: {images, scalefactors, metadata}}, as Space Ranger/scanpy
 UNS_PATHWAY_NAMES = "pathway_names"
 UNITS_LOG1P = "log1p(counts)"
@@ -79,13 +84,16 @@ RUN_WEIGHTS = "model.safetensors"
 RUN_CONFIG = "config.json"
 RUN_HISTORY = "history.csv"
 RUN_LAST = "last"  # last/{model,best,optimizer}.safetensors + last/state.json
+RUN_NOISE = "noise.safetensors"  # per-gene count noise fitted on the validation slides
 
 # --- evaluation directory ---------------------------------------------------------------------
 EVAL_METRICS = "metrics.json"
 EVAL_PER_SLIDE = "per_slide.csv"
 EVAL_PER_GENE = "per_gene.csv"
 EVAL_PER_PATHWAY = "per_pathway.csv"
+EVAL_CALIBRATION = "calibration.csv"  # reliability curve, when predictions carry layers['sd']
 EVAL_REPORT = "report.html"
+EVAL_SPATIAL_MAPS = "spatial_maps.h5"  # the report's spatial examples, drawn again by `report`
 
 # --- headline metrics: EVAL/metrics.json "headline" (docs/metrics.md) ------------------------------
 # name -> (short label for tables, one-line description). Custom gene-set collections add

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import h5py
@@ -22,6 +23,7 @@ import pandas as pd
 import torch
 
 from . import __version__, keys
+from .cancer_type import CLASSIFIER_FILE, MIN_CONFIDENCE, CancerTypeClassifier
 from .checkpoint import check_encoder, load_run
 from .cohort import Cohort, Slide
 from .distributed import local_device, rank_share
@@ -34,6 +36,9 @@ from .progress import progress_bar
 from .registry import Predictor, model_kind
 from .spatial_view import spatial_uns
 from .tensors import CancerVocabulary, input_options, to_tensors
+
+if TYPE_CHECKING:
+    from .uncertainty import Uncertainty
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 256 * 2**20  # most float32 output held at once: one block of (spots, genes)
@@ -175,6 +180,7 @@ def predict_slide(
     dtype: str = "float32",
     image: str | Path | None = None,
     output: str = "auto",
+    uncertainty: Uncertainty | None = None,
 ) -> Path:
     """Predict one slide and write it as an h5ad (atomically).
 
@@ -185,21 +191,33 @@ def predict_slide(
     ``uns['spatial'][slide.id]`` (tissue images of ``image``, scale factors: what scanpy and
     squidpy draw with) and ``uns['histoprism']``. ``output`` 'factorised' writes the last hidden
     layer and the linear head instead of X (``prediction.read_prediction`` multiplies them out);
-    'auto' does so when a dense X would pass ``DENSE_MAX_BYTES``.
+    'auto' does so when a dense X would pass ``DENSE_MAX_BYTES``. ``uncertainty``
+    (``uncertainty.load_uncertainty``): X is the members' mean, plus ``layers`` 'sd', 'q025',
+    'q10', 'q90', 'q975' and ``obsm['pathways_sd']`` (dense output only).
     """
     predictor = run.predictor
     n, g = slide.n_spots, len(run.panel)
-    factorised = _factorised(output, predictor, n * g * np.dtype(dtype).itemsize)
-    prepared = predictor.prepare(slide, unknown_cancer=unknown_cancer)
+    if uncertainty is None:
+        factorised = _factorised(output, predictor, n * g * np.dtype(dtype).itemsize)
+        prepared = predictor.prepare(slide, unknown_cancer=unknown_cancer)
+    else:
+        factorised = uncertainty.check_output(output, n * g * np.dtype(dtype).itemsize)
+        prepared = uncertainty.prepare(slide, unknown_cancer=unknown_cancer)
     names, M = panel_membership(
         run.panel, genesets if genesets is not None else default_genesets(run.panel)
     )
     used = run.vocab.codes[run.vocab.index(slide.cancer, fallback=unknown_cancer)]
+    if used != slide.cancer:
+        log.warning(
+            "%s: cancer code '%s' unknown to the model: 'Unknown' token", slide.id, slide.cancer
+        )
     skeleton = _skeleton(run, slide, used, image=image)
     if factorised:
         weight, bias = predictor.linear_head()
         skeleton.var[keys.VAR_HEAD_BIAS] = bias
     skeleton.uns[keys.UNS_HISTOPRISM]["output"] = "factorised" if factorised else "dense"
+    if uncertainty is not None:
+        skeleton.uns[keys.UNS_HISTOPRISM]["uncertainty"] = uncertainty.info()
     with atomic_path(path) as tmp:
         skeleton.write_h5ad(tmp, compression="gzip")  # the images; arrays read often: raw
         with h5py.File(tmp, "a") as f:
@@ -208,6 +226,10 @@ def predict_slide(
                 ad.io.write_elem(f["obsm"], keys.OBSM_HIDDEN, hidden)
                 ad.io.write_elem(f["varm"], keys.VARM_HEAD, weight)
                 pathways = predictor.pathway_scores(prepared, M)  # (N, S)
+            elif uncertainty is not None:
+                pathways, pw_sd = uncertainty.write_dense(prepared, f, (n, g), dtype, M)
+                sd = pd.DataFrame(pw_sd.astype(np.float32), index=slide.barcodes, columns=names)
+                ad.io.write_elem(f["obsm"], keys.OBSM_PATHWAYS_SD, sd)
             else:
                 pathways = _write_dense(predictor, prepared, f, (n, g), dtype, M)
             frame = pd.DataFrame(pathways.astype(np.float32), index=slide.barcodes, columns=names)
@@ -351,7 +373,7 @@ def _or_empty(values: np.ndarray) -> np.ndarray:
 
 
 def predict(
-    model: str | Path,
+    model: str | Path | list[str | Path],
     data: str | Path,
     encoder: str,
     out: str | Path,
@@ -364,6 +386,11 @@ def predict(
     attention_radius_um: float | None = None,
     images: bool = True,
     output: str = "auto",
+    cancer: str | None = None,
+    uncertainty: str | None = None,
+    members: int | None = None,
+    passes: int = 20,
+    seed: int = 0,
     progress: bool = True,
 ) -> list[Path]:
     """Predict the slides ``samples`` ('test', 'all' or comma-separated ids) of a cohort into ``out``.
@@ -371,15 +398,32 @@ def predict(
     Slides with counts are aligned by barcode as in training; slides without counts (never
     sequenced) are predicted from their embeddings alone. ``attention`` / ``attention_radius_um``
     override the model's attention settings (see ``load``). ``images``: put the slide image's
-    hires/lowres views in ``uns['spatial']`` when the cohort has one. ``output``: 'dense',
+    hires/lowres views in ``uns['spatial']`` when the cohort has one. ``cancer``: condition every
+    slide on this code instead of its own, or 'auto' (see ``_cancer_rule``). ``output``: 'dense',
     'factorised' or 'auto' (see ``predict_slide``). Under torchrun (RANK, WORLD_SIZE),
     rank r predicts slides r, r + W, ...: no process group is needed. Returns the paths this
     process wrote.
+
+    ``uncertainty`` 'ensemble' or 'mc-dropout' adds the predictive sd and intervals of the
+    measured log1p(counts) (``histoprism.uncertainty``): for 'ensemble', ``model`` is a folder
+    of run directories (or a list of them), of which the first ``members`` (default: all) are
+    used; for 'mc-dropout', one run and ``passes`` forward passes seeded by ``seed``.
     """
-    run = load(model, attention=attention, attention_radius_um=attention_radius_um)
-    check_encoder(run.config, encoder, run_dir=model)
+    unc = None
+    if uncertainty is None:
+        run = load(model, attention=attention, attention_radius_um=attention_radius_um)
+        check_encoder(run.config, encoder, run_dir=model)
     cohort = Cohort(data, split_dir=split)
+    if uncertainty is not None:
+        from .uncertainty import load_uncertainty  # (it imports this module)
+
+        unc = load_uncertainty(
+            model, uncertainty, encoder=encoder, cohort=cohort, members=members, passes=passes,
+            seed=seed, attention=attention, attention_radius_um=attention_radius_um,
+        )  # fmt: skip
+        run = unc.runs[0]
     ids = rank_share(_sample_ids(cohort, samples))
+    told = _cancer_rule(run, cancer)
     genesets = default_genesets(run.panel)
     written = []
     with progress_bar(enabled=progress) as bar:
@@ -387,6 +431,7 @@ def predict(
         for sample_id in ids:
             # sequenced slides keep the barcodes and spot centres of their counts file
             slide = cohort.slide(sample_id, encoder, counts=cohort.st_path(sample_id).exists())
+            slide = replace(slide, cancer=told(slide)) if told else slide
             written.append(
                 predict_slide(
                     run,
@@ -397,10 +442,34 @@ def predict(
                     dtype=dtype,
                     image=cohort.wsi_path(sample_id) if images else None,
                     output=output,
+                    uncertainty=unc,
                 )
             )
             bar.update(task, advance=1, info=sample_id)
     return written
+
+
+def _cancer_rule(run: Run, cancer: str | None):
+    """None (each slide's own code), or slide -> the code to condition on: ``cancer`` for every
+    slide, or with 'auto' the known type the run's classifier infers from the slide's
+    embeddings ('Unknown' below ``MIN_CONFIDENCE``)."""
+    if cancer is None:
+        return None
+    if cancer != "auto":
+        return lambda slide: cancer
+    path = run.path / CLASSIFIER_FILE
+    if not path.exists():
+        raise InputError(
+            "the run has no cancer-type classifier (written by train since 0.1.0)", path
+        )
+    clf = CancerTypeClassifier.load(path)
+
+    def infer(slide: Slide) -> str:
+        code, confidence = clf.infer(slide.features)
+        log.info("%s: looks like %s (p = %.2f)", slide.id, code, confidence)
+        return code if confidence >= MIN_CONFIDENCE else keys.UNKNOWN_CANCER
+
+    return infer
 
 
 def _sample_ids(cohort: Cohort, samples: str) -> list[str]:

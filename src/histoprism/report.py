@@ -16,16 +16,18 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 
 from . import keys
 from .errors import InputError
 from .evaldir import load_eval
-from .io import write_text_atomic
+from .io import atomic_path, write_text_atomic
 
 R_LABEL = "Pearson r"
 SCORE_COLUMNS = ("hvg", "all_genes")  # per-cancer bars, followed by every gpc_<collection>
@@ -33,6 +35,7 @@ SCORE_COLUMNS = ("hvg", "all_genes")  # per-cancer bars, followed by every gpc_<
 __all__ = [
     "PathwayMaps",
     "SpatialExample",
+    "load_examples",
     "plot_gene_r_hist",
     "plot_model_bars",
     "plot_models_per_cancer",
@@ -42,6 +45,7 @@ __all__ = [
     "plot_per_cancer",
     "plot_spatial_example",
     "regenerate",
+    "save_examples",
     "write_benchmark_report",
     "write_report",
 ]
@@ -74,6 +78,9 @@ class SpatialExample:
     float64 log1p(counts), column k = ``genes[k]``.  r: (K,) Pearson r of each gene on the slide.
     gene_source: how the genes were chosen ("HVG": best-predicted of the HVG list).
     pathways: pathway scores on the same spots, or None.
+    image: (h, w, 3) uint8 slide image under the spots (``spatial_view.tissue_crop``), or None;
+    image_extent: (4,) float64 ``(x0, x1, y0, y1)``, level-0 px of its outer pixel edges (x0 left,
+    y0 top), set with ``image``.
     """
 
     sample_id: str
@@ -85,6 +92,121 @@ class SpatialExample:
     r: np.ndarray
     gene_source: str = "HVG"
     pathways: PathwayMaps | None = None
+    image: np.ndarray | None = None
+    image_extent: np.ndarray | None = None
+
+
+# --- spatial maps file: EVAL/spatial_maps.h5 ----------------------------------------------------
+MAPS_FORMAT = "histoprism spatial maps"  # root attribute ``format``
+MAPS_VERSION = 1  # root attribute ``version``
+_MAP_ARRAYS = ("measured", "predicted")
+
+
+def save_examples(path: str | Path, examples: Sequence[SpatialExample]) -> Path:
+    """Write the spatial examples to an HDF5 file (atomically; layout: docs/formats.md, "EVAL:
+    evaluation"), so that ``histoprism report`` draws the maps again; return ``path``.
+
+    Group ``examples/{k}`` per example, k = 0, 1, ... in report order; arrays as stored in the
+    ``SpatialExample`` (float64, uint8 image), names as UTF-8 strings. No pickle.
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"], f.attrs["version"] = MAPS_FORMAT, MAPS_VERSION
+        root = f.create_group("examples")
+        root.attrs["n_examples"] = len(examples)
+        for k, ex in enumerate(examples):
+            g = root.create_group(str(k))
+            for name in ("sample_id", "cancer", "gene_source"):
+                g.attrs[name] = str(getattr(ex, name))
+            _put_strings(g, "genes", ex.genes)
+            g["coords"] = np.asarray(ex.coords, dtype=np.float64)
+            for name in (*_MAP_ARRAYS, "r"):
+                g[name] = np.asarray(getattr(ex, name), dtype=np.float64)
+            if ex.image is not None:
+                g.create_dataset("image", data=np.asarray(ex.image, np.uint8), compression="gzip")
+                g["image_extent"] = np.asarray(ex.image_extent, dtype=np.float64)
+            if ex.pathways is not None:
+                pw, h = ex.pathways, g.create_group("pathways")
+                h.attrs["collection"] = str(pw.collection)
+                _put_strings(h, "names", pw.names)
+                for name in (*_MAP_ARRAYS, "r"):
+                    h[name] = np.asarray(getattr(pw, name), dtype=np.float64)
+                h["n_genes"] = np.asarray(pw.n_genes, dtype=np.int64)
+    return path
+
+
+def _put_strings(group: h5py.Group, name: str, values: Sequence[str]) -> None:
+    group.create_dataset(name, data=[str(v) for v in values], dtype=h5py.string_dtype())
+
+
+def load_examples(path: str | Path) -> list[SpatialExample]:
+    """The spatial examples ``save_examples`` wrote, in order; ``InputError`` naming ``path``
+    when it is missing, not such a file, or inconsistent (array shapes that do not agree)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("spatial maps file not found", path)
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != MAPS_FORMAT:
+                raise InputError(f"not a spatial maps file (no format '{MAPS_FORMAT}')", path)
+            root = f["examples"]
+            n = int(root.attrs["n_examples"])
+            return [_read_example(root[str(k)], path) for k in range(n)]
+    except InputError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        problem = " ".join(str(exc).split()) or type(exc).__name__
+        raise InputError(f"not a readable spatial maps file ({problem})", path) from exc
+
+
+def _strings(ds) -> list[str]:
+    return [str(v) for v in ds.asstr()[()]]
+
+
+def _read_example(g: h5py.Group, path: Path) -> SpatialExample:
+    coords = g["coords"][()]
+    n = coords.shape[0] if coords.ndim == 2 and coords.shape[1] == 2 else -1
+    pathways = None
+    if "pathways" in g:
+        h = g["pathways"]
+        pathways = PathwayMaps(
+            collection=str(h.attrs["collection"]),
+            names=_strings(h["names"]),
+            measured=h["measured"][()],
+            predicted=h["predicted"][()],
+            r=h["r"][()],
+            n_genes=h["n_genes"][()],
+        )
+        _check_maps(pathways.names, pathways, n, f"{g.name}/pathways", path)
+        if np.shape(pathways.n_genes) != (len(pathways.names),):
+            raise InputError(f"{g.name}/pathways: n_genes does not match the names", path)
+    ex = SpatialExample(
+        sample_id=str(g.attrs["sample_id"]),
+        cancer=str(g.attrs["cancer"]),
+        coords=coords,
+        genes=_strings(g["genes"]),
+        measured=g["measured"][()],
+        predicted=g["predicted"][()],
+        r=g["r"][()],
+        gene_source=str(g.attrs["gene_source"]),
+        pathways=pathways,
+        image=g["image"][()] if "image" in g else None,
+        image_extent=g["image_extent"][()] if "image" in g else None,
+    )
+    _check_maps(ex.genes, ex, n, g.name, path)
+    if ex.image is not None and (
+        ex.image.ndim != 3 or ex.image.shape[2] != 3 or np.shape(ex.image_extent) != (4,)
+    ):
+        raise InputError(f"{g.name}: image is not (h, w, 3) with a 4-value extent", path)
+    return ex
+
+
+def _check_maps(names: Sequence[str], maps, n: int, where: str, path: Path) -> None:
+    """measured / predicted (n, len(names)) and r (len(names),), n spots >= 0."""
+    k = len(names)
+    shapes = [np.shape(getattr(maps, a)) for a in _MAP_ARRAYS]
+    if n < 0 or any(s != (n, k) for s in shapes) or np.shape(maps.r) != (k,):
+        raise InputError(f"{where}: arrays of {k} maps over {n} spots do not agree", path)
 
 
 # --- plots ---------------------------------------------------------------------------------------
@@ -123,9 +245,38 @@ def plot_per_cancer(per_cancer: pd.DataFrame, *, ax: Axes | None = None) -> Figu
     return fig
 
 
+_SET_PREFIX = r"^(HALLMARK|GOBP|GOCC|GOMF)_"
+SET_LABEL_MAX = 80  # characters of a gene-set tick label before it is shortened in the middle
+
+
 def _short(name: str, width: int = 48) -> str:
-    name = re.sub(r"^(HALLMARK|GOBP|GOCC|GOMF)_", "", name)
+    name = re.sub(_SET_PREFIX, "", name)
     return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def _set_labels(names: Sequence[str], width: int = SET_LABEL_MAX) -> list[str]:
+    """Tick labels of gene sets, each telling its set apart: the name without its collection
+    prefix (HALLMARK_, GOBP_, ...) unless two sets would read alike, then names longer than
+    ``width`` cut in the middle (head…tail) unless two would read alike."""
+    names = [str(n) for n in names]
+    stripped = [re.sub(_SET_PREFIX, "", n) for n in names]
+    labels = stripped if len(set(stripped)) == len(set(names)) else names
+    head = (width - 1) * 2 // 3
+    cut = [v if len(v) <= width else f"{v[:head]}…{v[head + 1 - width :]}" for v in labels]
+    return cut if len(set(cut)) == len(set(labels)) else labels
+
+
+def _fit_width(fig: Figure, labels: Sequence[str], *, fontsize: float, plot_in: float) -> None:
+    """Widen ``fig`` so that tick labels as wide as the widest of ``labels`` fit beside a
+    ``plot_in``-inch plot: constrained layout then gives them the room instead of clipping."""
+    renderer = fig.canvas.get_renderer()
+    font = FontProperties(size=fontsize)
+    widest = max(
+        (renderer.get_text_width_height_descent(t, font, ismath=False)[0] for t in labels),
+        default=0.0,
+    )
+    label_in = widest / renderer.points_to_pixels(72.0)  # display px -> inches
+    fig.set_size_inches(max(fig.get_figwidth(), label_in + plot_in), fig.get_figheight())
 
 
 def plot_pathways(per_pathway: pd.DataFrame, *, collection: str, ax: Axes | None = None) -> Figure:
@@ -136,11 +287,15 @@ def plot_pathways(per_pathway: pd.DataFrame, *, collection: str, ax: Axes | None
     df = per_pathway[per_pathway["collection"] == collection]
     unscored = int(df["s_micro"].isna().sum())
     df = df[df["s_micro"].notna()].sort_values("s_micro", ascending=True)  # best on top
+    labels = _set_labels(df["gene_set"])
+    own = ax is None
     fig, ax = _axes(ax, (7.5, 1.4 + 0.17 * len(df)))
+    if own:  # full names, however long: the figure grows to hold them (GO names reach 68 chars)
+        _fit_width(fig, labels, fontsize=6, plot_in=5.5)
     y = np.arange(len(df))
     ax.barh(y, df["s_micro"].to_numpy(dtype=float), color="#4c72b0", label="micro (slides)")
     ax.plot(df["s_macro"].to_numpy(dtype=float), y, "o", ms=3, color="black", label="macro (types)")
-    ax.set_yticks(y, [_short(n) for n in df["gene_set"]], fontsize=6)
+    ax.set_yticks(y, labels, fontsize=6)
     ax.set_ylim(-0.7, len(df) - 0.3)
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_xlabel(f"s_m: mean {R_LABEL} of the set's genes")
@@ -190,15 +345,20 @@ def _draw_map_pairs(
     r: np.ndarray,
     *,
     unit: str,
+    image: np.ndarray | None = None,
+    extent: np.ndarray | None = None,
 ) -> None:
     """Row j of ``axes`` (K, 2): measured | predicted column j of (N, K) values at (N, 2) coords.
 
     The scale of a row spans the 1st-99th percentile of both maps together, so a flat prediction
-    looks flat.
+    looks flat. ``image`` (h, w, 3) with ``extent`` (x0, x1, y0, y1), level-0 px: the tissue,
+    drawn under the spots; the view is then the image's extent.
     """
     fig = axes[0, 0].figure
     x, y = coords[:, 0], coords[:, 1]
     size = float(np.clip(6000.0 / max(1, len(x)), 1.0, 30.0))
+    if image is not None and extent is None:
+        raise ValueError("an image under the maps needs its extent")
     for j, name in enumerate(names):
         both = np.concatenate([measured[:, j], predicted[:, j]])
         vmin, vmax = np.nanpercentile(both, [1, 99]) if np.isfinite(both).any() else (0.0, 1.0)
@@ -207,24 +367,49 @@ def _draw_map_pairs(
             ((measured[:, j], "measured"), (predicted[:, j], f"predicted, r = {r[j]:.2f}"))
         ):
             ax = axes[j, col]
+            if image is not None:
+                _draw_tissue(ax, image, extent, coords)
             sc = ax.scatter(x, y, c=values, s=size, cmap="viridis", vmin=vmin, vmax=vmax, lw=0)
             ax.set_aspect("equal")
-            ax.invert_yaxis()  # image orientation: y grows downwards
+            if image is None:
+                ax.invert_yaxis()  # image orientation: y grows downwards
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"{_short(name, 36)}\n({what})", fontsize=9)
         fig.colorbar(sc, ax=list(axes[j]), label=unit, shrink=0.85)
 
 
+def _draw_tissue(ax: Axes, image: np.ndarray, extent: np.ndarray, coords: np.ndarray) -> None:
+    """The slide image under the spots: pixel (0, 0) at level-0 (x0, y0), y growing downwards.
+
+    The view spans the image and every spot (a spot off the image's edge stays in view).
+    """
+    x0, x1, y0, y1 = (float(v) for v in extent)
+    # extent's (bottom, top) = (y1, y0) puts row 0 at y0
+    ax.imshow(image, extent=(x0, x1, y1, y0), origin="upper", interpolation="bilinear", zorder=0)
+    lo, hi = coords.min(axis=0), coords.max(axis=0)
+    ax.set_xlim(min(x0, lo[0]), max(x1, hi[0]))
+    ax.set_ylim(max(y1, hi[1]), min(y0, lo[1]))  # inverted: y grows downwards
+
+
 def plot_spatial_example(ex: SpatialExample, *, axes: np.ndarray | None = None) -> Figure:
     """Spatial maps, one row per gene: measured | predicted on the same colour scale.
 
     axes: optional (K, 2) array of axes. The scale of a row spans the 1st-99th percentile of
-    both maps together, so a flat prediction looks flat.
+    both maps together, so a flat prediction looks flat. With ``ex.image``, the tissue is drawn
+    under the spots.
     """
     fig, axes = _map_grid(len(ex.genes), axes)
     _draw_map_pairs(
-        axes, ex.coords, ex.genes, ex.measured, ex.predicted, ex.r, unit="log1p(counts)"
+        axes,
+        ex.coords,
+        ex.genes,
+        ex.measured,
+        ex.predicted,
+        ex.r,
+        unit="log1p(counts)",
+        image=ex.image,
+        extent=ex.image_extent,
     )
     fig.suptitle(f"{ex.sample_id} ({ex.cancer}): best-predicted {ex.gene_source} genes")
     return fig
@@ -240,7 +425,17 @@ def plot_pathway_maps(ex: SpatialExample, *, axes: np.ndarray | None = None) -> 
         raise ValueError(f"{ex.sample_id}: the example has no pathway scores")
     fig, axes = _map_grid(len(pw.names), axes)
     unit = "mean z(log1p) of the set's genes"
-    _draw_map_pairs(axes, ex.coords, pw.names, pw.measured, pw.predicted, pw.r, unit=unit)
+    _draw_map_pairs(
+        axes,
+        ex.coords,
+        pw.names,
+        pw.measured,
+        pw.predicted,
+        pw.r,
+        unit=unit,
+        image=ex.image,
+        extent=ex.image_extent,
+    )
     fig.suptitle(f"{ex.sample_id} ({ex.cancer}): best-predicted {pw.collection} pathway scores")
     return fig
 
@@ -433,6 +628,8 @@ def _overview(metrics: dict) -> str:
         {
             f"model: {k}": json.dumps(v) if isinstance(v, dict | list) else v
             for k, v in model.items()
+            if k
+            not in keys.UNS_SLIDE_FACTS  # facts of one slide (older metrics.json) are not the run's
         }
     )
     return "<h2>Run</h2>" + _kv_table(info, "overview")
@@ -459,10 +656,16 @@ def _pathway_section(per_pathway: pd.DataFrame) -> str:
     return "".join(out)
 
 
-def _spatial_section(examples: Sequence[SpatialExample]) -> str:
+def _spatial_section(examples: Sequence[SpatialExample] | None) -> str:
+    """The maps of ``examples``; None: the directory holds none (written before they were kept)."""
     out = '<h2 id="spatial-maps">Spatial maps</h2>'
+    if examples is None:
+        return out + (
+            f'<p class="note">No spatial maps: this directory has no {keys.EVAL_SPATIAL_MAPS} '
+            "(the maps are drawn by evaluate(); run it again to have them here).</p>"
+        )
     if not examples:
-        return out + '<p class="note">No spatial maps (they are drawn by evaluate()).</p>'
+        return out + '<p class="note">No spatial maps: no slide had a gene with a finite r.</p>'
     for ex in examples:
         caption = (
             f"{ex.sample_id} ({ex.cancer}): measured log1p(counts) vs prediction, "
@@ -495,15 +698,20 @@ def _page(title: str, body: Sequence[str]) -> str:
     )
 
 
-def write_report(eval_dir: str | Path, *, examples: Sequence[SpatialExample] = ()) -> Path:
+def write_report(eval_dir: str | Path, *, examples: Sequence[SpatialExample] | None = None) -> Path:
     """Write ``eval_dir/report.html`` from the EVAL tables; return its path.
 
     Sections: run, headline, per cancer type (table + bars), per slide, GPC per collection
     (ranked plot + table), per-gene r histogram, spatial maps of ``examples`` (measured vs
-    predicted genes, then pathway scores where ``ex.pathways`` is set). Self-contained: inline CSS, figures as base64 PNG, no external URL.
+    predicted genes, then pathway scores where ``ex.pathways`` is set; over the tissue where
+    ``ex.image`` is set). ``examples`` None: those of ``eval_dir/spatial_maps.h5`` when there is
+    one (``load_examples``; an unreadable one is an ``InputError``), else a note.
+    Self-contained: inline CSS, figures as base64 PNG, no external URL.
     """
     eval_dir = Path(eval_dir)
     ev = load_eval(eval_dir.name, eval_dir, per_gene=True)
+    if examples is None and (eval_dir / keys.EVAL_SPATIAL_MAPS).exists():
+        examples = load_examples(eval_dir / keys.EVAL_SPATIAL_MAPS)
     metrics = ev.metrics
     title = f"histoprism evaluation — {metrics.get('n_slides')} slides"
     body = [
@@ -674,8 +882,8 @@ def _regenerate_benchmark(bench_dir: Path) -> Path:
 def regenerate(path: str | Path) -> Path:
     """Rebuild the report of a directory (``histoprism report DIR``); return its path.
 
-    An EVAL directory (metrics.json): ``write_report`` from its tables; the spatial maps need
-    the prediction arrays, so they are only drawn by evaluate(). A benchmark directory
+    An EVAL directory (metrics.json): ``write_report`` from its tables and the spatial maps kept
+    in spatial_maps.h5 (a directory written before it existed: a note instead). A benchmark directory
     (comparison.json): ``write_benchmark_report`` from comparison.csv, comparison.json and
     eval/<model>/per_pathway.csv. Anything else: ``InputError``.
     """

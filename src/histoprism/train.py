@@ -20,9 +20,10 @@ import torch.distributed as dist
 import yaml
 
 from . import keys
+from .cancer_type import CLASSIFIER_FILE, fit_cancer_classifier
 from .checkpoint import load_optimizer, load_tensors, save_optimizer, save_run, save_tensors
 from .cohort import Cohort, Slide
-from .distributed import DistContext
+from .distributed import DistContext, torchrun_env
 from .errors import InputError
 from .genes import GenePanel, looks_like_ensembl, read_gene_list
 from .io import write_text_atomic
@@ -38,6 +39,7 @@ from .tensors import (
     knn_index,
     to_tensors,
 )
+from .uncertainty import noise_from_model
 from .validation import RidgeReference, moment_sums, pearson_from_sums, ridge_reference
 
 log = logging.getLogger(__name__)
@@ -386,6 +388,8 @@ def train_histoprism(
         if warning:
             log.warning(warning)
         model.load_state_dict(best)
+        # count noise of the best weights on the validation slides: predict --uncertainty
+        noise_from_model(model, val_t, ctx.device).save(out / keys.RUN_NOISE)
         config = _run_config(data, cfg, cfg_t, state)
         config["health"] = dict(
             ridge_val_pearson=ridge.pearson,
@@ -588,7 +592,13 @@ def train(
         resume=resume,
         progress=progress,
     )
-    return kind.fit_function()(td, Path(out), options, **kind.params)
+    run = kind.fit_function()(td, Path(out), options, **kind.params)
+    # for --cancer auto: which known type an uncoded slide looks like (rank 0 writes)
+    if torchrun_env()[0] == 0:
+        slides = td.train + td.val
+        clf = fit_cancer_classifier([s.features for s in slides], [s.cancer for s in slides])
+        clf.save(Path(run) / CLASSIFIER_FILE)
+    return run
 
 
 def fit_histoprism(data: TrainingData, out: Path, options: FitOptions) -> Path:
