@@ -364,10 +364,13 @@ def test_evaluate_writes_the_calibration_block(ensemble_pred, plain_pred, tiny_c
     assert table["coverage"].is_monotonic_increasing
     fig = plot_reliability(cal)
     assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 2
+    page = (tmp_path / "eval" / keys.EVAL_REPORT).read_text()
+    assert '<h2 id="calibration">' in page and "coverage_80" in page  # the diagram and numbers
     # predictions without an sd: no block, no file
     metrics = evaluate(plain_pred, cohort, tmp_path / "plain", progress=False)
     assert "calibration" not in metrics
     assert not (tmp_path / "plain" / keys.EVAL_CALIBRATION).exists()
+    assert 'id="calibration"' not in (tmp_path / "plain" / keys.EVAL_REPORT).read_text()
 
 
 # --- refusals --------------------------------------------------------------------------------------

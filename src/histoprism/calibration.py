@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from scipy.stats import norm, rankdata
 
 from . import keys
-from .correlation import pearson_per_gene
+from .correlation import dense_block, pearson_per_gene
 from .io import atomic_path
 
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the reliability curve
@@ -105,10 +105,10 @@ class CalibrationTally:
         for start in range(0, len(have), step):
             k = np.arange(start, min(start + step, len(have)))
             cols = have[k]
-            y = np.log1p(_dense(truth, slice(None), k))  # (M, b)
-            x = _dense(pred.X, pred_rows, cols)
-            s = _dense(layers[keys.LAYER_SD], pred_rows, cols)
-            bounds = {n: _dense(v, pred_rows, cols) for n, v in layers.items()}
+            y = np.log1p(dense_block(truth, slice(None), k))  # (M, b)
+            x = dense_block(pred.X, pred_rows, cols)
+            s = dense_block(layers[keys.LAYER_SD], pred_rows, cols)
+            bounds = {n: dense_block(v, pred_rows, cols) for n, v in layers.items()}
             self._pairs(y, x, s, bounds, z)
             err = np.abs(y - x)
             for g, rho in zip(genes[cols], spearman_columns(s, err), strict=True):
@@ -194,16 +194,6 @@ class CalibrationTally:
             with atomic_path(Path(out_dir) / keys.EVAL_CALIBRATION) as tmp:
                 self.reliability().to_csv(tmp, index=False)
         return block
-
-
-def _dense(X, rows, cols) -> np.ndarray:
-    """(rows, cols) float64 block of a dense or sparse matrix."""
-    if sp.issparse(X):
-        return np.asarray(X[rows][:, cols].toarray(), dtype=np.float64)
-    X = np.asarray(X)
-    if isinstance(rows, slice):
-        return np.asarray(X[rows][:, cols], dtype=np.float64)
-    return np.asarray(X[np.ix_(rows, cols)], dtype=np.float64)
 
 
 # --- figure ---------------------------------------------------------------------------------------

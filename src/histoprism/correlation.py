@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 MOMENT_COLUMNS = ("n", "mean_pred", "mean_truth", "m2_pred", "m2_truth", "cross")
 CONST_RTOL = 1e-12  # std below this share of |mean| is rounding error: the column is constant
@@ -129,3 +130,14 @@ def pooled_pearson(moments: pd.DataFrame, n_slides: int) -> pd.Series:
     """Pooled r per gene (HEST-bench protocol): only genes measured in all ``n_slides`` slides."""
     full = moments[moments["n_slides"] >= n_slides]
     return pd.Series(pearson_from_moments(full), index=full.index, name="pooled_r")
+
+
+def dense_block(X, rows, cols) -> np.ndarray:
+    """(rows, cols) float64 block of a dense or sparse matrix (``rows``: indices or a slice): the
+    blocks evaluate and calibration compute per-gene statistics on."""
+    if sp.issparse(X):
+        return np.asarray(X[rows][:, cols].toarray(), dtype=np.float64)
+    X = np.asarray(X)
+    if isinstance(rows, slice):
+        return np.asarray(X[rows][:, cols], dtype=np.float64)
+    return np.asarray(X[np.ix_(rows, cols)], dtype=np.float64)

@@ -28,6 +28,7 @@ from .cohort import Cohort, file_gene_ids
 from .correlation import (
     MOMENT_COLUMNS,
     comoments,
+    dense_block,
     merge_moments,
     pearson_from_moments,
     pearson_per_gene,
@@ -122,13 +123,6 @@ def truth_counts(st: ad.AnnData, genes) -> tuple[sp.csr_matrix, np.ndarray]:
     return panel_counts(st.X, st.var_names, genes, gene_ids=file_gene_ids(st))
 
 
-def _dense(X, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """(len(rows), len(cols)) float64 block of a dense or sparse matrix."""
-    if sp.issparse(X):
-        return np.asarray(X[rows][:, cols].toarray(), dtype=np.float64)
-    return np.asarray(np.asarray(X)[np.ix_(rows, cols)], dtype=np.float64)
-
-
 @dataclass
 class SlideScore:
     """Scores of one slide.
@@ -160,8 +154,8 @@ def score_slide(pred: ad.AnnData, st: ad.AnnData, *, path: Path | None = None) -
     blocks = []
     for start in range(0, len(have), step):
         k = np.arange(start, min(start + step, len(have)))
-        pred_block = _dense(pred.X, pred_rows, have[k])  # (M, b) log1p
-        truth_block = np.log1p(_dense(truth, all_rows, k))  # (M, b) log1p(raw counts)
+        pred_block = dense_block(pred.X, pred_rows, have[k])  # (M, b) log1p
+        truth_block = np.log1p(dense_block(truth, all_rows, k))  # (M, b) log1p(raw counts)
         blocks.append(comoments(pred_block, truth_block))
     m = {
         k: np.concatenate([b[k] for b in blocks]) if blocks else np.empty(0) for k in MOMENT_COLUMNS
@@ -243,8 +237,8 @@ def spatial_example(
         cancer=cancer,
         coords=np.asarray(st.obsm[keys.OBSM_SPATIAL])[st_rows, :2].astype(np.float64),
         genes=[str(g) for g in top],
-        measured=np.log1p(_dense(counts, st_rows, measured)),
-        predicted=_dense(pred.X, pred_rows, pred_genes.get_indexer(top)),
+        measured=np.log1p(dense_block(counts, st_rows, measured)),
+        predicted=dense_block(pred.X, pred_rows, pred_genes.get_indexer(top)),
         r=pool[top].to_numpy(dtype=np.float64),
         gene_source=source,
     )
@@ -256,8 +250,8 @@ def spatial_example(
         wanted = {g for members in genesets.values() for g in members}
         k = np.flatnonzero(pred_genes[have].isin(wanted))
         ex.pathways = _example_pathways(
-            np.log1p(_dense(counts, st_rows, k)),
-            _dense(pred.X, pred_rows, have[k]),
+            np.log1p(dense_block(counts, st_rows, k)),
+            dense_block(pred.X, pred_rows, have[k]),
             pred_genes[have[k]],
             genesets,
             collection=collection,

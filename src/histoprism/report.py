@@ -690,6 +690,22 @@ def _spatial_section(examples: Sequence[SpatialExample] | None) -> str:
     return out
 
 
+def _calibration_section(metrics: dict) -> str:
+    """Coverage numbers and the reliability diagram, for predictions with layers['sd']."""
+    block = metrics.get("calibration")
+    if not block:
+        return ""
+    from .calibration import plot_reliability  # imports scipy.stats: only when needed
+
+    numbers = {k: v for k, v in block.items() if not isinstance(v, list | dict)}
+    caption = "Empirical against nominal coverage of the central intervals (diagonal: calibrated)."
+    return (
+        '<h2 id="calibration">Calibration</h2>'
+        + _kv_table(numbers, "calibration")
+        + _img(plot_reliability(block), caption)
+    )
+
+
 def _page(title: str, body: Sequence[str]) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -723,6 +739,7 @@ def write_report(eval_dir: str | Path, *, examples: Sequence[SpatialExample] | N
         _pathway_section(ev.per_pathway),
         "<h2>Per gene</h2>"
         + _img(plot_gene_r_hist(ev.per_gene), "Per-gene Pearson r (per_gene.csv)."),
+        _calibration_section(metrics),
         _spatial_section(examples),
     ]
     path = eval_dir / keys.EVAL_REPORT
