@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import keys
 from .errors import InputError
 
 CLASSIFIER_FILE = "cancer_type.safetensors"
@@ -66,6 +67,12 @@ class CancerTypeClassifier:
         probs = self.probabilities(features)
         code = max(probs, key=probs.__getitem__)
         return code, probs[code]
+
+    def code_for(self, features: np.ndarray) -> str:
+        """The inferred type, or 'Unknown' when its probability is below ``MIN_CONFIDENCE``:
+        what ``predict --cancer auto`` conditions on."""
+        code, confidence = self.infer(features)
+        return code if confidence >= MIN_CONFIDENCE else keys.UNKNOWN_CANCER
 
     def nearest(self, features: np.ndarray) -> str:
         """The known type whose centroid is closest (standardised descriptor space)."""

@@ -29,14 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
-import h5py
 import numpy as np
 import pandas as pd
 
 from . import keys
 from .cohort import Cohort
 from .errors import InputError
-from .prediction import is_factorised, read_prediction
+from .prediction import gene_columns, peek, read_prediction
 from .progress import progress_bar
 from .readers import read_h5ad
 
@@ -417,18 +416,10 @@ def _sample_ids(pred: Path, cohort: Cohort, samples: str) -> list[str]:
 
 def _check_prediction(path: Path, genes: Sequence[str] | None) -> None:
     """Unknown genes and too large factorised slides, found before anything is written."""
-    try:
-        with h5py.File(path, "r") as f:
-            names = pd.Index(ad.io.read_elem(f["var"]).index.astype(str))
-            obs = f["obs"]
-            n_spots = obs[obs.attrs["_index"]].shape[0]
-    except (OSError, KeyError, ValueError) as exc:
-        raise InputError(f"cannot read as h5ad ({type(exc).__name__}: {exc})", path) from exc
+    names, n_spots, factorised = peek(path)
     if genes is not None:
-        unknown = [g for g in genes if g not in names]
-        if unknown:
-            raise InputError(f"gene '{unknown[0]}' is not in the prediction", path)
-    elif n_spots > MAX_DENSE_SPOTS and is_factorised(path):
+        gene_columns(names, genes, path)
+    elif n_spots > MAX_DENSE_SPOTS and factorised:
         gb = n_spots * len(names) * 4 / 1e9
         raise InputError(
             f"factorised prediction of {n_spots:,} spots: all {len(names):,} genes would make a "

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from . import keys
-from .cancer_type import MIN_CONFIDENCE, CancerTypeClassifier, fit_cancer_classifier
+from .cancer_type import CancerTypeClassifier, fit_cancer_classifier
 from .cohort import Cohort, Slide
 from .compare import pipe_table
 from .errors import InputError
@@ -136,8 +136,7 @@ def _told(slide: Slide, strategy: str, clf: CancerTypeClassifier) -> Slide:
     if strategy == "nearest-type":
         return replace(slide, cancer=clf.nearest(slide.features))
     if strategy == "inferred-type":
-        code, confidence = clf.infer(slide.features)
-        return replace(slide, cancer=code if confidence >= MIN_CONFIDENCE else keys.UNKNOWN_CANCER)
+        return replace(slide, cancer=clf.code_for(slide.features))
     return slide  # seen: its own type; unknown-token / no-conditioning: unknown to the model
 
 

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from . import __version__, keys
-from .cancer_type import CLASSIFIER_FILE, MIN_CONFIDENCE, CancerTypeClassifier
+from .cancer_type import CLASSIFIER_FILE, CancerTypeClassifier
 from .checkpoint import check_encoder, load_run
 from .cohort import Cohort, Slide
 from .distributed import local_device, rank_share
@@ -244,8 +244,7 @@ def predict_slide(
 
 def _factorised(output: str, predictor: Predictor, dense_bytes: int) -> bool:
     """Whether to write the factors rather than X; factors need a linear head."""
-    if output not in OUTPUTS:
-        raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got '{output}'")
+    check_output(output)
     linear = predictor.closed_form_pathways
     if output == "factorised" and not linear:
         raise InputError("--output factorised needs a model with a linear head (histoprism)")
@@ -254,13 +253,25 @@ def _factorised(output: str, predictor: Predictor, dense_bytes: int) -> bool:
     )
 
 
+def check_output(output: str) -> None:
+    """InputError unless ``output`` is one of ``OUTPUTS``."""
+    if output not in OUTPUTS:
+        raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got '{output}'")
+
+
+def dense_dataset(group: h5py.Group, name: str, shape, dtype, chunks) -> h5py.Dataset:
+    """An (N, G) chunked array in an h5ad file being written, as anndata encodes a dense X."""
+    ds = group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks)
+    ds.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    return ds
+
+
 def _write_dense(predictor, prepared, f: h5py.File, shape, dtype, M: np.ndarray) -> np.ndarray:
     """X (N, G) into the open file, streamed in blocks -> (N, S) pathway scores."""
     (n, g), closed_form = shape, predictor.closed_form_pathways
     rows, cols = _tile_shape(n, g, whole_columns=not closed_form)
     chunks = (min(n, H5_CHUNK_SPOTS), min(cols, TILE_GENES)) if n and g else None
-    X = f.create_dataset("X", shape=(n, g), dtype=dtype, chunks=chunks)
-    X.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    X = dense_dataset(f, "X", (n, g), dtype, chunks)
     if closed_form:
         _write_tiles(predictor, prepared, X, rows, cols)
         return predictor.pathway_scores(prepared, M)  # (N, S)
@@ -285,7 +296,7 @@ def _write_tiles(predictor, prepared, X: h5py.Dataset, rows: int, cols: int) -> 
     n, g = X.shape
     size = min(rows, n) * min(cols, g)
     buf = torch.empty(size, device=prepared.device)
-    cast = None if X.dtype == np.float32 else torch.empty(size, dtype=_torch_dtype(X.dtype))
+    cast = None if X.dtype == np.float32 else torch.empty(size, dtype=torch_dtype(X.dtype))
     for r in range(0, n, rows):
         r1 = min(r + rows, n)
         for c in range(0, g, cols):
@@ -317,10 +328,11 @@ def _cast(block: np.ndarray, dtype) -> np.ndarray:
     """float32 -> the file's dtype, multithreaded (torch) rather than numpy's one-core astype."""
     if block.dtype == dtype:
         return block
-    return torch.from_numpy(block).to(_torch_dtype(dtype)).numpy()
+    return torch.from_numpy(block).to(torch_dtype(dtype)).numpy()
 
 
-def _torch_dtype(dtype) -> torch.dtype:
+def torch_dtype(dtype) -> torch.dtype:
+    """The torch dtype of a numpy dtype (float16, float32, ...)."""
     return getattr(torch, np.dtype(dtype).name)
 
 
@@ -465,9 +477,9 @@ def _cancer_rule(run: Run, cancer: str | None):
     clf = CancerTypeClassifier.load(path)
 
     def infer(slide: Slide) -> str:
-        code, confidence = clf.infer(slide.features)
-        log.info("%s: looks like %s (p = %.2f)", slide.id, code, confidence)
-        return code if confidence >= MIN_CONFIDENCE else keys.UNKNOWN_CANCER
+        code = clf.code_for(slide.features)
+        log.info("%s: conditioned on %s (inferred from its embeddings)", slide.id, code)
+        return code
 
     return infer
 

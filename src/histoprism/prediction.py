@@ -33,8 +33,30 @@ FACTOR_SLOTS = (
 
 def is_factorised(path: str | Path) -> bool:
     """Whether a prediction file stores the hidden layer and head instead of X."""
-    with _open(path) as f:
-        return "X" not in f and keys.OBSM_HIDDEN in f.get("obsm", {})
+    return peek(path)[2]
+
+
+def peek(path: str | Path) -> tuple[pd.Index, int, bool]:
+    """(gene names, number of spots, factorised?) of a prediction, reading neither X nor the
+    factors."""
+    try:
+        with _open(path) as f:
+            factorised = "X" not in f and keys.OBSM_HIDDEN in f.get("obsm", {})
+            return _index(f, "var"), len(_index(f, "obs")), factorised
+    except KeyError as exc:
+        raise InputError(f"not a prediction file (no {exc})", path) from None
+
+
+def gene_columns(names: pd.Index, genes: Sequence[str] | None, path: Path) -> np.ndarray:
+    """Columns of ``genes`` among a prediction's gene ``names`` (all when None); InputError
+    naming the first gene the prediction does not have."""
+    if genes is None:
+        return np.arange(len(names))
+    genes = [str(g) for g in genes]
+    cols = names.get_indexer(genes)
+    if (cols < 0).any():
+        raise InputError(f"gene '{genes[int(np.argmax(cols < 0))]}' is not in the prediction", path)
+    return cols
 
 
 def read_prediction(path: str | Path, genes: Sequence[str] | None = None) -> ad.AnnData:
@@ -47,7 +69,7 @@ def read_prediction(path: str | Path, genes: Sequence[str] | None = None) -> ad.
         raise InputError("prediction has no spots or no genes", path)
     if pred.var_names.has_duplicates:
         raise InputError(f"duplicate gene '{pred.var_names[pred.var_names.duplicated()][0]}'", path)
-    cols = _columns(pred.var_names, genes, path)
+    cols = gene_columns(pred.var_names, genes, path)
     if pred.X is None:
         if keys.OBSM_HIDDEN not in pred.obsm:
             raise InputError("prediction has neither X nor a factorised hidden layer", path)
@@ -69,7 +91,7 @@ def read_genes(path: str | Path, genes: Sequence[str]) -> np.ndarray:
     only what they need (for a factorised file: the hidden layer and those rows of the head)."""
     with _open(path) as f:
         names = _index(f, "var")
-        cols = _columns(names, genes, Path(path))
+        cols = gene_columns(names, genes, Path(path))
         order = np.argsort(cols)  # h5py reads increasing indices
         if "X" in f:
             X = f["X"]
@@ -114,16 +136,6 @@ def _multiply_out(hidden: np.ndarray, head: np.ndarray, bias: np.ndarray) -> np.
     w = torch.from_numpy(np.ascontiguousarray(head)).float()
     b = torch.from_numpy(np.ascontiguousarray(bias)).float()
     return torch.addmm(b, h, w.T).clamp_(min=0).numpy()
-
-
-def _columns(names: pd.Index, genes: Sequence[str] | None, path: Path) -> np.ndarray:
-    if genes is None:
-        return np.arange(len(names))
-    genes = [str(g) for g in genes]
-    cols = names.get_indexer(genes)
-    if (cols < 0).any():
-        raise InputError(f"gene '{genes[int(np.argmax(cols < 0))]}' is not in the prediction", path)
-    return cols
 
 
 def _index(f: h5py.File, group: str) -> pd.Index:

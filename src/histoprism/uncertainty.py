@@ -48,11 +48,13 @@ from .pathways import linear_head_scores
 from .predict import (
     DENSE_MAX_BYTES,
     H5_CHUNK_SPOTS,
-    OUTPUTS,
     TILE_GENES,
     HistoPrismPredictor,
     Run,
+    check_output,
+    dense_dataset,
     load,
+    torch_dtype,
 )
 from .tensors import SlideTensors, slide_targets
 
@@ -431,8 +433,7 @@ class Uncertainty:
     def check_output(self, output: str, dense_bytes: int) -> bool:
         """The layers are dense (N x G each): refuse factorised output, and 'auto' where it
         would pick it. Returns False (not factorised)."""
-        if output not in OUTPUTS:
-            raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got '{output}'")
+        check_output(output)
         if output == "factorised" or (output == "auto" and dense_bytes > DENSE_MAX_BYTES):
             why = "--output factorised" if output == "factorised" else "a slide this large"
             raise InputError(
@@ -570,9 +571,9 @@ def write_dense(
     n, g = shape
     rows, cols = min(n, TILE_SPOTS), min(g, TILE_GENES)
     chunks = (min(n, H5_CHUNK_SPOTS), cols) if n and g else None
-    X = _dataset(f, "X", (n, g), dtype, chunks)
+    X = dense_dataset(f, "X", (n, g), dtype, chunks)
     layers = f.require_group("layers")
-    out = {name: _dataset(layers, name, (n, g), dtype, chunks) for name in ("sd", *BOUNDS)}
+    out = {name: dense_dataset(layers, name, (n, g), dtype, chunks) for name in ("sd", *BOUNDS)}
     z_at = dict(zip(Z_LEVELS, unc.z, strict=True))
     z = {name: side * float(z_at[level]) for name, (level, side) in BOUNDS.items()}
     heads, noise = unc.heads(), unc.member_noise()
@@ -615,7 +616,7 @@ def _mixture(prepared, heads, noise, curves, rs: slice, cs: slice):
 
 
 def _np(t: torch.Tensor, dtype) -> np.ndarray:
-    return t.to(getattr(torch, np.dtype(dtype).name)).cpu().numpy()
+    return t.to(torch_dtype(dtype)).cpu().numpy()
 
 
 def _mean_head(unc: Uncertainty, prepared, heads):
