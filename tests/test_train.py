@@ -95,8 +95,12 @@ def test_history_one_row_per_epoch_and_resumable_state(trained_runs):
     state = json.loads((run / keys.RUN_LAST / "state.json").read_text())["state"]
     assert state["epoch"] == 3
     assert state["step"] == 3 * len(cfg["train_slides"])  # one slide per optimiser step
-    for name in ("model.safetensors", "optimizer.safetensors"):
+    for name in ("model.safetensors", "best.safetensors", "optimizer.safetensors"):
         assert (run / keys.RUN_LAST / name).is_file()
+    # the checkpoint carries the history its state refers to (tests/test_checkpoint.py)
+    assert (run / keys.RUN_LAST / keys.RUN_HISTORY).read_text() == (
+        run / keys.RUN_HISTORY
+    ).read_text()
 
 
 def test_no_pickle_in_any_run_dir(trained_runs):

@@ -10,10 +10,11 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__, keys
-from .errors import InputError
+from .errors import InputError, first_line
 from .io import atomic_path, write_text_atomic
 
 FORMAT_VERSION = 1
@@ -27,10 +28,26 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a missing or damaged one is an InputError naming it."""
     path = Path(path)
     if not path.exists():
         raise InputError("weights file not found", path)
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:  # truncated, garbage, a directory, unreadable
+        raise InputError(f"cannot read as safetensors ({first_line(exc)})", path) from exc
+
+
+def read_json_object(path: str | Path) -> dict:
+    """Read a JSON object (config.json, state.json); a damaged file is an InputError naming it."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"not valid JSON ({first_line(exc)})", path) from exc
+    if not isinstance(value, dict):
+        raise InputError(f"not a JSON object (its top level is a {type(value).__name__})", path)
+    return value
 
 
 def save_run(run_dir: str | Path, *, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
@@ -48,7 +65,7 @@ def load_run(run_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     cfg_path = run_dir / keys.RUN_CONFIG
     if not cfg_path.exists():
         raise InputError("not a trained run (no config.json)", run_dir)
-    config = json.loads(cfg_path.read_text())
+    config = read_json_object(cfg_path)
     if config.get("format_version") != FORMAT_VERSION:
         raise InputError(
             f"run format version {config.get('format_version')} is not {FORMAT_VERSION}", cfg_path

@@ -6,6 +6,7 @@ by rank, gradients all-reduced, rank 0 writes). One slide per optimiser step, as
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -21,12 +22,26 @@ import yaml
 
 from . import keys
 from .cancer_type import CLASSIFIER_FILE, fit_cancer_classifier
-from .checkpoint import load_optimizer, load_tensors, save_optimizer, save_run, save_tensors
+from .checkpoint import (
+    load_optimizer,
+    load_tensors,
+    read_json_object,
+    save_optimizer,
+    save_run,
+    save_tensors,
+)
 from .cohort import Cohort, Slide
 from .distributed import DistContext, torchrun_env
-from .errors import InputError
+from .errors import InputError, first_line
 from .genes import GenePanel, looks_like_ensembl, read_gene_list
-from .io import write_text_atomic
+from .io import (
+    atomic_directory,
+    complete_directory,
+    directory_lock,
+    remove_partials,
+    settle_directory,
+    write_text_atomic,
+)
 from .model import HistoPrism, ModelConfig
 from .progress import progress_bar
 from .registry import FitOptions, model_kind
@@ -322,12 +337,11 @@ def train_histoprism(
     model = _init_model(cfg, train_t).to(ctx.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg_t.lr, weight_decay=cfg_t.weight_decay)
     state, history = TrainState(), []
-    if resume and (out / keys.RUN_LAST / "state.json").exists():
-        state, history = _load_last(out / keys.RUN_LAST, model, opt)
-        log.info("resuming %s after epoch %d", out, state.epoch)
     best = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if resume and (out / keys.RUN_LAST / "best.safetensors").exists():
-        best = load_tensors(out / keys.RUN_LAST / "best.safetensors")
+    last = complete_directory(out / keys.RUN_LAST) if resume else None
+    if last is not None:
+        state, history, best = _load_last(last, model, opt)
+        log.info("resuming %s after epoch %d", out, state.epoch)
     ridge = ridge_reference(train_t, val_t, cfg.n_genes, cfg.n_conditions, seed=cfg_t.seed)
     log.info("health check: per-spot ridge validation r %.3f", ridge.pearson)
     net = torch.nn.parallel.DistributedDataParallel(model) if ctx.world > 1 else model
@@ -388,6 +402,8 @@ def train_histoprism(
         if warning:
             log.warning(warning)
         model.load_state_dict(best)
+        # again: a run resumed from its final checkpoint (killed just after it) trains no epoch
+        write_history(out / keys.RUN_HISTORY, history)
         # count noise of the best weights on the validation slides: predict --uncertainty
         noise_from_model(model, val_t, ctx.device).save(out / keys.RUN_NOISE)
         config = _run_config(data, cfg, cfg_t, state)
@@ -511,25 +527,58 @@ def _run_config(
 
 
 # --- resumable checkpoint ----------------------------------------------------------------------
+# ``last/`` holds everything a resumed run needs: model, best and optimizer tensors, state.json
+# (TrainState and the optimiser's param groups) and the history rows up to that state. It is
+# written whole into a fresh sibling and swapped in (io.atomic_directory), so that a kill at any
+# instant leaves the complete previous or the complete new checkpoint, never weights of one epoch
+# with the state of another. The RNGs need no saving: every epoch reseeds torch and numpy from
+# seed + epoch, so TrainState.epoch is all of them.
+LAST_STATE = "state.json"
+LAST_TENSORS = ("model.safetensors", "best.safetensors", "optimizer.safetensors")
+
+
 def _save_last(last: Path, model, opt, best, state: TrainState, history: list[dict]) -> None:
-    """Write the resumable checkpoint; state.json last, so it only ever points at complete files."""
-    save_tensors(last / "model.safetensors", model.state_dict())
-    save_tensors(last / "best.safetensors", best)
-    groups = save_optimizer(last / "optimizer.safetensors", opt)
+    """Write the resumable checkpoint ``last`` as one unit, then the users' ``history.csv`` next
+    to it (resume reads the checkpoint's own copy)."""
+    with atomic_directory(last) as tmp:
+        save_tensors(tmp / "model.safetensors", model.state_dict())
+        save_tensors(tmp / "best.safetensors", best)
+        groups = save_optimizer(tmp / "optimizer.safetensors", opt)
+        write_history(tmp / keys.RUN_HISTORY, history)
+        meta = {"state": asdict(state), "param_groups": groups}
+        write_text_atomic(tmp / LAST_STATE, json.dumps(meta, indent=1))
     write_history(last.parent / keys.RUN_HISTORY, history)
-    write_text_atomic(
-        last / "state.json", json.dumps({"state": asdict(state), "param_groups": groups}, indent=1)
-    )
 
 
-def _load_last(last: Path, model, opt) -> tuple[TrainState, list[dict]]:
-    meta = json.loads((last / "state.json").read_text())
-    model.load_state_dict(load_tensors(last / "model.safetensors"))
-    load_optimizer(last / "optimizer.safetensors", opt, meta["param_groups"])
-    hist_path = last.parent / keys.RUN_HISTORY
-    history = _read_history(hist_path) if hist_path.exists() else []
-    state = TrainState(**meta["state"])
-    return state, history[: state.epoch]
+def _load_last(last: Path, model, opt) -> tuple[TrainState, list[dict], dict[str, torch.Tensor]]:
+    """Restore ``model`` and ``opt`` from a checkpoint; return its state, history and best
+    weights. A damaged or mismatching checkpoint is an InputError naming it."""
+    for name in (LAST_STATE, *LAST_TENSORS):  # never so when written by _save_last
+        if not (last / name).is_file():
+            raise InputError(f"incomplete checkpoint: no {name} (train without --resume)", last)
+    meta = read_json_object(last / LAST_STATE)
+    weights = load_tensors(last / "model.safetensors")
+    try:
+        state = TrainState(**meta["state"])
+        model.load_state_dict(weights)
+        load_optimizer(last / "optimizer.safetensors", opt, meta["param_groups"])
+    except InputError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # another model, config, format
+        # load_state_dict's first line only announces its list of mismatches: quote the first
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = " ".join(lines[:2]) if lines and lines[0].endswith(":") else first_line(exc)
+        raise InputError(f"cannot resume from this checkpoint ({detail})", last) from exc
+    best = load_tensors(last / "best.safetensors")
+    # checkpoints written before the history moved into last/ kept it next to last/ only
+    hist_path = last / keys.RUN_HISTORY
+    if not hist_path.exists():
+        hist_path = last.parent / keys.RUN_HISTORY
+    try:
+        history = _read_history(hist_path) if hist_path.exists() else []
+    except (KeyError, ValueError) as exc:
+        raise InputError(f"damaged training history ({first_line(exc)})", hist_path) from exc
+    return state, history[: state.epoch], best
 
 
 def write_history(path: Path, history: list[dict]) -> None:
@@ -574,10 +623,6 @@ def train(
     kind = model_kind(model)
     if epochs is not None and epochs < 1:
         raise InputError(f"--epochs must be at least 1, got {epochs}")
-    # the automatic split (no split files) is the cohort's, not the run's: predict and evaluate
-    # must see the same test slides whatever --seed a model was trained with
-    cohort = Cohort(data, split_dir=split)
-    td = load_training_data(cohort, encoder, genes=genes, seed=seed)
     options = FitOptions(
         model=model,
         encoder=encoder,
@@ -592,12 +637,24 @@ def train(
         resume=resume,
         progress=progress,
     )
-    run = kind.fit_function()(td, Path(out), options, **kind.params)
-    # for --cancer auto: which known type an uncoded slide looks like (rank 0 writes)
-    if torchrun_env()[0] == 0:
-        slides = td.train + td.val
-        clf = fit_cancer_classifier([s.features for s in slides], [s.cancer for s in slides])
-        clf.save(Path(run) / CLASSIFIER_FILE)
+    out = Path(out)
+    # one process writes a run directory: a second `train` into it fails instead of silently
+    # replacing its files. Under torchrun rank 0 writes, and holds the lock, for all ranks.
+    writer = torchrun_env()[0] == 0
+    with directory_lock(out, "training") if writer else contextlib.nullcontext():
+        if writer:  # leftovers of a killed run (the lock rules out a live one)
+            remove_partials(out)
+            settle_directory(out / keys.RUN_LAST)
+        # the automatic split (no split files) is the cohort's, not the run's: predict and
+        # evaluate must see the same test slides whatever --seed a model was trained with
+        cohort = Cohort(data, split_dir=split)
+        td = load_training_data(cohort, encoder, genes=genes, seed=seed)
+        run = kind.fit_function()(td, out, options, **kind.params)
+        # for --cancer auto: which known type an uncoded slide looks like (rank 0 writes)
+        if writer:
+            slides = td.train + td.val
+            clf = fit_cancer_classifier([s.features for s in slides], [s.cancer for s in slides])
+            clf.save(Path(run) / CLASSIFIER_FILE)
     return run
 
 
