@@ -17,6 +17,7 @@ from histoprism import keys
 from histoprism.cli import app, hoist_global_flags
 from histoprism.cohort import Cohort
 from histoprism.errors import InputError
+from histoprism.io import LOCK_FILE
 
 ENCODER = "synthetic"
 CONSOLE_SCRIPT = Path(sys.executable).parent / "histoprism"
@@ -306,7 +307,7 @@ def test_failed_predict_leaves_only_complete_files(cohort_copy, trained_runs, tm
         "--out", out, "--samples", f"{first},{second}",
     )  # fmt: skip
     assert result.exit_code == 2 and f"{second}.h5" in result.stderr
-    files = sorted(p.name for p in out.iterdir())
+    files = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
     assert files == [f"{first}.h5ad"]  # no temporary or partial file, no file for the failure
     pred = ad.read_h5ad(out / files[0])
     assert pred.X.shape == (ad.read_h5ad(cc.st_path(first)).n_obs, 300)

@@ -223,7 +223,7 @@ def test_bad_tables_are_one_line_input_errors(wsi):
     nan = np.zeros((n, DIM), dtype=np.float32)
     nan[3, 5] = np.nan
     add_features(wsi, key="nan_tiles", tile_key="tiles", features=nan)
-    with pytest.raises(InputError, match="'nan_tiles': 1 of .* tiles have NaN"):
+    with pytest.raises(InputError, match="'nan_tiles': 1 of .* tiles contain NaN"):
         slide_from_wsidata(wsi, "nan", cancer="IDC")
     import anndata as ad
 

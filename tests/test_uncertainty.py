@@ -29,6 +29,7 @@ from histoprism.calibration import (
 from histoprism.cohort import Cohort
 from histoprism.errors import InputError
 from histoprism.evaluate import evaluate
+from histoprism.io import LOCK_FILE
 from histoprism.predict import predict
 from histoprism.train import train
 from histoprism.uncertainty import (
@@ -403,4 +404,4 @@ def test_unknown_method_and_bad_members_are_refused(tiny_cohort, trained_runs, t
     assert err.value.path == trained_runs["mlp"]
     with pytest.raises(InputError, match="not available with --output factorised"):
         predict([run, run], tiny_cohort, ENCODER, out, uncertainty="ensemble", output="factorised")
-    assert not out.exists() or not any(out.iterdir())
+    assert not out.exists() or [p.name for p in out.iterdir()] == [LOCK_FILE]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
 from . import keys
-from .errors import InputError
+from .errors import InputError, first_line
 from .genes import GeneIdMap, harmonise_counts
+from .names import check_name
 from .readers import EmbeddingFile, read_embeddings, read_st
 from .readers.hest import hest_pixel_size, read_hest_metadata
 
@@ -206,7 +208,9 @@ class Cohort:
 
     def listed_ids(self, samples: str) -> list[str]:
         """Comma-separated sample ids (``--samples A,B``), each checked against the metadata."""
-        ids = [s.strip() for s in samples.split(",") if s.strip()]
+        ids = list(dict.fromkeys(s.strip() for s in samples.split(",") if s.strip()))
+        for i in ids:
+            check_name(i, what="sample id in --samples")
         unknown = [i for i in ids if i not in self.metadata.index]
         if unknown:
             raise InputError(f"sample(s) not in metadata: {', '.join(unknown)}", self.root)
@@ -256,6 +260,12 @@ class Cohort:
         if not counts or not st_path.exists():
             if counts:
                 raise InputError("counts file not found", st_path)
+            if not np.isfinite(emb.coords).all():
+                raise InputError(
+                    "no spot positions (the file has no coords) and no counts file to take them "
+                    "from: a slide that was never sequenced needs coords",
+                    emb.path,
+                )
             barcodes = emb.barcodes if emb.barcodes is not None else _spot_names(len(emb.features))
             return Slide(barcodes=barcodes, features=emb.features, coords=emb.coords, **common)
         adata = read_st(st_path)
@@ -332,14 +342,54 @@ def _read_metadata(root: Path) -> pd.DataFrame:
     path = metadata_path(root)
     if path is None:
         raise InputError(f"no {' or '.join(keys.METADATA_FILES)} in cohort", root)
-    md = pd.read_csv(path, dtype={keys.META_ID: str, keys.META_CANCER: str}, encoding="utf-8-sig")
-    for col in (keys.META_ID, keys.META_CANCER):
-        if col not in md.columns:
-            raise InputError(f"missing required column '{col}'", path)
+    md = read_table(path, id_column=keys.META_ID, required=(keys.META_ID, keys.META_CANCER))
     dup = md[keys.META_ID][md[keys.META_ID].duplicated()]
     if len(dup):
         raise InputError(f"duplicate sample id '{dup.iloc[0]}'", path)
     return md.set_index(keys.META_ID, drop=False)
+
+
+# pandas' default missing-value tokens, applied to every column but the id: an id 'NA' or 'null'
+# is a name (a sample may be called that), whereas an empty pixel size is missing
+NA_TOKENS = ("", "#N/A", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null", "<NA>")
+
+
+def read_table(
+    path: Path, *, id_column: str | tuple[str, ...], required: tuple[str, ...] = ()
+) -> pd.DataFrame:
+    """A UTF-8 CSV table whose id column (the first of ``id_column`` present) is read as text,
+    stripped and checked to be names (``names.check_name``); InputError naming the file, and the
+    row for a bad id, on anything else."""
+    try:
+        header = pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns
+        idcols = (id_column,) if isinstance(id_column, str) else id_column
+        idcol = next((c for c in idcols if c in header), None)
+        na = {c: list(NA_TOKENS) for c in header if c != idcol}
+        with warnings.catch_warnings():  # a row longer than the header: refuse, not truncate
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_csv(
+                path,
+                encoding="utf-8-sig",
+                index_col=False,  # never take the first column as an index, whatever the row
+                dtype={c: str for c in (idcol, keys.META_CANCER) if c in header},
+                keep_default_na=False,
+                na_values=na,
+            )
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"not UTF-8 text (byte {exc.object[exc.start]:#x} at offset {exc.start}): "
+            "save the table as UTF-8",
+            path,
+        ) from exc
+    except (pd.errors.ParserError, pd.errors.ParserWarning, ValueError, OSError) as exc:
+        raise InputError(f"cannot read as CSV ({first_line(exc)})", path) from exc
+    for col in (*required, idcols[0] if idcol is None else idcol):
+        if col not in df.columns:
+            raise InputError(f"missing required column '{col}'", path)
+    df[idcol] = df[idcol].str.strip()
+    for row, value in enumerate(df[idcol], start=2):  # row 1 is the header
+        check_name(value, what=f"{idcol} on line {row}", path=path)
+    return df
 
 
 def _read_splits(split_dir: Path) -> tuple[dict[str, list[str]], list[pd.DataFrame]]:
@@ -350,11 +400,12 @@ def _read_splits(split_dir: Path) -> tuple[dict[str, list[str]], list[pd.DataFra
         path = split_dir / f"{name}_split.csv"
         if not path.exists():
             continue
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        idcol = next((c for c in (keys.SPLIT_ID, keys.META_ID) if c in df.columns), None)
-        if idcol is None:
-            raise InputError(f"missing column '{keys.SPLIT_ID}'", path)
+        df = read_table(path, id_column=(keys.SPLIT_ID, keys.META_ID))
+        idcol = keys.SPLIT_ID if keys.SPLIT_ID in df.columns else keys.META_ID
         df = df.rename(columns={idcol: keys.SPLIT_ID})
+        dup = df[keys.SPLIT_ID][df[keys.SPLIT_ID].duplicated()]
+        if len(dup):
+            raise InputError(f"sample id '{dup.iloc[0]}' listed twice", path)
         splits[name] = df[keys.SPLIT_ID].tolist()
         tables.append(df)
     if split_dir.exists() and not splits and split_dir.name != keys.SPLITS_DIR:

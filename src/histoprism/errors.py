@@ -16,3 +16,10 @@ class InputError(ValueError):
         self.path = None if path is None else Path(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}" if path is not None else problem)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's exception message (its type name when it has none): what
+    an ``InputError`` quotes, so that the CLI's error stays one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

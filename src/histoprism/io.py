@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import InputError
+from .storage import writing
 
 try:  # POSIX only: on Windows directories are not locked (directory_lock is a no-op)
     import fcntl
@@ -47,15 +48,17 @@ def _remove(path: Path) -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it onto ``path`` if the block succeeds.
 
-    A crash or an exception leaves any previous ``path`` untouched and removes the partial file.
-    The temporary name keeps the suffix so that libraries which dispatch on it (anndata, h5py) work.
+    A crash or an exception leaves any previous ``path`` untouched and removes the partial file;
+    a write that fails for lack of room is one ``storage.OutputError`` naming ``path``. The
+    temporary name keeps the suffix so that libraries which dispatch on it (anndata, h5py) work.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_name(path)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with writing(path):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         _remove(tmp)
 

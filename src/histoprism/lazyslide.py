@@ -25,6 +25,7 @@ import numpy as np
 from . import keys
 from .cohort import Slide
 from .errors import InputError
+from .readers.embeddings import check_features
 
 if TYPE_CHECKING:
     from .predict import Run
@@ -258,17 +259,15 @@ def _centres(top_left: np.ndarray, tile_px: tuple[float, float]) -> np.ndarray:
 
 
 def _dense_features(features: Any) -> np.ndarray:
-    """(N, D) float32 from a numpy, scipy sparse or dask matrix; NaN/inf is an InputError."""
+    """(N, D) float32 from a numpy, scipy sparse or dask matrix, checked by ``check_features``."""
     if hasattr(features, "toarray"):
         features = features.toarray()
     elif hasattr(features, "compute"):
         features = features.compute()
+    if np.iscomplexobj(features) or np.asarray(features).dtype.kind not in "fiub":
+        raise InputError(f"tile features have dtype {np.asarray(features).dtype}, expected numbers")
     features = np.asarray(features, dtype=np.float32)
-    if features.ndim != 2:
-        raise InputError(f"tile features must be (N, D), not {features.shape}")
-    bad = ~np.isfinite(features).all(axis=1)
-    if bad.any():
-        raise InputError(f"{int(bad.sum())} of {len(features)} tiles have NaN/inf features")
+    check_features(features, what="tiles")
     return features
 
 

@@ -29,12 +29,14 @@ from .cohort import Cohort, Slide
 from .distributed import local_device, rank_share
 from .errors import InputError
 from .genes import GeneIdMap, GenePanel
-from .io import atomic_path
+from .io import atomic_path, directory_lock, remove_partials
 from .model import HistoPrism, ModelConfig
+from .names import child
 from .pathways import default_genesets, linear_head_scores, panel_membership, zscore_columns
 from .progress import progress_bar
 from .registry import Predictor, model_kind
 from .spatial_view import spatial_uns
+from .storage import check_room, output_dir
 from .tensors import CancerVocabulary, input_options, to_tensors
 
 if TYPE_CHECKING:
@@ -218,6 +220,10 @@ def predict_slide(
     skeleton.uns[keys.UNS_HISTOPRISM]["output"] = "factorised" if factorised else "dense"
     if uncertainty is not None:
         skeleton.uns[keys.UNS_HISTOPRISM]["uncertainty"] = uncertainty.info()
+    item = np.dtype(dtype).itemsize
+    layers = 0 if uncertainty is None else 1 + len(keys.LAYER_BOUNDS)  # sd and the interval bounds
+    payload = n * prepared.shape[-1] * item + weight.nbytes if factorised else n * g * item
+    check_room(path, _output_bytes(payload * (1 + layers), n, len(names), layers))
     with atomic_path(path) as tmp:
         skeleton.write_h5ad(tmp, compression="gzip")  # the images; arrays read often: raw
         with h5py.File(tmp, "a") as f:
@@ -240,6 +246,13 @@ def predict_slide(
             obs = pd.concat([skeleton.obs, named.set_axis(skeleton.obs.index)], axis=1)
             ad.io.write_elem(f, "obs", obs)
     return Path(path)
+
+
+def _output_bytes(payload: int, n: int, n_sets: int, layers: int) -> int:
+    """Least bytes of what ``predict_slide`` writes uncompressed: ``payload`` (X and its
+    ``layers`` extra layers, or the hidden layer and head) and the (n, n_sets) float32 pathway
+    scores (obsm and obs, and their sd with layers). The lower bound ``check_room`` wants."""
+    return payload + n * n_sets * 4 * (3 if layers else 2)
 
 
 def _factorised(output: str, predictor: Predictor, dense_bytes: int) -> bool:
@@ -437,8 +450,10 @@ def predict(
     ids = rank_share(_sample_ids(cohort, samples))
     told = _cancer_rule(run, cancer)
     genesets = default_genesets(run.panel)
-    written = []
-    with progress_bar(enabled=progress) as bar:
+    out = output_dir(out)
+    written: list[Path] = []
+    with directory_lock(out, "predicting"), progress_bar(enabled=progress) as bar:
+        remove_partials(out)
         task = bar.add_task("predicting", total=len(ids), info="")
         for sample_id in ids:
             # sequenced slides keep the barcodes and spot centres of their counts file
@@ -448,7 +463,7 @@ def predict(
                 predict_slide(
                     run,
                     slide,
-                    Path(out) / f"{sample_id}.h5ad",
+                    child(out, sample_id, ".h5ad"),
                     genesets=genesets,
                     unknown_cancer=unknown_cancer,
                     dtype=dtype,

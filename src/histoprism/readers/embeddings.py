@@ -12,8 +12,9 @@ import h5py
 import numpy as np
 
 from .. import keys
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..io import atomic_path
+from .hdf5 import check_declared_size
 
 COORDS_ARE = "spot centres, level-0 px (x, y)"  # value of the ``coords_are`` attribute we write
 
@@ -32,10 +33,23 @@ class EmbeddingFile:
     path: Path
 
 
-def _decode(arr: np.ndarray) -> np.ndarray:
+MAX_SPOTS = 20_000_000  # Visium HD 2 µm bins of a whole slide are ~11 M
+MAX_DIM = 65_536  # the widest foundation-model embeddings are a few thousand
+MAX_ABS_FEATURE = 1e6  # beyond this, float32 arithmetic in the model overflows
+
+
+def _decode(arr: np.ndarray, path: Path) -> np.ndarray:
+    """(N,) str barcodes from bytes/str/number arrays; InputError for undecodable bytes."""
     arr = np.asarray(arr).reshape(-1)
-    if arr.dtype.kind in ("S", "O"):
-        return np.array([b.decode() if isinstance(b, bytes) else str(b) for b in arr], dtype=object)
+    try:
+        if arr.dtype.kind in ("S", "O"):
+            return np.array(
+                [b.decode() if isinstance(b, bytes) else str(b) for b in arr], dtype=object
+            )
+    except UnicodeDecodeError as exc:
+        raise InputError(f"barcodes are not UTF-8 text ({exc.reason})", path) from exc
+    if arr.dtype.kind not in "iuU":
+        raise InputError(f"barcodes have dtype {arr.dtype}, expected text", path)
     return arr.astype(str).astype(object)
 
 
@@ -43,12 +57,29 @@ def _first(h5: h5py.File, names: tuple[str, ...]) -> str | None:
     return next((n for n in names if n in h5), None)
 
 
+def _dataset(h5: h5py.File, name: str, kinds: str, path: Path) -> h5py.Dataset:
+    """``h5[name]`` after checking, without reading it, that it is a dataset of a numeric
+    ``kinds`` dtype (numpy kind letters) whose declared size is plausible for what the file
+    holds on disk."""
+    ds = h5[name]
+    if not isinstance(ds, h5py.Dataset):
+        raise InputError(f"'{name}' is a {type(ds).__name__}, expected a dataset", path)
+    if ds.dtype.kind not in kinds:
+        raise InputError(f"'{name}' has dtype {ds.dtype}, expected numbers", path)
+    shape = ds.shape or ()
+    if len(shape) == 0 or shape[0] > MAX_SPOTS or int(np.prod(shape[1:], dtype=np.int64)) > MAX_DIM:
+        raise InputError(f"'{name}' declares shape {shape}: not a slide's spots", path)
+    check_declared_size(ds, path)
+    return ds
+
+
 def read_embeddings(path: str | Path) -> EmbeddingFile:
     """Read one embedding file and validate it (finite, 2-D, one coordinate pair per row).
 
     A ``.pt`` file goes to ``read_torch_embeddings``; anything else is read as HDF5. TRIDENT files
     store the patch's top-left corner; with ``patch_size_level0`` known, it is shifted by half a
-    patch to the centre so every reader returns spot centres.
+    patch to the centre so every reader returns spot centres. Shapes and dtypes are checked
+    against each other and against the bytes on disk before any array is read.
     """
     path = Path(path)
     if path.suffix == ".pt":
@@ -57,29 +88,56 @@ def read_embeddings(path: str | Path) -> EmbeddingFile:
         raise InputError("embedding file not found", path)
     try:
         with h5py.File(path, "r") as h5:
-            fname = _first(h5, (keys.H5_FEATURES, *keys.H5_FEATURES_ALT))
-            if fname is None:
-                raise InputError(f"no '{keys.H5_FEATURES}' or 'embeddings' dataset", path)
-            features = np.asarray(h5[fname][...], dtype=np.float32)
-            coords = (
-                np.asarray(h5[keys.H5_COORDS][...], dtype=np.float64)
-                if keys.H5_COORDS in h5
-                else None
-            )
-            bname = _first(h5, (keys.H5_BARCODES, *keys.H5_BARCODES_ALT))
-            barcodes = _decode(h5[bname][...]) if bname else None
-            patch0 = (
-                h5[keys.H5_COORDS].attrs.get("patch_size_level0") if coords is not None else None
-            )
-    except OSError as exc:
-        raise InputError(f"cannot read as HDF5 ({exc})", path) from exc
-    features = features.reshape(features.shape[0], -1) if features.ndim == 3 else features
+            features, coords, barcodes, patch0 = _read_h5(h5, path)
+    except InputError:
+        raise
+    except Exception as exc:  # h5py raises OSError, KeyError, RuntimeError ... on damaged files
+        raise InputError(f"cannot read as HDF5 ({first_line(exc)})", path) from exc
     _check(features, coords, barcodes, path)
     if coords is None:
         coords = np.full((features.shape[0], 2), np.nan)
     elif barcodes is None and patch0 is not None:
-        coords = coords + float(patch0) / 2.0
+        coords = coords + patch0 / 2.0
     return EmbeddingFile(features=features, coords=coords[:, :2], barcodes=barcodes, path=path)
+
+
+def _read_h5(h5: h5py.File, path: Path):
+    """(features (N, D) float32, coords (N, >=2) float64 or None, barcodes (N,) or None,
+    TRIDENT patch size in level-0 px or None), each checked before it is read."""
+    fname = _first(h5, (keys.H5_FEATURES, *keys.H5_FEATURES_ALT))
+    if fname is None:
+        raise InputError(f"no '{keys.H5_FEATURES}' or 'embeddings' dataset", path)
+    fds = _dataset(h5, fname, "fiu", path)
+    if fds.ndim not in (2, 3):
+        raise InputError(f"features have shape {fds.shape}, expected (N, D)", path)
+    n = fds.shape[0]
+    if n == 0 or int(np.prod(fds.shape[1:])) == 0:
+        raise InputError(f"features have shape {fds.shape}, expected (N, D) with N > 0", path)
+    cds = _dataset(h5, keys.H5_COORDS, "fiu", path) if keys.H5_COORDS in h5 else None
+    if cds is not None and (cds.ndim != 2 or cds.shape[0] != n or cds.shape[1] < 2):
+        raise InputError(f"coords have shape {cds.shape}, expected ({n}, 2)", path)
+    bname = _first(h5, (keys.H5_BARCODES, *keys.H5_BARCODES_ALT))
+    bds = _dataset(h5, bname, "SOUiu", path) if bname else None
+    if bds is not None and int(np.prod(bds.shape)) != n:
+        raise InputError(f"{int(np.prod(bds.shape))} barcodes for {n} embeddings", path)
+    features = np.asarray(fds[...], dtype=np.float32)
+    features = features.reshape(n, -1)
+    coords = np.asarray(cds[...], dtype=np.float64) if cds is not None else None
+    barcodes = _decode(bds[...], path) if bds is not None else None
+    patch0 = None
+    if cds is not None and "patch_size_level0" in cds.attrs:
+        patch0 = _positive_number(cds.attrs["patch_size_level0"], "patch_size_level0", path)
+    return features, coords, barcodes, patch0
+
+
+def _positive_number(value, name: str, path: Path) -> float:
+    try:
+        x = float(np.asarray(value).reshape(-1)[0])
+    except (TypeError, ValueError, IndexError) as exc:
+        raise InputError(f"attribute {name} is {value!r}, expected a number", path) from exc
+    if not np.isfinite(x) or x <= 0:
+        raise InputError(f"attribute {name} is {x}, expected a positive number", path)
+    return x
 
 
 def write_embeddings(
@@ -132,8 +190,9 @@ def read_torch_embeddings(path: str | Path) -> EmbeddingFile:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError ... on bad files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot load as a weights-only torch file ({first})", path) from exc
+        raise InputError(
+            f"cannot load as a weights-only torch file ({first_line(exc)})", path
+        ) from exc
     barcodes, rows = _torch_rows(obj, path)
     dims = {tuple(r.shape) for r in rows}
     if len(dims) != 1 or len(next(iter(dims))) != 1:
@@ -167,18 +226,39 @@ def _torch_rows(obj, path: Path) -> tuple[np.ndarray, list]:
         raise InputError("embeddings must be tensors", path)
     if not all(isinstance(b, str | bytes) for b in barcodes) or len(barcodes) != len(rows):
         raise InputError(f"{len(barcodes)} str barcodes expected for {len(rows)} embeddings", path)
-    return _decode(np.array(barcodes, dtype=object)), rows
+    return _decode(np.array(barcodes, dtype=object), path), rows
+
+
+def check_features(
+    features: np.ndarray, path: Path | None = None, *, what: str = "embeddings"
+) -> None:
+    """Refuse an (N, D) feature matrix the model cannot use: empty, NaN/inf, or values beyond
+    ``MAX_ABS_FEATURE`` (finite float32 that overflows in the first layers)."""
+    if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
+        raise InputError(f"{what} have shape {features.shape}, expected (N, D) with N > 0", path)
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        raise InputError(f"{int(bad.sum())} of {len(features)} {what} contain NaN/inf", path)
+    peak = float(np.abs(features).max())
+    if peak > MAX_ABS_FEATURE:
+        raise InputError(
+            f"{what} reach {peak:.3g}: values beyond ±{MAX_ABS_FEATURE:.0e} "
+            "are not a foundation model's output",
+            path,
+        )
 
 
 def _check(features, coords, barcodes, path: Path) -> None:
-    if features.ndim != 2 or features.shape[0] == 0:
-        raise InputError(f"features have shape {features.shape}, expected (N, D) with N > 0", path)
-    bad = ~np.isfinite(features).all(axis=1)
-    if bad.any():
-        raise InputError(f"{int(bad.sum())} of {len(features)} embeddings contain NaN/inf", path)
+    """Refuse what the model cannot use (``check_features``), non-finite coords, counts that
+    disagree, duplicate barcodes, no way to place the spots."""
+    check_features(features, path)
     n = features.shape[0]
-    if coords is not None and coords.shape[0] != n:
-        raise InputError(f"{coords.shape[0]} coords for {n} embeddings", path)
+    if coords is not None:
+        if coords.shape[0] != n:
+            raise InputError(f"{coords.shape[0]} coords for {n} embeddings", path)
+        bad = ~np.isfinite(coords[:, :2]).all(axis=1)
+        if bad.any():
+            raise InputError(f"{int(bad.sum())} of {n} coords are NaN/inf", path)
     if barcodes is not None:
         if len(barcodes) != n:
             raise InputError(f"{len(barcodes)} barcodes for {n} embeddings", path)

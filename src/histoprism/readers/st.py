@@ -10,7 +10,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from .. import keys
-from ..errors import InputError
+from ..errors import InputError, first_line
+from .hdf5 import check_file
 
 
 def read_st(path: str | Path) -> ad.AnnData:
@@ -24,6 +25,7 @@ def read_st(path: str | Path) -> ad.AnnData:
     path = Path(path)
     if not path.exists():
         raise InputError("counts file not found", path)
+    check_file(path)  # declared sizes first: anndata would allocate whatever the file declares
     adata = read_h5ad(path)
     _check(adata, path)
     X = adata.X
@@ -38,10 +40,15 @@ def read_h5ad(path: str | Path, *, backed: Literal["r"] | None = None) -> ad.Ann
     try:
         return ad.read_h5ad(path, backed=backed)
     except Exception as exc:  # h5py/anndata raise many types for a corrupt file
-        raise InputError(f"cannot read as h5ad ({type(exc).__name__}: {exc})", path) from exc
+        raise InputError(f"cannot read as h5ad ({first_line(exc)})", path) from exc
 
 
 def _check(adata: ad.AnnData, path: Path) -> None:
+    if adata.X is None:
+        raise InputError("no X (the raw counts matrix)", path)
+    dtype = adata.X.dtype
+    if dtype.kind not in "fiub":
+        raise InputError(f"X has dtype {dtype}, expected raw counts (numbers)", path)
     if adata.n_obs == 0:
         raise InputError("slide has no spots", path)
     if adata.n_vars == 0:
@@ -53,6 +60,8 @@ def _check(adata: ad.AnnData, path: Path) -> None:
     if keys.OBSM_SPATIAL not in adata.obsm:
         raise InputError("no obsm['spatial'] (spot centres in pixels)", path)
     xy = np.asarray(adata.obsm[keys.OBSM_SPATIAL])
+    if xy.dtype.kind not in "fiu":
+        raise InputError(f"obsm['spatial'] has dtype {xy.dtype}, expected numbers", path)
     if xy.ndim != 2 or xy.shape[1] < 2:
         raise InputError(f"obsm['spatial'] has shape {xy.shape}, expected (N, 2)", path)
     if not np.isfinite(xy[:, :2]).all():
