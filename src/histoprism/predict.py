@@ -205,6 +205,12 @@ def predict_slide(
     else:
         factorised = uncertainty.check_output(output, n * g * np.dtype(dtype).itemsize)
         prepared = uncertainty.prepare(slide, unknown_cancer=unknown_cancer)
+    if isinstance(prepared, torch.Tensor) and not torch.isfinite(prepared).all():
+        raise InputError(
+            "the model's last hidden layer is not finite on this slide: its embeddings lie "
+            "far outside what the model was trained on (another encoder, or unnormalised?)",
+            path,
+        )
     names, M = panel_membership(
         run.panel, genesets if genesets is not None else default_genesets(run.panel)
     )

@@ -14,7 +14,7 @@ import numpy as np
 from .. import keys
 from ..errors import InputError, first_line
 from ..io import atomic_path
-from .hdf5 import check_declared_size
+from .hdf5 import check_declared_size, check_file
 
 COORDS_ARE = "spot centres, level-0 px (x, y)"  # value of the ``coords_are`` attribute we write
 
@@ -86,6 +86,7 @@ def read_embeddings(path: str | Path) -> EmbeddingFile:
         return read_torch_embeddings(path)
     if not path.exists():
         raise InputError("embedding file not found", path)
+    check_file(path)  # a damaged file can crash or hang HDF5: checked in a child process first
     try:
         with h5py.File(path, "r") as h5:
             features, coords, barcodes, patch0 = _read_h5(h5, path)
