@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import anndata as ad
@@ -507,6 +508,68 @@ def test_evaluate_bad_input(toy, tmp_path):
     with pytest.raises(InputError, match="HVG list not found"):
         evaluate(pred_dir, Cohort(root), tmp_path, hvg=str(tmp_path / "nope.json"))
     assert not (tmp_path / keys.EVAL_METRICS).exists()
+
+
+# --- a user's GMT alone: CLI summary, metrics, report, compare ------------------------------------
+def test_custom_gmt_alone_end_to_end(toy, tmp_path, caplog):
+    """``evaluate --genesets mine.gmt`` without the bundled sets: the summary names the
+    collection, metrics.json and the report carry it, and compare/report read the directory
+    that has neither gpc_hallmark nor gpc_go."""
+    from typer.testing import CliRunner
+
+    from histoprism.cli import app
+    from histoprism.compare import load_eval, write_comparison
+
+    root, pred_dir, _ = toy
+    gmt = tmp_path / "my_sets.gmt"  # a repeated gene counts once; ZZZ is no panel gene
+    gmt.write_text(
+        f"UP\td\t{GENES[0]}\t{GENES[30]}\t{GENES[40]}\t{GENES[30]}\n"
+        f"DOWN\td\t{GENES[50]}\t{GENES[60]}\nNONE\td\tZZZ\n"
+    )
+    out = tmp_path / "eval"
+    args = ["evaluate", "--pred", pred_dir, "--data", root, "--out", out, "--genesets", gmt]
+    args += ["--hvg", "bench", "--samples", "A1"]  # one slide, no training slide read: fast
+    with caplog.at_level(logging.WARNING, logger="histoprism.evaluate"):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    summary = result.stdout.strip().splitlines()
+    assert len(summary) == 1, summary
+    assert re.search(r"\), GPC my_sets -?\d\.\d{3}, all genes ", summary[0]), summary
+    assert "Hallmark" not in summary[0] and "GO " not in summary[0]
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "my_sets.gmt: 1 of 3 gene sets have no predicted gene" in warned[0]
+
+    metrics = json.loads((out / keys.EVAL_METRICS).read_text())
+    assert metrics["gene_sets"] == {"my_sets": 3}
+    head = metrics["headline"]
+    assert np.isfinite(head["gpc_my_sets_micro"]) and np.isfinite(head["gpc_my_sets_macro"])
+    assert not [k for k in head if k.startswith(("gpc_hallmark", "gpc_go"))]
+    pathways = pd.read_csv(out / keys.EVAL_PER_PATHWAY).set_index("gene_set")
+    assert pathways["n_genes_in_panel"].to_dict() == {"UP": 3, "DOWN": 2, "NONE": 0}
+    page = (out / keys.EVAL_REPORT).read_text()
+    assert_report_tables(page, collections=("my_sets",))
+    assert "my_sets pathway scores" in page  # the examples' maps use the only collection
+
+    # another model's directory: the same files
+    other = tmp_path / "eval_b"
+    other.mkdir()
+    for f in out.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    results = [load_eval("a", out), load_eval("b", other)]
+    paths = write_comparison(tmp_path / "cmp", results, n_boot=100)
+    doc = json.loads(paths["json"].read_text())
+    assert [t["metric"] for t in doc["tests"]] == ["hvg", "gpc_my_sets", "all_genes"]
+    assert set(doc["win_rate"]) == {"my_sets"}
+    assert doc["models"][0]["gpc_my_sets_micro"] == pytest.approx(head["gpc_my_sets_micro"])
+
+
+def test_gmt_without_predicted_genes_is_refused_before_any_output(toy, tmp_path):
+    root, pred_dir, _ = toy
+    gmt = tmp_path / "elsewhere.gmt"
+    gmt.write_text("A\td\tX1\tX2\nB\td\tX3\n")
+    with pytest.raises(InputError, match=r"elsewhere\.gmt: no gene set has a gene among the 71"):
+        evaluate(pred_dir, Cohort(root), tmp_path / "ev", genesets=[str(gmt)], progress=False)
+    assert not (tmp_path / "ev").exists()
 
 
 # --- the report of real predictions: tissue under the maps, maps kept, slide facts per slide ------

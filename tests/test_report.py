@@ -356,6 +356,30 @@ def test_write_benchmark_report(tmp_path):
     assert "0.700" in page and 'id="tests-table"' in page and "1e-05" in page
 
 
+def test_benchmark_report_of_a_custom_collection_alone(tmp_path):
+    """Models evaluated with a user's GMT only: its GPC is in the headline bars, the per-cancer
+    charts and the scatter plots instead of Hallmark and GO."""
+    table = TABLE[["model", "hvg_micro"]].assign(gpc_mine_micro=[0.4, 0.3, 0.5])
+    per_cancer = BENCH_PER_CANCER.drop(columns="gpc_hallmark").assign(gpc_mine=0.2)
+    per_pathway = {
+        m: pd.DataFrame(
+            {"collection": "mine", "gene_set": list("ABCD"), "s_micro": [0.1, 0.2, 0.3, k]}
+        ).assign(s_macro=lambda d: d["s_micro"])
+        for m, k in (("histoprism", 0.4), ("ridge", 0.0))
+    }
+    page = write_benchmark_report(
+        tmp_path, table=table, per_cancer=per_cancer, per_pathway=per_pathway
+    ).read_text()
+    figures = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
+    assert figures == [
+        "headline.png",
+        "per-cancer-gpc_mine.png",
+        "per-cancer-hvg.png",
+        "scatter-mine-ridge.png",
+    ]
+    assert "GPC mine: s_m per gene set, histoprism (x) vs ridge (y)." in page
+
+
 def test_regenerate_benchmark_dir(tmp_path):
     TABLE.to_csv(tmp_path / "comparison.csv", index=False)
     info = {

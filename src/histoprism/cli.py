@@ -12,7 +12,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from . import keys
 from .errors import InputError
 from .registry import MODEL_KINDS, VARIANTS
 
@@ -273,11 +272,16 @@ def evaluate(
     cohort = _run(ctx, Cohort, data, split_dir=split)
     ids = [s.strip() for s in samples.split(",")] if samples else None
     m = _run(ctx, api.evaluate, pred, cohort, out, hvg=hvg, genesets=genesets, samples=ids)
-    h = {k: _score(m["headline"].get(k)) for k in keys.HEADLINE_METRICS}  # no gpc: n/a
+    # only what was scored: every collection evaluated (metrics.json "gene_sets", in --genesets
+    # order) gets its GPC number, named after it; a collection without a score says n/a
+    h = {k: _score(v) for k, v in m["headline"].items()}
+    labels = {"hallmark": "Hallmark", "go": "GO"}  # the bundled two; a GMT keeps its file stem
+    gpc = [f"{labels.get(c, c)} {h.get(f'gpc_{c}_micro', 'n/a')}" for c in m.get("gene_sets", {})]
     typer.echo(
-        f"{m['n_slides']} slides: HVG-50 {h['hvg_micro']} (macro {h['hvg_macro']}), "
-        f"GPC Hallmark {h['gpc_hallmark_micro']}, GO {h['gpc_go_micro']}, "
-        f"all genes {h['all_genes_micro']} -> {out}"
+        f"{m['n_slides']} slides: HVG-50 {h.get('hvg_micro', 'n/a')} "
+        f"(macro {h.get('hvg_macro', 'n/a')}), "
+        + (f"GPC {', '.join(gpc)}, " if gpc else "")
+        + f"all genes {h.get('all_genes_micro', 'n/a')} -> {out}"
     )
 
 

@@ -30,7 +30,6 @@ COMPARE_TABLE, COMPARE_JSON, COMPARE_MD = keys.COMPARE_TABLE, keys.COMPARE_JSON,
 
 HEADLINE = tuple(keys.HEADLINE_METRICS)
 TIMING = ("train_s", "predict_s", "peak_rss_mb")
-TEST_METRICS = ("hvg", "gpc_hallmark", "gpc_go", "all_genes")
 DASH = "—"  # NaN in markdown
 
 __all__ = [
@@ -102,18 +101,26 @@ def _names(results: Sequence[EvalResult]) -> list[str]:
 def comparison_table(
     results: Sequence[EvalResult], timing: Mapping[str, Mapping] | None = None
 ) -> pd.DataFrame:
-    """(n_models, 9 [+ 3]) headline scores, index = model name.
+    """(n_models, 9 [+ 2 per custom collection] [+ 3]) headline scores, index = model name.
 
-    Columns ``HEADLINE`` from metrics["headline"] (missing or None -> NaN), then ``TIMING``
+    Columns ``HEADLINE`` from metrics["headline"] (missing or None -> NaN), then the
+    ``gpc_<collection>_micro/_macro`` of any model's own GMT collections, then ``TIMING``
     (train_s, predict_s, peak_rss_mb) when ``timing`` ({name: {column: value}}) is given.
     """
     names = _names(results)
-    rows = [{k: r.metrics.get("headline", {}).get(k) for k in HEADLINE} for r in results]
-    table = pd.DataFrame(rows, index=pd.Index(names, name="model"), columns=list(HEADLINE))
+    heads = [r.metrics.get("headline") or {} for r in results]
+    custom = [k for h in heads for k in h if k not in HEADLINE and _is_gpc_headline(k)]
+    columns = [*HEADLINE, *dict.fromkeys(custom)]
+    rows = [{k: h.get(k) for k in columns} for h in heads]
+    table = pd.DataFrame(rows, index=pd.Index(names, name="model"), columns=columns)
     if timing is not None:
         for col in TIMING:
             table[col] = [(timing.get(n) or {}).get(col) for n in names]
     return table.astype(np.float64)
+
+
+def _is_gpc_headline(key: str) -> bool:
+    return key.startswith("gpc_") and key.endswith(("_micro", "_macro"))
 
 
 def per_cancer_table(results: Sequence[EvalResult]) -> pd.DataFrame:
@@ -154,17 +161,21 @@ def pairwise_tests(
     results: Sequence[EvalResult],
     *,
     reference: str,
-    metrics: Sequence[str] = TEST_METRICS,
+    metrics: Sequence[str] | None = None,
     n_boot: int = 10_000,
     seed: int = 0,
 ) -> pd.DataFrame:
     """Reference vs every other model B, one row per (B, metric).
 
+    metrics: per-slide columns to test; default hvg, ``gpc_<collection>`` for every collection
+    any model has (bundled or a user's GMT, first seen first), all_genes.
     Columns: reference, model (B), metric, diff, ci_low, ci_high, n (paired bootstrap of
     reference - B over the per-slide column ``metric``), and for ``gpc_<collection>`` metrics
     wins, losses, ties, p, win_rate (sign test of the reference vs B over the collection's gene
     sets, s_micro); NaN where a model lacks the column or collection.
     """
+    if metrics is None:
+        metrics = ["hvg", *(f"gpc_{c}" for c in _collections(results)), "all_genes"]
     by_name = dict(zip(_names(results), results, strict=True))
     if reference not in by_name:
         raise InputError(f"reference model '{reference}' is not among {list(by_name)}")

@@ -46,7 +46,7 @@ from .genes import (
     read_gmt,
 )
 from .io import atomic_path, write_text_atomic
-from .pathways import membership, pathway_scores
+from .pathways import GeneSets, membership_matrix, membership_scores, pathway_scores
 from .prediction import read_prediction
 from .progress import progress_bar
 from .readers import read_h5ad, read_st
@@ -62,6 +62,9 @@ N_EXAMPLE_GENES = 3  # best-predicted HVG genes per example slide
 N_EXAMPLE_SETS = 2  # best-predicted gene sets per example slide (pathway maps)
 EXAMPLE_COLLECTION = "hallmark"  # where the example gene sets come from, if evaluated
 MIN_EXAMPLE_SET_GENES = 5  # a set needs this many genes (or the most any set has) to be shown
+# a GMT none of whose sets has this many predicted genes is refused (check_panel_overlap): one
+# predicted gene already gives a set a score (GPC averages r over the set's scored genes)
+MIN_SET_GENES = 1
 SLIDE_FACT_COLUMNS = ("cancer_requested", "cancer_used", "pixel_size_um")  # per_slide.csv
 _BLOCK = 2**24  # float64 elements per (spots x genes) block: ~128 MB, bounds memory per slide
 
@@ -70,6 +73,7 @@ __all__ = [
     "SlideScore",
     "align_by_barcode",
     "all_genes_scores",
+    "check_panel_overlap",
     "comoments",
     "evaluate",
     "geneset_scores",
@@ -171,26 +175,25 @@ def score_slide(pred: ad.AnnData, st: ad.AnnData, *, path: Path | None = None) -
 def _example_pathways(
     truth: np.ndarray,
     pred: np.ndarray,
-    genes: pd.Index,
-    genesets: Mapping[str, Sequence[str]],
+    M: sp.csr_matrix,
+    names: Sequence[str],
     *,
     collection: str,
     n_sets: int,
 ) -> PathwayMaps | None:
     """The ``n_sets`` sets with the best r(measured score, predicted score) on the slide.
 
-    truth, pred: (N, G) log1p(counts) and prediction of the genes ``genes`` (measured and
-    predicted). Candidates: sets with at least ``MIN_EXAMPLE_SET_GENES`` genes (or the most
-    any set has). None when no set has a finite r.
+    truth, pred: (N, G) log1p(counts) and prediction of G genes (measured and predicted); M:
+    (S, G) ``membership_matrix`` of the sets ``names`` over them. Candidates: sets with at least
+    ``MIN_EXAMPLE_SET_GENES`` genes (or the most any set has). None when no set has a finite r.
     """
-    measured, n_genes = pathway_scores(truth, genes, genesets)  # (N, S), (S,)
-    predicted, _ = pathway_scores(pred, genes, genesets)
+    measured, n_genes = membership_scores(truth, M)  # (N, S), (S,)
+    predicted, _ = membership_scores(pred, M)
     r = pearson_per_gene(predicted, measured)  # (S,)
     ok = np.isfinite(r) & (n_genes >= min(MIN_EXAMPLE_SET_GENES, max(n_genes.max(initial=0), 1)))
     if not ok.any():
         return None
     best = np.flatnonzero(ok)[np.argsort(-r[ok], kind="stable")][:n_sets]
-    names = list(genesets)
     return PathwayMaps(
         collection=collection,
         names=[names[i] for i in best],
@@ -246,14 +249,14 @@ def spatial_example(
     if crop is not None:
         ex.image, ex.image_extent = crop
     if genesets:
+        M = membership_matrix(pred_genes[have], genesets)  # (S, K) sets x measured genes
         # only genes in both truth and prediction, and in some set: bounded memory
-        wanted = {g for members in genesets.values() for g in members}
-        k = np.flatnonzero(pred_genes[have].isin(wanted))
+        k = np.flatnonzero(M.getnnz(axis=0))
         ex.pathways = _example_pathways(
             np.log1p(dense_block(counts, st_rows, k)),
             dense_block(pred.X, pred_rows, have[k]),
-            pred_genes[have[k]],
-            genesets,
+            M[:, k],
+            list(genesets),
             collection=collection,
             n_sets=n_sets,
         )
@@ -315,14 +318,15 @@ def all_genes_scores(R: pd.DataFrame) -> pd.DataFrame:
 def geneset_scores(R: pd.DataFrame, genesets: Mapping[str, Sequence[str]]) -> pd.DataFrame:
     """(n_slides, n_sets): mean r(i, g) over the genes g of each set with a finite r on slide i.
 
-    One matrix product over a (sets x genes) membership matrix; NaN where no gene of the set has
-    a finite r on the slide.
+    One sparse product with the (sets x genes) ``membership_matrix``: work and memory grow with
+    the sets' total size, not sets x genes (20,000 sets over a 38,982-gene panel are 3 GB dense).
+    NaN where no gene of the set has a finite r on the slide.
     """
-    M = membership(R.columns, genesets).T.astype(np.float64)  # (S, G)
-    V = R.to_numpy(dtype=np.float64)
+    M = membership_matrix(R.columns, genesets)  # (S, G) sparse
+    V = R.to_numpy(dtype=np.float64)  # (n_slides, G)
     ok = np.isfinite(V)
-    sums = np.where(ok, V, 0.0) @ M.T
-    counts = ok.astype(np.float64) @ M.T
+    sums = (M @ np.where(ok, V, 0.0).T).T  # (n_slides, S)
+    counts = (M @ ok.T.astype(np.float64)).T
     with np.errstate(invalid="ignore", divide="ignore"):
         scores = np.where(counts > 0, sums / counts, np.nan)
     return pd.DataFrame(scores, index=R.index, columns=list(genesets))
@@ -343,7 +347,7 @@ def gpc_table(
         {
             "collection": collection,
             "gene_set": list(genesets),
-            "n_genes_in_panel": [int(panel.isin(set(g)).sum()) for g in genesets.values()],
+            "n_genes_in_panel": membership_matrix(panel, genesets).getnnz(axis=1),
             "s_micro": scores.mean(axis=0).to_numpy(),
             "s_macro": by_cancer.mean(axis=0).to_numpy(),
         }
@@ -454,21 +458,69 @@ def _hvg_from_json(obj, path: Path) -> list[str] | dict[str, list[str]]:
 
 
 def resolve_genesets(
-    genesets: Sequence[str | Path] | None, *, ensembl: bool
-) -> dict[str, dict[str, list[str]]]:
+    genesets: Sequence[str | Path] | None, *, ensembl: bool, panel: Sequence[str] | None = None
+) -> dict[str, GeneSets]:
     """{collection: {set: genes}}: 'gpc' (default) = bundled Hallmark + GO; a GMT path = the
-    collection named by the file's stem."""
+    collection named by the file's stem (``genes.read_gmt``: a malformed file is an
+    ``InputError`` naming its line).
+
+    panel: the predicted genes; when given, each GMT is checked against them
+    (``check_panel_overlap``). The bundled sets are not: a panel in another vocabulary scores
+    them NaN, which the summary shows as n/a.
+    """
     ids = "ensembl" if ensembl else "symbols"
-    out: dict[str, dict[str, list[str]]] = {}
+    out: dict[str, GeneSets] = {}
     for item in genesets or ["gpc"]:
         if str(item) == "gpc":
-            out.update({c: gpc_genesets(c, ids=ids) for c in GENESET_COLLECTIONS})
+            out.update({c: GeneSets(gpc_genesets(c, ids=ids)) for c in GENESET_COLLECTIONS})
             continue
-        name = Path(item).name.removesuffix(".gmt")
+        name = Path(item).name.removesuffix(".gmt") or Path(item).name
         if name in out:
             raise InputError(f"two gene set collections named '{name}'", item)
-        out[name] = read_gmt(item)
+        sets = GeneSets(read_gmt(item))
+        if panel is not None:
+            check_panel_overlap(sets, panel, path=Path(item))
+        out[name] = sets
     return out
+
+
+def check_panel_overlap(
+    genesets: Mapping[str, Sequence[str]],
+    panel: Sequence[str],
+    *,
+    path: Path | None = None,
+    min_genes: int = MIN_SET_GENES,
+) -> np.ndarray:
+    """Genes of each set among the predicted ``panel``: (S,) int64.
+
+    Sets without any are scored NaN: one warning gives their number. When no set has
+    ``min_genes``, nothing of the file can be scored, so it is an ``InputError`` on ``path``
+    that says how many of its genes are predicted (and, when it differs, which naming each
+    side uses).
+    """
+    sets = genesets if isinstance(genesets, GeneSets) else GeneSets(genesets)
+    M = sets.membership(panel)  # (S, G)
+    n_genes = M.getnnz(axis=1)
+    if not (n_genes >= min_genes).any():
+        overlap = int(np.count_nonzero(M.getnnz(axis=0)))
+        what = "a gene" if min_genes == 1 else f"{min_genes} genes"
+        problem = (
+            f"no gene set has {what} among the {len(panel):,} predicted genes "
+            f"({overlap:,} of the file's {len(sets.genes):,} distinct genes are predicted)"
+        )
+        if looks_like_ensembl(panel) != looks_like_ensembl(sets.genes):
+            ids = ("Ensembl ids", "symbols")
+            panel_ids, file_ids = ids if looks_like_ensembl(panel) else ids[::-1]
+            problem += f"; the predictions name genes by {panel_ids}, the file by {file_ids}"
+        raise InputError(problem, path)
+    if empty := int(np.count_nonzero(n_genes == 0)):
+        log.warning(
+            "%s: %d of %d gene sets have no predicted gene; they are scored NaN",
+            path or "gene sets",
+            empty,
+            len(sets),
+        )
+    return n_genes.astype(np.int64)
 
 
 # --- EVAL directory -----------------------------------------------------------------------------
@@ -497,7 +549,7 @@ class _Setup:
     split: str  # the split evaluated, or "samples"
     hvg_source: str  # 'train', 'bench' or the file
     hvg: dict[str, list[str] | None]  # cancer -> HVG list (None: no list)
-    collections: dict[str, dict[str, list[str]]]  # collection -> {gene set: genes}
+    collections: dict[str, GeneSets]  # collection -> {gene set: genes}
     ensembl: bool  # predictions name genes by Ensembl id
     model: dict  # uns['histoprism'] of the first prediction
 
@@ -524,13 +576,15 @@ def _setup(
     cancers = pd.Series({i: cohort.cancer(i) for i in ids}, name=keys.META_CANCER, dtype=object)
     genes, model = _peek_prediction(paths[ids[0]])
     ensembl = looks_like_ensembl(genes)
+    # gene sets first: a bad GMT fails before the training slides are read for the HVG lists
+    collections = resolve_genesets(genesets, ensembl=ensembl, panel=genes)
     return _Setup(
         paths=paths,
         cancers=cancers,
         split="samples" if samples else split,
         hvg_source=str(hvg),
         hvg=resolve_hvg(hvg, cohort, list(dict.fromkeys(cancers)), ensembl=ensembl),
-        collections=resolve_genesets(genesets, ensembl=ensembl),
+        collections=collections,
         ensembl=ensembl,
         model=model,
     )

@@ -101,22 +101,68 @@ def read_gene_list(path: str | Path) -> list[str]:
 
 
 def read_gmt(path: str | Path) -> dict[str, list[str]]:
-    """Read a GMT file: ``name<TAB>description<TAB>gene...`` per line -> {name: genes} in file order."""
+    """Read a GMT file, ``name<TAB>description<TAB>gene...`` per line: {name: genes}, file order.
+
+    Genes repeated within a set count once (first place kept); blank lines are skipped; a UTF-8
+    byte-order mark and CRLF line ends are accepted. Anything else that is not a gene set is a
+    one-line ``InputError`` naming the file and the line: no text (binary, not UTF-8), a line
+    without tab-separated fields, a set without a name or without genes, a set name used twice,
+    a file without sets.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError("gene set file not found", path)
+    if not path.is_file():
+        raise InputError("gene set file is not a file", path)
+    text = _gmt_text(path)
     sets: dict[str, list[str]] = {}
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    first_line: dict[str, int] = {}
+    # split on "\n" only: str.splitlines also breaks at \v, \f, \x1c ... and would miscount lines
+    for n, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
-        parts = line.rstrip("\n").split("\t")
-        if len(parts) < 3:
-            raise InputError(f"line {n} is not 'name<TAB>description<TAB>genes...'", path)
-        genes = list(dict.fromkeys(g for g in parts[2:] if g))
-        sets[parts[0]] = genes
+        if "\t" not in line:
+            raise InputError(
+                f"line {n} has no tab-separated fields (expected "
+                "'name<TAB>description<TAB>gene...'): not a GMT file?",
+                path,
+            )
+        name, _, rest = line.partition("\t")
+        name = name.strip()
+        if not name:
+            raise InputError(f"line {n}: gene set without a name", path)
+        if name in first_line:
+            raise InputError(
+                f"line {n}: gene set '{name}' is also on line {first_line[name]} "
+                "(set names must be unique)",
+                path,
+            )
+        # fields after the description; dict.fromkeys: a repeated gene counts once, where first
+        # seen (map with C functions: a 20,000-set file lists millions of names)
+        unique = dict.fromkeys(map(str.strip, rest.split("\t")[1:]))
+        unique.pop("", None)  # empty fields (a trailing tab)
+        genes = list(unique)
+        if not genes:
+            raise InputError(f"line {n}: gene set '{name}' has no genes", path)
+        sets[name], first_line[name] = genes, n
     if not sets:
-        raise InputError("no gene sets in file", path)
+        raise InputError("no gene sets in file (empty GMT)", path)
     return sets
+
+
+def _gmt_text(path: Path) -> str:
+    """The file as text; binary content or invalid UTF-8 is an ``InputError`` with the line."""
+    data = path.read_bytes()
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise InputError(f"line {line}: binary content (NUL byte), not a text GMT file", path)
+    try:
+        return data.decode("utf-8-sig")  # -sig: drops a byte-order mark, if any
+    except UnicodeDecodeError as exc:
+        line = exc.object.count(b"\n", 0, exc.start) + 1  # exc.object: after a BOM
+        raise InputError(f"line {line}: not UTF-8 text ({exc.reason})", path) from exc
 
 
 def gpc_genesets(collection: str, *, ids: str = "symbols") -> dict[str, list[str]]:

@@ -44,6 +44,7 @@ __all__ = [
     "plot_pathways",
     "plot_per_cancer",
     "plot_spatial_example",
+    "ranked_sets",
     "regenerate",
     "save_examples",
     "write_benchmark_report",
@@ -246,6 +247,9 @@ def plot_per_cancer(per_cancer: pd.DataFrame, *, ax: Axes | None = None) -> Figu
 
 
 _SET_PREFIX = r"^(HALLMARK|GOBP|GOCC|GOMF)_"
+# gene sets in a collection's ranked chart and table; beyond, the best and worst half each (the
+# bundled GO's 87 sets are all drawn)
+PLOT_MAX_SETS = 100
 SET_LABEL_MAX = 80  # characters of a gene-set tick label before it is shortened in the middle
 
 
@@ -279,27 +283,64 @@ def _fit_width(fig: Figure, labels: Sequence[str], *, fontsize: float, plot_in: 
     fig.set_size_inches(max(fig.get_figwidth(), label_in + plot_in), fig.get_figheight())
 
 
-def plot_pathways(per_pathway: pd.DataFrame, *, collection: str, ax: Axes | None = None) -> Figure:
+def ranked_sets(df: pd.DataFrame, max_sets: int = PLOT_MAX_SETS) -> tuple[pd.DataFrame, int]:
+    """The scored sets of one collection's per_pathway rows, ranked by s_micro (best last), and
+    how many of them were left out: beyond ``max_sets``, only the best and the worst half each.
+
+    Why: a chart or table of 20,000 sets is 3,400 inches tall and takes minutes to draw; the
+    ends of the ranking are what a reader looks at, and per_pathway.csv holds every set.
+    """
+    df = df[df["s_micro"].notna()].sort_values("s_micro", ascending=True, kind="stable")
+    if len(df) <= max_sets:
+        return df, 0
+    worst, best = max_sets // 2, max_sets - max_sets // 2
+    return pd.concat([df.head(worst), df.tail(best)]), len(df) - max_sets
+
+
+def _shown_note(shown: pd.DataFrame, hidden: int) -> str:
+    """'the 50 best and 50 worst of 20,000 scored sets' ('' when none is hidden)."""
+    if not hidden:
+        return ""
+    total = len(shown) + hidden
+    best = len(shown) - len(shown) // 2
+    return f"the {best} best and {len(shown) // 2} worst of {total:,} scored sets"
+
+
+def plot_pathways(
+    per_pathway: pd.DataFrame,
+    *,
+    collection: str,
+    ax: Axes | None = None,
+    max_sets: int = PLOT_MAX_SETS,
+) -> Figure:
     """Ranked GPC s_m of one collection's gene sets: bars = micro (mean over slides), dots = macro.
 
     per_pathway: the per_pathway.csv table (columns collection, gene_set, s_micro, s_macro).
+    Beyond ``max_sets`` scored sets only the best and the worst half each are drawn, on either
+    side of a gap, and the title says so (``ranked_sets``); the mean in the title is over all.
     """
     df = per_pathway[per_pathway["collection"] == collection]
     unscored = int(df["s_micro"].isna().sum())
-    df = df[df["s_micro"].notna()].sort_values("s_micro", ascending=True)  # best on top
+    mean = df["s_micro"].mean()
+    df, hidden = ranked_sets(df, max_sets)  # best on top
     labels = _set_labels(df["gene_set"])
     own = ax is None
-    fig, ax = _axes(ax, (7.5, 1.4 + 0.17 * len(df)))
+    fig, ax = _axes(ax, (7.5, 1.4 + 0.17 * (len(df) + (1 if hidden else 0))))
     if own:  # full names, however long: the figure grows to hold them (GO names reach 68 chars)
         _fit_width(fig, labels, fontsize=6, plot_in=5.5)
-    y = np.arange(len(df))
+    y = np.arange(len(df), dtype=np.float64)
+    if hidden:  # one empty row between the worst and the best: the ranking is cut there
+        y[len(df) // 2 :] += 1.0
+        ax.axhline(len(df) // 2, color="grey", linewidth=0.8, linestyle="--")
     ax.barh(y, df["s_micro"].to_numpy(dtype=float), color="#4c72b0", label="micro (slides)")
     ax.plot(df["s_macro"].to_numpy(dtype=float), y, "o", ms=3, color="black", label="macro (types)")
     ax.set_yticks(y, labels, fontsize=6)
-    ax.set_ylim(-0.7, len(df) - 0.3)
+    ax.set_ylim(-0.7, y[-1] + 0.7 if len(y) else -0.3)
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_xlabel(f"s_m: mean {R_LABEL} of the set's genes")
-    title = f"Gene Pathway Coherence, {collection} (mean s_m {df['s_micro'].mean():.3f})"
+    title = f"Gene Pathway Coherence, {collection} (mean s_m {mean:.3f})"
+    if hidden:
+        title += f"\n{_shown_note(df, hidden)} shown"
     if unscored:
         title += f"\n{unscored} sets without a scored gene not shown"
     ax.set_title(title)
@@ -648,11 +689,17 @@ def _cancer_section(metrics: dict) -> str:
 def _pathway_section(per_pathway: pd.DataFrame) -> str:
     out = ["<h2>Gene Pathway Coherence</h2>"]
     for name, df in per_pathway.groupby("collection", sort=False):
-        out.append(f"<h3>{html.escape(str(name))} ({len(df)} gene sets)</h3>")
+        out.append(f"<h3>{html.escape(str(name))} ({len(df):,} gene sets)</h3>")
+        shown, hidden = ranked_sets(df)
+        note = _shown_note(shown, hidden)
         caption = f"{name}: s_m per gene set, ranked (bars: micro over slides, dots: macro)."
+        if hidden:
+            caption += f" Shown: {note}; every set is in {keys.EVAL_PER_PATHWAY}."
         out.append(_img(plot_pathways(per_pathway, collection=str(name)), caption))
-        table = _table(df.drop(columns="collection"), f"per-pathway-{_slug(str(name))}")
-        out.append(f"<details><summary>table</summary>{table}</details>")
+        rows = shown.iloc[::-1] if hidden else df  # many sets: the charted ones, best first
+        table = _table(rows.drop(columns="collection"), f"per-pathway-{_slug(str(name))}")
+        summary = f"table ({note}; all in {keys.EVAL_PER_PATHWAY})" if hidden else "table"
+        out.append(f"<details><summary>{html.escape(summary)}</summary>{table}</details>")
     return "".join(out)
 
 
@@ -752,12 +799,21 @@ BENCH_JSON = "comparison.json"  # keys: models, per_cancer, tests, reference
 BENCH_CSV = "comparison.csv"
 BENCH_FIGURES = "figures"
 BENCH_EVAL = "eval"  # bench_dir/eval/<model>/ = that model's EVAL directory
-BENCH_PER_CANCER = ("hvg", "gpc_hallmark")  # per-cancer bar charts
-BENCH_SCATTER = ("hallmark", "go")  # collections of the pathway scatter plots
+# per-cancer bar charts (without Hallmark: of the first GPC collection)
+BENCH_PER_CANCER = ("hvg", "gpc_hallmark")
+BENCH_SCATTER = ("hallmark", "go")  # pathway scatter plots: these first, then other collections
 
 
 def _fmt_p(v) -> str:
     return "—" if v is None or not np.isfinite(float(v)) else f"{float(v):.2g}"
+
+
+def _per_cancer_metrics(per_cancer: pd.DataFrame) -> list[str]:
+    """The per-cancer bar charts: hvg and GPC Hallmark, or the first GPC collection without it."""
+    gpc = [str(c) for c in per_cancer.columns if str(c).startswith("gpc_")]
+    hvg, hallmark = BENCH_PER_CANCER
+    first = hallmark if hallmark in gpc else next(iter(gpc), None)
+    return [hvg] + ([first] if first else [])
 
 
 def _h2(section_id: str, title: str) -> str:
@@ -771,7 +827,11 @@ def _scatter_section(per_pathway: dict[str, pd.DataFrame], reference: str, figs:
     s_micro = {
         m: df.set_index(["collection", "gene_set"])["s_micro"] for m, df in per_pathway.items()
     }
-    for collection in BENCH_SCATTER:
+    # a user's GMT collections too: an EVAL directory may hold neither hallmark nor go
+    present = list(dict.fromkeys(per_pathway[reference]["collection"].astype(str)))
+    collections = [c for c in BENCH_SCATTER if c in present]
+    collections += [c for c in present if c not in BENCH_SCATTER]
+    for collection in collections:
         for model in per_pathway:
             ref, other = s_micro[reference], s_micro[model]
             if model == reference or collection not in ref.index.get_level_values(0):
@@ -840,11 +900,16 @@ def write_benchmark_report(
     else:
         body.append('<p class="note">No paired tests.</p>')
     body.append(_h2("headline-bars", "Headline metrics"))
+    bars = ["hvg_micro"] + [c for c in table.columns if re.fullmatch(r"gpc_.+_micro", str(c))]
     body.append(
-        _img(plot_model_bars(table), "Headline metrics per model.", save=figs / "headline.png")
+        _img(
+            plot_model_bars(table, columns=bars),
+            "Headline metrics per model.",
+            save=figs / "headline.png",
+        )
     )
     body.append(_h2("per-cancer", "Per cancer type"))
-    for metric in BENCH_PER_CANCER:
+    for metric in _per_cancer_metrics(per_cancer):
         if metric in per_cancer.columns and len(per_cancer):
             fig = plot_models_per_cancer(per_cancer, metric=metric)
             caption = f"{metric}: mean Pearson r per cancer type and model."
