@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,8 +13,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .errors import InputError
+from .errors import InputError, first_line
 from .registry import MODEL_KINDS, VARIANTS
+from .storage import OutputError, is_no_room
 
 app = typer.Typer(
     add_completion=False,
@@ -56,7 +58,22 @@ def _run(ctx: typer.Context, fn, *args, **kwargs):
     """Call the API; bad input becomes one line on stderr and exit code 2 (traceback with --debug)."""
     try:
         return fn(*args, **kwargs)
-    except (InputError, FileNotFoundError, PermissionError) as exc:
+    except OutputError as exc:
+        if (ctx.obj or {}).get("debug"):
+            raise
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        # HDF5 cannot recover from a failed write: freeing its objects at interpreter exit
+        # prints tracebacks and may segfault. Partial files are already removed; leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(3)
+    except (
+        InputError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        PermissionError,
+    ) as exc:
         if (ctx.obj or {}).get("debug"):
             raise
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
@@ -64,8 +81,15 @@ def _run(ctx: typer.Context, fn, *args, **kwargs):
     except Exception as exc:  # a bug or an unforeseen input: still one line, details with --debug
         if (ctx.obj or {}).get("debug"):
             raise
+        if is_no_room(exc):  # a write outside ``storage.writing``: same line, same exit
+            where = getattr(exc, "filename", None) or "output"
+            err.print(f"[red]error:[/red] {where}: no room to write (disk full or file-size limit)")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(3)
         err.print(
-            f"[red]error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            f"[red]error:[/red] {type(exc).__name__}: {first_line(exc)} "
+            "(rerun with --debug for the traceback)",
             highlight=False,
             soft_wrap=True,
         )
