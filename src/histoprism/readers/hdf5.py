@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -48,9 +49,10 @@ def check_file(path: Path, *, timeout_s: float = CHECK_TIMEOUT_S) -> None:
     A damaged file can crash the HDF5 C library (a segfault on a flipped byte in an attribute
     message) or loop forever in it; neither can be caught in this process. So the walk runs in a
     forked child, under a memory cap, and a crash, a hang past ``timeout_s`` or an exception
-    there becomes one line here. Where fork is unavailable (Windows) it runs in this process.
+    there becomes one line here. Off Linux (no fork on Windows; on macOS a forked child of a
+    threaded process may crash by itself) it runs in this process.
     """
-    if not hasattr(os, "fork"):  # pragma: no cover - Windows
+    if not sys.platform.startswith("linux"):  # pragma: no cover - Windows, macOS
         problem = _walk(path)
         if problem:
             raise InputError(problem, path)
