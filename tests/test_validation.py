@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from histoprism.correlation import pearson_per_gene
+from histoprism.correlation import mse, pearson_per_gene, squared_error
 from histoprism.tensors import SlideTensors
-from histoprism.train import health_message
+from histoprism.train import health_message, masked_mse
 from histoprism.validation import (
     RidgeReference,
     check_genes,
@@ -131,3 +132,48 @@ def test_health_message_only_below_the_ridge() -> None:
     # at the end, within the margin is no alarm; clearly below is
     assert health_message(0.295, ref, 40, final=True) is None
     assert "best epoch (40)" in health_message(0.28, ref, 40, final=True)
+
+
+def test_mse_over_measured_genes_matches_direct_computation() -> None:
+    rng = np.random.default_rng(0)
+    pred = rng.normal(size=(7, 5)).astype(np.float32)  # (N, G): the whole panel
+    cols = np.array([0, 2, 3])  # the genes the slide measured
+    truth = rng.normal(size=(7, 3)).astype(np.float32)  # (N, G_m)
+    direct = float(np.mean((pred[:, cols].astype(np.float64) - truth) ** 2))
+    assert mse(pred, truth, cols) == pytest.approx(direct, rel=1e-12)
+    assert mse(pred[:, cols], truth) == pytest.approx(direct, rel=1e-12)
+    # unmeasured genes do not count, whatever the prediction there
+    wild = pred.copy()
+    wild[:, [1, 4]] = 1e6
+    assert mse(wild, truth, cols) == pytest.approx(direct, rel=1e-12)
+    total, n = squared_error(pred, truth, cols)
+    assert n == 21 and total == pytest.approx(direct * 21, rel=1e-12)
+    # pooled over slides: sums and counts add
+    a, b = squared_error(pred[:3], truth[:3], cols), squared_error(pred[3:], truth[3:], cols)
+    assert (a[0] + b[0]) / (a[1] + b[1]) == pytest.approx(direct, rel=1e-12)
+    assert math.isnan(mse(np.zeros((0, 5)), np.zeros((0, 0)), np.zeros(0, dtype=int)))
+    with pytest.raises(ValueError):
+        squared_error(pred, truth)
+
+
+def test_torch_squared_error_sums_agree_with_correlation_mse() -> None:
+    """The validation loss (moment_sums' last row, on device) and the training loss are the same
+    definition as correlation.mse."""
+    rng = np.random.default_rng(1)
+    pred = rng.normal(size=(9, 6))
+    cols = np.array([1, 2, 5])
+    truth = rng.normal(size=(9, 3))
+    sums = moment_sums(torch.from_numpy(pred[:, cols]), torch.from_numpy(truth))
+    assert float(sums[5].sum()) / truth.size == pytest.approx(mse(pred, truth, cols), rel=1e-12)
+    slide = SlideTensors(
+        id="s",
+        cancer="IDC",
+        condition=0,
+        features=torch.zeros(9, 2),
+        coords_um=torch.zeros(9, 2),
+        neighbours=None,
+        target=torch.from_numpy(truth),
+        target_cols=torch.from_numpy(cols),
+    )
+    loss = float(masked_mse(torch.from_numpy(pred)[None], slide))
+    assert loss == pytest.approx(mse(pred, truth, cols), rel=1e-12)

@@ -25,6 +25,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from .cohort import Slide
+from .correlation import mse
 from .genes import GenePanel
 from .registry import FitOptions
 from .tensors import (
@@ -225,11 +226,10 @@ class MLPBaseline:
     def _val_loss(self, slides) -> float:
         self.net.eval()
         losses = [
-            float(
-                torch.mean(
-                    (self.net(s.features, torch.tensor(s.condition))[:, s.target_cols] - s.target)
-                    ** 2
-                )
+            mse(
+                self.net(s.features, torch.tensor(s.condition)).numpy(),
+                s.target.numpy(),
+                s.target_cols.numpy(),
             )
             for s in slides
         ]

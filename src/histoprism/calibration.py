@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from scipy.stats import norm, rankdata
 
 from . import keys
-from .correlation import dense_block, pearson_per_gene
+from .correlation import dense_block, pearson_per_gene, squared_error
 from .io import atomic_path
 
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the reliability curve
@@ -135,7 +135,7 @@ class CalibrationTally:
             z2 = np.where(s > 0, ((y - x) / s) ** 2, np.nan)
         self._sum("z2", float(np.nansum(z2)))
         self._sum("sd", float(s.sum()))
-        self._sum("sq_err", float(((y - x) ** 2).sum()))
+        self._sum("sq_err", squared_error(x, y)[0])
 
     def _sum(self, key: str, value: float) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + value

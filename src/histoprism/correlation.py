@@ -1,5 +1,5 @@
-"""Pearson r per gene from co-moments: the one definition that evaluation, pooling over slides
-and validation during training share.
+"""Pearson r per gene from co-moments, and the mean squared error of log1p(counts): the one
+definition of each that evaluation, pooling over slides and validation during training share.
 
 Co-moments (``MOMENT_COLUMNS``: rows used, two means, two sums of squared deviations, the sum of
 cross deviations) are computed in float64 per block of genes and pooled over slides exactly
@@ -130,6 +130,28 @@ def pooled_pearson(moments: pd.DataFrame, n_slides: int) -> pd.Series:
     """Pooled r per gene (HEST-bench protocol): only genes measured in all ``n_slides`` slides."""
     full = moments[moments["n_slides"] >= n_slides]
     return pd.Series(pearson_from_moments(full), index=full.index, name="pooled_r")
+
+
+def squared_error(pred, truth, cols=None) -> tuple[float, int]:
+    """(Σ (p - t)², number of terms) in float64 of predicted against measured log1p(counts), over
+    the measured genes only: ``truth`` (N, G_m) holds the genes a slide measured and ``cols``
+    (G_m,) their columns in ``pred`` (N, G); None when ``pred`` is already (N, G_m). Sums and
+    counts add over slides: the pooled MSE is Σ sums / Σ counts. ``validation.moment_sums``'s
+    last row is this sum per gene, kept in torch on the training device."""
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if cols is not None:
+        pred = pred[:, np.asarray(cols)]
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in shape")
+    diff = pred.astype(np.float64) - truth.astype(np.float64)
+    return float(np.square(diff).sum()), int(diff.size)
+
+
+def mse(pred, truth, cols=None) -> float:
+    """Mean squared error of predicted against measured log1p(counts) over the measured genes
+    (``squared_error``); NaN when there is nothing to compare."""
+    total, n = squared_error(pred, truth, cols)
+    return total / n if n else float("nan")
 
 
 def dense_block(X, rows, cols) -> np.ndarray:

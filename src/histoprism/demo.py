@@ -13,6 +13,7 @@ import pandas as pd
 from . import keys
 from .cohort import Cohort, file_gene_ids
 from .compare import pipe_table
+from .correlation import squared_error
 from .evaluate import evaluate, truth_counts
 from .genes import harmonise_counts, looks_like_ensembl
 from .io import write_text_atomic
@@ -131,8 +132,8 @@ def _test_mse(pred_dir: Path, cohort: Cohort) -> float:
     for sid in cohort.ids("test"):
         pred = read_prediction(Path(pred_dir) / f"{sid}.h5ad")
         truth, guess = _matched(cohort, sid, pred.obs_names, pd.Index(pred.var_names))
-        total += float(((np.asarray(pred.X)[guess[0]][:, guess[1]] - truth) ** 2).sum())
-        n += truth.size
+        se, k = squared_error(np.asarray(pred.X)[guess[0]], truth, guess[1])
+        total, n = total + se, n + k
     return total / max(n, 1)
 
 
@@ -153,8 +154,8 @@ def _mean_mse(cohort: Cohort) -> float:
     total, n = 0.0, 0
     for sid in cohort.ids("test"):
         truth, guess = _matched(cohort, sid, None, mean.index)
-        total += float(((mean.to_numpy()[guess[1]] - truth) ** 2).sum())
-        n += truth.size
+        se, k = squared_error(np.broadcast_to(mean.to_numpy()[guess[1]], truth.shape), truth)
+        total, n = total + se, n + k
     return total / max(n, 1)
 
 

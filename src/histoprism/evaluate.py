@@ -47,9 +47,9 @@ from .genes import (
 )
 from .io import atomic_path, write_text_atomic
 from .pathways import GeneSets, membership_matrix, membership_scores, pathway_scores
-from .prediction import read_prediction
+from .prediction import peek, read_prediction
 from .progress import progress_bar
-from .readers import read_h5ad, read_st
+from .readers import read_st
 from .report import PathwayMaps, SpatialExample, save_examples, write_report
 from .spatial_view import spatial_library, tissue_crop
 
@@ -524,16 +524,6 @@ def check_panel_overlap(
 
 
 # --- EVAL directory -----------------------------------------------------------------------------
-def _peek_prediction(path: Path) -> tuple[pd.Index, dict]:
-    """Gene names and ``uns['histoprism']`` of a prediction, without loading X."""
-    pred = read_h5ad(path, backed="r")
-    try:
-        info = pred.uns.get(keys.UNS_HISTOPRISM)
-        return pd.Index(pred.var_names.astype(str)), dict(info) if isinstance(info, Mapping) else {}
-    finally:
-        pred.file.close()
-
-
 def _pick_examples(cancers: pd.Series, n: int = N_EXAMPLES) -> list[str]:
     """Up to ``n`` slides for the spatial maps: one per cancer type first, in slide order."""
     first = cancers.drop_duplicates().index.tolist()
@@ -551,7 +541,6 @@ class _Setup:
     hvg: dict[str, list[str] | None]  # cancer -> HVG list (None: no list)
     collections: dict[str, GeneSets]  # collection -> {gene set: genes}
     ensembl: bool  # predictions name genes by Ensembl id
-    model: dict  # uns['histoprism'] of the first prediction
 
 
 def _setup(
@@ -574,7 +563,7 @@ def _setup(
         if not path.exists():
             raise InputError("prediction file not found", path)
     cancers = pd.Series({i: cohort.cancer(i) for i in ids}, name=keys.META_CANCER, dtype=object)
-    genes, model = _peek_prediction(paths[ids[0]])
+    genes = peek(paths[ids[0]])[0]
     ensembl = looks_like_ensembl(genes)
     # gene sets first: a bad GMT fails before the training slides are read for the HVG lists
     collections = resolve_genesets(genesets, ensembl=ensembl, panel=genes)
@@ -586,7 +575,6 @@ def _setup(
         hvg=resolve_hvg(hvg, cohort, list(dict.fromkeys(cancers)), ensembl=ensembl),
         collections=collections,
         ensembl=ensembl,
-        model=model,
     )
 
 

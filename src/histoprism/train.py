@@ -488,7 +488,7 @@ def _validate(
         sums = torch.zeros(6, len(cols), dtype=torch.float64, device=ctx.device)
         for i in range(0, s.n_spots, step):
             sums += moment_sums(model.head(h[i : i + step], cols), y[i : i + step])  # (6, G_m)
-        loss += float(sums[5].sum()) / y.numel()
+        loss += float(sums[5].sum()) / y.numel()  # the slide's correlation.mse, summed on device
         r = pearson_from_sums(sums[:5], s.n_spots).cpu()
         r_sum, r_n = r_sum + float(r.nansum()), r_n + float((~r.isnan()).sum())
         rc = r[[c in checked for c in s.target_cols.tolist()]]

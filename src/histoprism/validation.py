@@ -29,7 +29,8 @@ def pearson_from_sums(sums: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def moment_sums(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(n, G) prediction and target -> (6, G) float64 sums of p, t, p², t², p·t, (p - t)²."""
+    """(n, G) prediction and target -> (6, G) float64 sums of p, t, p², t², p·t, (p - t)²; the
+    last row summed is ``correlation.squared_error``'s sum (the validation MSE's numerator)."""
     p, t = pred.double(), target.double()
     return torch.stack(
         [
