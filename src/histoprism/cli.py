@@ -577,6 +577,63 @@ def demo(
     )
 
 
+@app.command()
+def explain(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Option("--model", help="HistoPrism run directory.")],
+    data: Data,
+    encoder: Encoder,
+    sample: Annotated[str, typer.Option("--sample", help="Sample id of the slide to explain.")],
+    target: Annotated[
+        str,
+        typer.Option(
+            "--target",
+            help="A panel gene, a bundled GPC gene set name, or genes:A,B,C (a gene list).",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for {id}_{target}.png and .csv.")],
+    pred: Annotated[
+        Path | None,
+        typer.Option(
+            "--pred", help="PRED folder: add obsm['attribution_<target>'] to PRED/{id}.h5ad."
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Integrated-gradient steps.")] = 32,
+    unknown_cancer: Annotated[
+        bool,
+        Flag(
+            "--unknown-cancer",
+            help="Use the 'Unknown' token for a cancer code the model never saw instead of failing.",
+        ),
+    ] = False,
+) -> None:
+    """Per-spot attribution of a gene or gene set on one slide: integrated gradients w.r.t. the
+    embeddings, and each spot's prediction split into its own and its neighbourhood's part."""
+    from .explain import explain_to_files
+
+    t0 = time.perf_counter()
+    ex, paths = _run(
+        ctx,
+        explain_to_files,
+        model,
+        data,
+        encoder,
+        sample,
+        target,
+        out,
+        pred=pred,
+        steps=steps,
+        unknown_cancer=unknown_cancer,
+    )
+    typer.echo(
+        f"explained {ex.target.label} on {ex.sample_id}: neighbourhood share "
+        f"{ex.neighbourhood_share:.2f}, attributions sum to {ex.attribution.sum():.4g} "
+        f"(f(x) - f(baseline) = {ex.delta:.4g}) -> {paths[0]}"
+        f"{' and ' + str(paths[-1]) if pred is not None else ''} "
+        f"[{time.perf_counter() - t0:.0f}s]"
+    )
+
+
 def _print_table(table, *, title: str) -> None:
     """Plain pipe table: readable in a terminal of any width and in CI logs."""
     from .compare import pipe_table

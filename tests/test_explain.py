@@ -1,0 +1,172 @@
+"""Attribution (``histoprism explain``): integrated-gradient completeness, the own/neighbourhood
+split, the pathway target equal to what predict writes, obsm in a prediction file, the CLI."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from histoprism.cli import app
+from histoprism.cohort import Cohort
+from histoprism.errors import InputError
+from histoprism.explain import (
+    COLUMNS,
+    explain,
+    explain_slide,
+    obsm_key,
+    resolve_target,
+    save_explanation,
+    write_explanation,
+)
+from histoprism.genes import GenePanel
+from histoprism.pathways import default_genesets
+from histoprism.predict import load, predict
+
+ENCODER = "synthetic"
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_cohort, trained_runs, tmp_path_factory):
+    """A loaded run, a test slide, a gene set of >= 3 panel genes, and its prediction file."""
+    run = load(trained_runs["histoprism"], device="cpu")
+    cohort = Cohort(tiny_cohort)
+    sid = cohort.ids("test")[0]
+    slide = cohort.slide(sid, ENCODER)
+    sets = default_genesets(run.panel)
+    name = next(k for k, v in sets.items() if len(set(v) & set(run.panel.genes)) >= 3)
+    pred = tmp_path_factory.mktemp("explain_pred")
+    predict(trained_runs["histoprism"], tiny_cohort, ENCODER, pred, samples=sid, progress=False)
+    return run, slide, name, pred / f"{sid}.h5ad"
+
+
+@pytest.fixture(scope="module")
+def gene_ex(setup):
+    run, slide, _, _ = setup
+    return explain_slide(run, slide, run.panel.genes[0], steps=32)
+
+
+@pytest.fixture(scope="module")
+def set_ex(setup):
+    run, slide, name, _ = setup
+    return explain_slide(run, slide, name, steps=32)
+
+
+def test_integrated_gradients_complete(gene_ex, set_ex):
+    """Attributions add up to f(x) - f(baseline) (midpoint rule, 32 steps)."""
+    for ex in (gene_ex, set_ex):
+        n = len(ex.barcodes)
+        assert ex.attribution.shape == ex.own.shape == ex.context.shape == (n,)
+        assert np.isfinite(ex.attribution).all() and abs(ex.delta) > 0
+        assert abs(ex.completeness_error) <= 0.01 * abs(ex.delta) + 1e-3
+
+
+def test_own_plus_context_is_deviation_from_slide_mean(gene_ex):
+    ex = gene_ex
+    np.testing.assert_allclose(ex.own + ex.context, ex.prediction - ex.prediction.mean(), atol=1e-9)
+    assert 0.0 <= ex.neighbourhood_share <= 1.0
+
+
+def test_alone_is_the_spot_as_a_one_spot_slide(setup, gene_ex):
+    """The batched alone predictions equal running the model on each spot by itself."""
+    run, slide, _, _ = setup
+    model = run.predictor.model
+    from histoprism.tensors import input_options, to_tensors
+
+    t = to_tensors(slide, vocab=run.vocab, **input_options(model.cfg))
+    col = run.panel.index[gene_ex.target.genes[0]]
+    with torch.no_grad():
+        for i in (0, 7, t.n_spots - 1):
+            h = model.trunk(t.features[i][None, None], torch.tensor([t.condition]))
+            value = float(model.head(h)[0, 0, col])
+            assert value == pytest.approx(gene_ex.alone[i], abs=1e-4)
+
+
+def test_set_target_is_the_predicted_pathway_score(setup, set_ex):
+    """A gene set's per-spot target is obsm['pathways'] of the prediction file."""
+    _, _, name, pred_path = setup
+    pred = ad.read_h5ad(pred_path)
+    assert list(pred.obs_names) == list(set_ex.barcodes)
+    np.testing.assert_allclose(set_ex.prediction, pred.obsm["pathways"][name], atol=2e-4)
+
+
+def test_spot_subset_is_complete(setup):
+    run, slide, name, _ = setup
+    ex = explain_slide(run, slide, name, spots=np.arange(5), steps=16)
+    assert ex.spots.sum() == 5
+    assert abs(ex.completeness_error) <= 0.01 * abs(ex.delta) + 1e-3
+
+
+def test_write_explanation_adds_obsm(setup, set_ex, tmp_path):
+    _, _, _, pred_path = setup
+    path = tmp_path / "p.h5ad"
+    path.write_bytes(pred_path.read_bytes())
+    write_explanation(path, set_ex)
+    write_explanation(path, set_ex)  # replaces its own entry
+    pred = ad.read_h5ad(path)
+    frame = pred.obsm[obsm_key(set_ex)]
+    assert isinstance(frame, pd.DataFrame) and list(frame.columns) == list(COLUMNS)
+    np.testing.assert_allclose(frame["ig"], set_ex.attribution, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(frame["context"], set_ex.context, rtol=1e-5, atol=1e-6)
+    assert pred.X.shape[0] == len(frame) and "pathways" in pred.obsm
+
+
+def test_write_explanation_refuses_other_spots(setup, set_ex, tmp_path):
+    _, _, _, pred_path = setup
+    other = ad.read_h5ad(pred_path)[:10].copy()
+    other.write_h5ad(tmp_path / "other.h5ad")
+    with pytest.raises(InputError, match="not the"):
+        write_explanation(tmp_path / "other.h5ad", set_ex)
+    with pytest.raises(InputError, match="no such"):
+        write_explanation(tmp_path / "none.h5ad", set_ex)
+
+
+def test_save_explanation_png_and_csv(gene_ex, tmp_path):
+    png, csv = save_explanation(gene_ex, tmp_path / "out")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = pd.read_csv(csv)
+    assert len(table) == len(gene_ex.barcodes)
+    assert {"barcode", "x", "y", "prediction", "ig", "own", "context"} <= set(table.columns)
+
+
+def test_resolve_target():
+    panel = GenePanel(("EPCAM", "CD3E", "PTPRC", "VIM"))
+    assert resolve_target("EPCAM", panel).kind == "gene"
+    t = resolve_target("genes:CD3E, PTPRC", panel)
+    assert t.kind == "gene set" and t.genes == ("CD3E", "PTPRC") and t.key == "genes_CD3E_PTPRC"
+    assert resolve_target(["VIM", "EPCAM"], panel).genes == ("VIM", "EPCAM")
+    for bad in ("NOPE", "genes:EPCAM,NOPE", "genes:"):
+        with pytest.raises(InputError):
+            resolve_target(bad, panel)
+
+
+def test_bad_inputs(tiny_cohort, trained_runs):
+    sid = Cohort(tiny_cohort).ids("test")[0]
+    with pytest.raises(InputError, match="HistoPrism run"):
+        explain(trained_runs["ridge"], tiny_cohort, ENCODER, sid, "genes:ABCA1")
+    with pytest.raises(InputError):
+        explain(trained_runs["histoprism"], tiny_cohort, ENCODER, "NOSUCH", "ABCA1")
+    with pytest.raises(InputError, match="steps"):
+        explain(trained_runs["histoprism"], tiny_cohort, ENCODER, sid, "ABCA1", steps=0)
+
+
+def test_cli_explain(setup, tiny_cohort, trained_runs, tmp_path):
+    _, slide, name, pred_path = setup
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    (pred / pred_path.name).write_bytes(pred_path.read_bytes())
+    args = ["explain", "--model", trained_runs["histoprism"], "--data", tiny_cohort]
+    args += ["--encoder", ENCODER, "--sample", slide.id, "--target", name]
+    args += ["--out", tmp_path / "out", "--pred", pred, "--steps", "8"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.strip().splitlines()) == 1 and "neighbourhood share" in result.stdout
+    assert (tmp_path / "out" / f"{slide.id}_{name}.png").is_file()
+    assert (tmp_path / "out" / f"{slide.id}_{name}.csv").is_file()
+    assert f"attribution_{name}" in ad.read_h5ad(pred / pred_path.name).obsm
+    bad_args = args[: args.index("--target") + 1] + ["NOPE", "--out", tmp_path / "o"]
+    bad = CliRunner().invoke(app, [str(a) for a in bad_args])
+    assert bad.exit_code == 2 and "NOPE" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
