@@ -613,15 +613,20 @@ def train(
     config: str | Path | dict | None = "default",
     resume: bool = False,
     progress: bool = True,
+    init: str | Path | None = None,
 ) -> Path:
     """Train ``model`` (a ``registry.MODEL_KINDS`` name) on the cohort at ``data`` and write the
     run directory ``out``.
 
     Parameters mirror ``histoprism train``; ``attention``, ``attention_radius_um`` (ModelConfig)
-    and ``crop_spots`` (TrainConfig) override the recipe when given. Returns ``out``.
+    and ``crop_spots`` (TrainConfig) override the recipe when given. ``init``: a pretrained
+    HistoPrism run whose trunk is kept and whose head is refitted to the panel ``genes``
+    (``histoprism.adapt``; ``epochs``: fine-tuning epochs of the head, default 0). Returns ``out``.
     """
     kind = model_kind(model)
-    if epochs is not None and epochs < 1:
+    if init is not None:
+        _check_init_options(model, epochs, resume)
+    elif epochs is not None and epochs < 1:
         raise InputError(f"--epochs must be at least 1, got {epochs}")
     options = FitOptions(
         model=model,
@@ -648,14 +653,31 @@ def train(
         # the automatic split (no split files) is the cohort's, not the run's: predict and
         # evaluate must see the same test slides whatever --seed a model was trained with
         cohort = Cohort(data, split_dir=split)
+        if init is not None:  # refused before the slides are read
+            from .adapt import adapt, load_init
+
+            load_init(init, encoder)
         td = load_training_data(cohort, encoder, genes=genes, seed=seed)
-        run = kind.fit_function()(td, out, options, **kind.params)
+        if init is not None:
+            run = adapt(init, td, out, epochs=epochs or 0, seed=seed, progress=progress)
+        else:
+            run = kind.fit_function()(td, out, options, **kind.params)
         # for --cancer auto: which known type an uncoded slide looks like (rank 0 writes)
         if writer:
             slides = td.train + td.val
             clf = fit_cancer_classifier([s.features for s in slides], [s.cancer for s in slides])
             clf.save(Path(run) / CLASSIFIER_FILE)
     return run
+
+
+def _check_init_options(model: str, epochs: int | None, resume: bool) -> None:
+    """InputError for options that ``--init`` (adapting a pretrained run's head) cannot honour."""
+    if model != "histoprism":
+        raise InputError(f"--init adapts a HistoPrism run: --model must be histoprism, not {model}")
+    if epochs is not None and epochs < 0:
+        raise InputError(f"--epochs must be at least 0 with --init, got {epochs}")
+    if resume:
+        raise InputError("--resume does not apply to --init (adapting takes minutes: rerun it)")
 
 
 def fit_histoprism(data: TrainingData, out: Path, options: FitOptions) -> Path:
