@@ -107,7 +107,10 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
     split: Split = None,
     model: Annotated[str, typer.Option(help=" | ".join(MODEL_KINDS))] = "histoprism",
-    epochs: Annotated[int | None, typer.Option(help="Maximum epochs (default: recipe's).")] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(help="Maximum epochs (default: recipe's; with --init: fine-tuning, 0)."),
+    ] = None,
     no_conditioning: Annotated[
         bool, Flag("--no-conditioning", help="Ablation: no cancer-type conditioning.")
     ] = False,
@@ -132,8 +135,17 @@ def train(
         int | None,
         typer.Option(help="Train on random discs of at most this many spots (0: whole slides)."),
     ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            "--init",
+            help="Pretrained HistoPrism run: keep its trunk, fit a head for --genes (small "
+            "panels, minutes on a CPU).",
+        ),
+    ] = None,
 ) -> None:
-    """Train a model on the cohort's train split (early stopping on val)."""
+    """Train a model on the cohort's train split (early stopping on val); with --init, adapt a
+    pretrained HistoPrism run to the panel --genes."""
     from . import train as api
 
     t0 = time.perf_counter()
@@ -155,6 +167,7 @@ def train(
         attention=attention,
         attention_radius_um=attention_radius_um,
         crop_spots=crop_spots,
+        init=init,
     )
     from .distributed import torchrun_env
 
@@ -168,6 +181,8 @@ def train(
         if "best_epoch" in cfg
         else ""
     )
+    if "adapt" in cfg:
+        best = f", head refitted from {init} (val r {cfg['adapt']['val_pearson']:.3f})"
     health = cfg.get("health")
     if health and health.get("val_pearson_checked") is not None:
         verdict = "BELOW" if health["below_ridge"] else "above"
