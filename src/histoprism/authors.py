@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,6 +62,11 @@ ENCODER_NAMES = {
 UNUSED_PREFIXES = ("img_conv.", "img_norm.")  # weights of the graph convolution that never runs
 STPATH_GENE_LIST = "stpath_genes.yaml"  # their name of the panel we bundle
 _LAYER = re.compile(r"transformer\.layers\.(\d+)\.")
+# Trained weights stay within a few units (weight decay, LayerNorm); 1e6 is far beyond any, yet
+# far below what overflows float32 in a forward pass (products of ~1e19 values)
+MAX_WEIGHT = 1e6
+MAX_CONFIG_NODES = 100_000  # values in config.yml, YAML aliases expanded (a real one has ~50)
+MAX_CONFIG_DEPTH = 50
 
 
 def import_checkpoint(
@@ -130,12 +136,38 @@ def read_config(path: Path) -> dict:
     if not path.is_file():
         raise InputError("file not found (the authors' run directory has config.yml)", path)
     try:
-        settings = yaml.safe_load(path.read_text())
+        settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not UTF-8 text ({exc})", path) from None
     except yaml.YAMLError as exc:
-        raise InputError(f"not valid YAML: {str(exc).splitlines()[0]}", path) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"not valid YAML: {first}", path) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise InputError("not a training config: nested too deep", path) from None
     if not isinstance(settings, dict):
         raise InputError("not a training config (a YAML mapping)", path)
+    _check_size(settings, path)
     return settings
+
+
+def _check_size(settings: dict, path: Path) -> None:
+    """Refuse a config that expands to more than MAX_CONFIG_NODES values or nests deeper than
+    MAX_CONFIG_DEPTH: YAML aliases share one object many times over (a few lines can stand for
+    10**9 values), and the import copies the config into config.json, which expands them."""
+    stack, seen = [(settings, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_NODES or depth > MAX_CONFIG_DEPTH:
+            raise InputError(
+                f"not a training config: more than {MAX_CONFIG_NODES:,} values or "
+                f"{MAX_CONFIG_DEPTH} levels (YAML aliases expanded)",
+                path,
+            )
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend((v, depth + 1) for v in value)
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -150,9 +182,24 @@ def read_checkpoint(path: Path) -> dict:
     state = ckpt.get("model_state") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise InputError("not an authors' checkpoint: no 'model_state' dict", path)
+    bad = next((k for k in state if not isinstance(k, str)), None)
+    if bad is not None:
+        raise InputError(f"model_state has a key {bad!r} that is not a name", path)
     bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
     if bad is not None:
         raise InputError(f"model_state['{bad}'] is not a tensor", path)
+    for key, value in state.items():
+        if key.removeprefix("module.").startswith(UNUSED_PREFIXES):
+            continue
+        if not value.is_floating_point():
+            raise InputError(f"weight '{key}' is {value.dtype}, not floating point", path)
+        if not torch.isfinite(value).all():
+            raise InputError(f"weight '{key}' holds NaN or infinite values", path)
+        if value.numel() and value.abs().max() > MAX_WEIGHT:
+            raise InputError(
+                f"weight '{key}' holds values beyond ±{MAX_WEIGHT:g}: not a trained network's",
+                path,
+            )
     return ckpt
 
 
@@ -168,7 +215,8 @@ def _split_unused(state: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
 
 def _bundled_panel(settings: dict, config_path: Path) -> list[str]:
     """The bundled STPath panel, if config.yml trained on it (or does not say)."""
-    listed = (settings.get("paths_config") or {}).get("gene_list_path")
+    paths = settings.get("paths_config") or {}
+    listed = paths.get("gene_list_path") if isinstance(paths, dict) else None
     if listed and Path(str(listed)).name != STPATH_GENE_LIST:
         raise InputError(
             f"paths_config.gene_list_path is {listed}, not the bundled {STPATH_GENE_LIST}: "
@@ -197,6 +245,8 @@ def model_config(
     weights do not tell them; defaults as their code's). ``paths``: (checkpoint, config.yml)."""
     ckpt_path, config_path = paths
     graph = settings.get("graph_config") or {}
+    if not isinstance(graph, dict):
+        raise InputError(f"graph_config is {graph!r}, not a mapping", config_path)
     if graph.get("n_conv_layers") or 0:
         raise InputError(
             f"graph_config.n_conv_layers is {graph['n_conv_layers']}: a graph convolution "
@@ -214,12 +264,18 @@ def model_config(
     n_layers = len({int(m.group(1)) for k in state if (m := _LAYER.match(k))})
     heads = _heads(settings, "transformer_heads", hidden, config_path)
     cross = _heads(settings, "cross_attn_heads", in_dim, config_path) if conditioned else 2
+    if min(hidden, in_dim, ff) < 1:
+        raise InputError(
+            f"input_proj.weight {hidden} x {in_dim}, linear1 width {ff}: empty layers", ckpt_path
+        )
     if ff % hidden:
         raise InputError(
             f"transformer.layers.0.linear1.weight: width {ff} is not a multiple of {hidden}",
             ckpt_path,
         )
-    dropout = float(settings.get("dropout_rate", 0.1))
+    dropout = settings.get("dropout_rate", 0.1)
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise InputError(f"dropout_rate {dropout!r} is not a probability in [0, 1)", config_path)
     return ModelConfig(
         **{
             **PRESETS["paper"][0],
@@ -250,7 +306,7 @@ def _shape(state: dict, key: str, ndim: int, path: Path) -> tuple[int, ...]:
 
 def _heads(settings: dict, key: str, width: int, config_path: Path) -> int:
     heads = settings.get(key) or 2  # their code's default
-    if not isinstance(heads, int) or heads < 1 or width % heads:
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1 or width % heads:
         raise InputError(f"{key}: {heads} heads do not divide the width {width}", config_path)
     return heads
 
@@ -396,10 +452,17 @@ def authors_parameter_count(model: HistoPrism) -> int:
 
 # --- writing -----------------------------------------------------------------------------------
 def _number(value, kind):
-    """A plain int/float for JSON (a 0-d tensor or None as saved)."""
-    if value is None:
+    """A plain int/float for JSON (a 0-d tensor or None as saved); None for anything else (the
+    epoch and loss are for the record: a checkpoint with odd ones still has usable weights)."""
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return kind(value.item() if isinstance(value, torch.Tensor) else value)
+    try:
+        number = kind(value)
+    except (OverflowError, ValueError):  # int(NaN), int(inf), an int beyond any float
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _write_run(out: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:

@@ -25,6 +25,7 @@ from ..errors import InputError
 from ..io import atomic_path
 
 HEST_PATCH_UM = 0.5  # HEST-1k patches are cut at 0.5 µm/px when the file does not say
+MAX_COORD = 2**31  # level-0 px: far beyond any slide (a 200,000 px slide is already large)
 
 
 @dataclass
@@ -54,12 +55,21 @@ class HestPatches:
         return self.coords.astype(np.float64) + half
 
     def iter_batches(self, batch_size: int = 64) -> Iterator[tuple[slice, np.ndarray]]:
-        """Yield (rows, patches (B, P, P, 3) uint8) in file order, covering all N patches."""
+        """Yield (rows, patches (B, P, P, 3) uint8) in file order, covering all N patches.
+
+        A patch that cannot be decoded (a corrupt compressed chunk) raises InputError.
+        """
         with h5py.File(self.path, "r") as h5:
             img = h5[keys.PATCH_IMG]
             for start in range(0, self.n_patches, batch_size):
                 rows = slice(start, min(start + batch_size, self.n_patches))
-                yield rows, np.asarray(img[rows], dtype=np.uint8)
+                try:
+                    batch = np.asarray(img[rows], dtype=np.uint8)
+                except Exception as exc:  # h5py: OSError for a corrupt chunk, and others
+                    raise InputError(
+                        f"cannot read patches {rows.start}..{rows.stop - 1} ({exc})", self.path
+                    ) from exc
+                yield rows, batch
 
 
 def read_hest_patches(path: str | Path) -> HestPatches:
@@ -69,32 +79,72 @@ def read_hest_patches(path: str | Path) -> HestPatches:
         raise InputError("patch file not found", path)
     try:
         with h5py.File(path, "r") as h5:
-            missing = [k for k in (keys.PATCH_IMG, keys.PATCH_COORDS) if k not in h5]
-            if missing:
-                raise InputError(f"no '{missing[0]}' dataset (not a HEST patch file?)", path)
-            img = h5[keys.PATCH_IMG]
-            shape, dtype = img.shape, img.dtype
-            pixel_size = img.attrs.get(keys.PATCH_ATTR_PIXEL_SIZE, h5.attrs.get("pixel_size"))
-            coords = np.asarray(h5[keys.PATCH_COORDS][...])
-            name = next((n for n in (keys.PATCH_BARCODE, keys.H5_BARCODES) if n in h5), None)
-            raw = np.asarray(h5[name][...]).reshape(-1) if name else None
-    except OSError as exc:
-        raise InputError(f"cannot read as HDF5 ({exc})", path) from exc
-    if len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2] or dtype != np.uint8:
-        raise InputError(f"img has shape {shape} {dtype}, expected (N, P, P, 3) uint8", path)
-    if coords.ndim != 2 or coords.shape != (shape[0], 2):
-        raise InputError(f"coords have shape {coords.shape}, expected ({shape[0]}, 2)", path)
-    if raw is None:
-        raise InputError("no 'barcode' dataset: patches cannot be matched to spots", path)
-    barcodes = np.array([b.decode() if isinstance(b, bytes) else str(b) for b in raw], dtype=object)
-    if len(barcodes) != shape[0]:
-        raise InputError(f"{len(barcodes)} barcodes for {shape[0]} patches", path)
+            shape, pixel_size, coords, raw = _read_layout(h5, path)
+    except InputError:
+        raise
+    except Exception as exc:  # h5py: OSError, KeyError (dangling links), TypeError, ...
+        raise InputError(
+            f"cannot read as a HEST patch file ({type(exc).__name__}: {exc})", path
+        ) from exc
+    try:
+        barcodes = np.array(
+            [b.decode() if isinstance(b, bytes) else str(b) for b in raw], dtype=object
+        )
+    except UnicodeDecodeError as exc:
+        raise InputError(f"barcodes are not UTF-8 ({exc})", path) from None
     if len(set(barcodes)) != len(barcodes):
         raise InputError("duplicate barcodes", path)
-    size = float(pixel_size) if pixel_size is not None else HEST_PATCH_UM
-    if not (math.isfinite(size) and size > 0):
-        raise InputError(f"invalid pixel_size {pixel_size!r} on img", path)
+    if coords.dtype.kind not in "iuf" or not np.isfinite(coords).all():
+        raise InputError(f"coords must be finite numbers, got {coords.dtype}", path)
+    if np.abs(coords.astype(np.float64)).max(initial=0) > MAX_COORD:  # (abs of int64 min < 0)
+        raise InputError(f"coords beyond {MAX_COORD:,} px: larger than any slide", path)
+    size = _pixel_size(pixel_size, path)
     return HestPatches(path, coords.astype(np.int64), barcodes, int(shape[1]), size)
+
+
+def _read_layout(
+    h5: h5py.File, path: Path
+) -> tuple[tuple[int, ...], object, np.ndarray, np.ndarray]:
+    """img's shape, its pixel size attribute, coords (N, 2) and barcodes (N,) raw, each checked
+    against img's N before it is read (a corrupt file may declare a billion rows)."""
+    missing = [k for k in (keys.PATCH_IMG, keys.PATCH_COORDS) if k not in h5]
+    if missing:
+        raise InputError(f"no '{missing[0]}' dataset (not a HEST patch file?)", path)
+    img = h5[keys.PATCH_IMG]
+    if not isinstance(img, h5py.Dataset):
+        raise InputError("img is not a dataset", path)
+    shape, dtype = img.shape, img.dtype
+    if len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2] or dtype != np.uint8:
+        raise InputError(f"img has shape {shape} {dtype}, expected (N, P, P, 3) uint8", path)
+    if shape[0] == 0 or shape[1] == 0:
+        raise InputError(f"img has shape {shape}: no patches", path)
+    pixel_size = img.attrs.get(keys.PATCH_ATTR_PIXEL_SIZE, h5.attrs.get("pixel_size"))
+    ds = h5[keys.PATCH_COORDS]
+    if not isinstance(ds, h5py.Dataset) or ds.shape != (shape[0], 2):
+        got = ds.shape if isinstance(ds, h5py.Dataset) else "a group"
+        raise InputError(f"coords have shape {got}, expected ({shape[0]}, 2)", path)
+    coords = np.asarray(ds[...])
+    name = next((n for n in (keys.PATCH_BARCODE, keys.H5_BARCODES) if n in h5), None)
+    if name is None:
+        raise InputError("no 'barcode' dataset: patches cannot be matched to spots", path)
+    ds = h5[name]
+    if not isinstance(ds, h5py.Dataset) or ds.shape not in ((shape[0],), (shape[0], 1)):
+        got = ds.shape if isinstance(ds, h5py.Dataset) else "a group"
+        raise InputError(f"{name} has shape {got}, expected {shape[0]} barcodes", path)
+    return shape, pixel_size, coords, np.asarray(ds[...]).reshape(-1)
+
+
+def _pixel_size(value, path: Path) -> float:
+    """µm per patch pixel from the ``pixel_size`` attribute (HEST-1k's 0.5 without one)."""
+    if value is None:
+        return HEST_PATCH_UM
+    try:
+        size = float(np.asarray(value).item())
+    except (TypeError, ValueError):  # an array of several values, text ...
+        size = math.nan
+    if not (math.isfinite(size) and size > 0):
+        raise InputError(f"invalid pixel_size {value!r} on img", path)
+    return size
 
 
 def write_hest_patches(
@@ -137,8 +187,8 @@ def read_hest_metadata(path: str | Path) -> dict:
         raise InputError("metadata file not found", path)
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"not valid JSON ({exc})", path) from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, nesting
+        raise InputError(f"not valid JSON ({type(exc).__name__}: {exc})", path) from None
     if not isinstance(meta, dict):
         raise InputError(f"expected a JSON object, got {type(meta).__name__}", path)
     return meta
@@ -152,7 +202,7 @@ def hest_pixel_size(meta: dict) -> float | None:
     for key in keys.META_PIXEL_SIZE:
         try:
             value = float(meta.get(key))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # absent, text, an int beyond floats
             continue
         if math.isfinite(value) and value > 0:
             return value

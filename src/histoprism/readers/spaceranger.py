@@ -11,6 +11,7 @@ kept.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import anndata as ad
@@ -78,12 +79,22 @@ def _read_matrix(path: Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.
     try:
         with h5py.File(path, "r") as h5:
             m = h5["matrix"]
-            n_feat, n_bc = (int(v) for v in m["shape"][...])
-            mat = sp.csc_matrix(
-                (m["data"][...], m["indices"][...], m["indptr"][...]), shape=(n_feat, n_bc)
-            )
-            barcodes = _decode(m["barcodes"][...])
             f = m["features"]
+            n_feat, n_bc = _matrix_shape(m["shape"], path)
+            # every declared length is checked against the others before anything is read: a
+            # corrupt file may declare a billion entries that are not there
+            sizes = {"barcodes": n_bc, "indptr": n_bc + 1}
+            sizes |= {f"features/{k}": n_feat for k in ("id", "name", "feature_type") if k in f}
+            for name, n in sizes.items():
+                _check_length(m[name], n, name, path)
+            indptr = _read_int(m["indptr"], path)
+            if indptr[0] != 0 or (np.diff(indptr) < 0).any():
+                raise InputError("matrix/indptr does not start at 0 and increase", path)
+            for name in ("data", "indices"):
+                _check_length(m[name], int(indptr[-1]), name, path)
+            data = np.asarray(m["data"][...])
+            indices = _read_int(m["indices"], path)
+            barcodes = _decode(m["barcodes"][...])
             ids = _decode(f["id"][...])
             symbols = _decode(f["name"][...])
             ftype = (
@@ -93,15 +104,52 @@ def _read_matrix(path: Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.
             )
     except InputError:
         raise
-    except (OSError, KeyError, ValueError) as exc:
+    except Exception as exc:  # h5py raises OSError, KeyError, TypeError ... for a broken file
         raise InputError(
             f"not a 10x HDF5 v3 feature-barcode matrix ({type(exc).__name__}: {exc})", path
         ) from exc
+    if data.dtype.kind not in "iuf":
+        raise InputError(f"matrix/data holds {data.dtype}, not counts", path)
+    if len(indices) and (indices.min() < 0 or indices.max() >= n_feat):
+        raise InputError(f"matrix/indices outside 0..{n_feat - 1}", path)
+    counts = data.astype(np.float32)  # float64 counts above 3.4e38 become inf: caught here
+    if not np.isfinite(counts).all() or (counts < 0).any():
+        raise InputError("matrix/data: counts must be finite and non-negative", path)
+    dup = pd.Index(barcodes).duplicated()
+    if dup.any():
+        raise InputError(f"duplicate barcode '{barcodes[dup][0]}' in the matrix", path)
     keep = ftype == GENE_EXPRESSION
     if not keep.any():
         raise InputError(f"no '{GENE_EXPRESSION}' features", path)
-    counts = mat.T.tocsr()[:, np.flatnonzero(keep)].astype(np.float32)
-    return counts, barcodes, symbols[keep], ids[keep]
+    mat = sp.csc_matrix((counts, indices, indptr), shape=(n_feat, n_bc))
+    return mat.T.tocsr()[:, np.flatnonzero(keep)], barcodes, symbols[keep], ids[keep]
+
+
+def _matrix_shape(ds: h5py.Dataset, path: Path) -> tuple[int, int]:
+    """(features, barcodes) from matrix/shape: two non-negative integers."""
+    _check_length(ds, 2, "shape", path)
+    shape = _read_int(ds, path)
+    if (shape < 0).any():
+        raise InputError(f"matrix/shape is {shape.tolist()}, not (features, barcodes)", path)
+    return int(shape[0]), int(shape[1])
+
+
+def _read_int(ds: h5py.Dataset, path: Path) -> np.ndarray:
+    """A dataset of integers as int64 (a float or text dataset is not a 10x index)."""
+    if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in "iu":
+        raise InputError(f"{ds.name} is not an integer dataset", path)
+    values = np.asarray(ds[...])
+    if values.dtype == np.uint64 and values.size and values.max() > np.iinfo(np.int64).max:
+        raise InputError(f"{ds.name} holds integers beyond int64", path)
+    return values.astype(np.int64)
+
+
+def _check_length(ds: h5py.Dataset, n: int, name: str, path: Path) -> None:
+    """``ds`` is a 1-D dataset of ``n`` entries."""
+    if not isinstance(ds, h5py.Dataset):
+        raise InputError(f"matrix/{name} is not a dataset", path)
+    if ds.shape != (n,):
+        raise InputError(f"matrix/{name} has shape {ds.shape}, expected ({n},)", path)
 
 
 def _read_positions(spatial: Path) -> tuple[Path, pd.DataFrame]:
@@ -143,6 +191,9 @@ def _read_positions(spatial: Path) -> tuple[Path, pd.DataFrame]:
         vals = pd.to_numeric(df[col], errors="coerce")
         if vals.isna().any():
             raise InputError(f"non-numeric or empty values in column '{col}'", path)
+        # inf, or 1e300 that would wrap round on the cast to int64
+        if not np.isfinite(vals.to_numpy(dtype=float)).all() or vals.abs().max() >= 2**53:
+            raise InputError(f"values in column '{col}' beyond any slide", path)
         df[col] = vals.round().astype(np.int64)
     return path, df.set_index("barcode")
 
@@ -157,12 +208,21 @@ def _read_csv(path: Path, *, header: int | None) -> pd.DataFrame:
 
 
 def _read_scalefactors(path: Path) -> dict:
+    """scalefactors_json.json: names -> positive numbers (scales, diameters and µm per pixel;
+    readers of the h5ad take them as floats)."""
     if not path.exists():
         return {}
     try:
-        return dict(json.loads(path.read_text()))
-    except (ValueError, TypeError) as exc:
-        raise InputError(f"not a JSON object ({exc})", path) from exc
+        factors = json.loads(path.read_text())
+    except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError is a ValueError)
+        raise InputError(f"not valid JSON ({type(exc).__name__}: {exc})", path) from exc
+    if not isinstance(factors, dict):
+        raise InputError(f"not a JSON object but {type(factors).__name__}", path)
+    for name, value in factors.items():
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not (math.isfinite(value) and value > 0):
+            raise InputError(f"scale factor '{name}' is {value!r}, not a positive number", path)
+    return factors
 
 
 def _assemble(

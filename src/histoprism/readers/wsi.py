@@ -87,9 +87,17 @@ class WholeSlideImage:
         lw, lh = self.level_dimensions[level]
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + width, lw), min(y + height, lh)
         if x1 > x0 and y1 > y0:
-            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._backend.read(
-                level, x0, y0, x1 - x0, y1 - y0
-            )
+            try:
+                out[y0 - y : y1 - y, x0 - x : x1 - x] = self._backend.read(
+                    level, x0, y0, x1 - x0, y1 - y0
+                )
+            except InputError:
+                raise
+            except Exception as exc:  # a corrupt tile or strip: each library its own types
+                raise InputError(
+                    f"cannot decode pixels of level {level} ({type(exc).__name__}: {exc})",
+                    self.path,
+                ) from exc
         return out
 
     def best_level(self, downsample: float) -> int:
