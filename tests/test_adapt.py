@@ -17,7 +17,7 @@ from histoprism.cli import app
 from histoprism.cohort import Cohort
 from histoprism.errors import InputError
 from histoprism.predict import load, predict
-from histoprism.train import load_training_data, train
+from histoprism.train import TrainingData, load_training_data, train
 
 ENCODER = "synthetic"
 
@@ -42,15 +42,21 @@ def panels(trained_runs, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def adapted(tiny_cohort, trained_runs, panels, tmp_path_factory) -> dict[str, Path]:
-    """Run A adapted from the full-panel run; run B adapted from A (10 genes A lacks)."""
+def data_b(tiny_cohort, panels) -> TrainingData:
+    """The tiny cohort's training and validation slides with panel B."""
+    return load_training_data(Cohort(tiny_cohort), ENCODER, genes=panels["b"])
+
+
+@pytest.fixture(scope="module")
+def adapted(tiny_cohort, trained_runs, panels, data_b, tmp_path_factory) -> dict[str, Path]:
+    """Run A adapted from the full-panel run (``train``); run B adapted from A (``adapt``,
+    10 genes A lacks)."""
     root = tmp_path_factory.mktemp("adapted")
     run_a = train(
         tiny_cohort, ENCODER, root / "a", init=trained_runs["histoprism"], genes=panels["a"],
         progress=False,
     )  # fmt: skip
-    run_b = train(tiny_cohort, ENCODER, root / "b", init=run_a, genes=panels["b"], progress=False)
-    return dict(a=run_a, b=run_b)
+    return dict(a=run_a, b=adapt(run_a, data_b, root / "b", progress=False))
 
 
 def test_adapted_run_is_an_ordinary_histoprism_run(adapted, panels, trained_runs):
@@ -75,47 +81,40 @@ def test_genes_absent_from_the_pretrained_panel_get_fitted(adapted, panels):
 
 
 def test_predict_uses_the_adapted_run(adapted, tiny_cohort, panels, tmp_path):
-    written = predict(adapted["b"], tiny_cohort, ENCODER, tmp_path / "pred", progress=False)
+    test_id = Cohort(tiny_cohort).ids("test")[0]
+    written = predict(
+        adapted["b"], tiny_cohort, ENCODER, tmp_path / "pred", samples=test_id, progress=False
+    )
     assert written
     pred = ad.read_h5ad(written[0])
     assert list(pred.var_names) == Path(panels["b"]).read_text().split()
     assert np.isfinite(pred.X).all() and (pred.X >= 0).all()
 
 
-@pytest.mark.parametrize("prior", ["zero", "pretrained"])
-def test_closed_form_head_is_numpy_ridge_on_the_hidden_features(
-    prior, tiny_cohort, adapted, panels, tmp_path
-):
+def test_closed_form_head_is_numpy_ridge_on_the_hidden_features(adapted, data_b, tmp_path):
     alpha = 0.01
-    data = load_training_data(Cohort(tiny_cohort), ENCODER, genes=panels["b"])
-    run = adapt(adapted["a"], data, tmp_path / "run", alphas=(alpha,), priors=(prior,))
-    w, b = (t.astype(np.float64) for t in load(run).predictor.linear_head())
     init = load(adapted["a"])
     old_w = init.predictor.linear_head()[0].astype(np.float64)
-    hid = {s.id: init.predictor.prepare(s).double().numpy() for s in data.train}
-    for g, gene in enumerate(data.panel.genes):
-        slides = [s for s in data.train if gene in s.genes]
-        X = np.concatenate([hid[s.id] for s in slides])  # (n, H)
-        y = np.concatenate(
-            [np.log1p(s.counts[:, list(s.genes).index(gene)].toarray()) for s in slides]
-        )
-        Xc, yc = X - X.mean(0), y[:, 0] - y.mean()
-        lam = alpha * np.trace(Xc.T @ Xc) / X.shape[1]
-        w0 = (
-            old_w[init.panel.index[gene]]
-            if prior == "pretrained" and gene in init.panel.index
-            else 0
-        )
-        want = np.linalg.solve(Xc.T @ Xc + lam * np.eye(X.shape[1]), Xc.T @ yc + lam * w0)
-        np.testing.assert_allclose(w[g], want, rtol=2e-3, atol=2e-5)
-        np.testing.assert_allclose(b[g], y.mean() - X.mean(0) @ want, rtol=2e-3, atol=2e-4)
+    hid = {s.id: init.predictor.prepare(s).double().numpy() for s in data_b.train}
+    for prior in ("zero", "pretrained"):
+        run = adapt(adapted["a"], data_b, tmp_path / prior, alphas=(alpha,), priors=(prior,))
+        assert load_run(run)[0]["adapt"]["prior"] == prior
+        w, b = (t.astype(np.float64) for t in load(run).predictor.linear_head())
+        for g, gene in enumerate(data_b.panel.genes):
+            slides = [s for s in data_b.train if gene in s.genes]
+            X = np.concatenate([hid[s.id] for s in slides])  # (n, H)
+            y = np.concatenate([s.log1p_counts()[:, list(s.genes).index(gene)] for s in slides])
+            Xc, yc = X - X.mean(0), y - y.mean()
+            lam = alpha * np.trace(Xc.T @ Xc) / X.shape[1]
+            w0 = old_w[init.panel.index[gene]] if gene in init.panel.index else 0.0
+            w0 = w0 if prior == "pretrained" else 0.0
+            want = np.linalg.solve(Xc.T @ Xc + lam * np.eye(X.shape[1]), Xc.T @ yc + lam * w0)
+            np.testing.assert_allclose(w[g], want, rtol=2e-3, atol=2e-5)
+            np.testing.assert_allclose(b[g], y.mean() - X.mean(0) @ want, rtol=2e-3, atol=2e-4)
 
 
-def test_fine_tuning_keeps_the_best_validation_epoch(tiny_cohort, trained_runs, panels, tmp_path):
-    run = train(
-        tiny_cohort, ENCODER, tmp_path / "ft", init=trained_runs["histoprism"], genes=panels["a"],
-        epochs=2, progress=False,
-    )  # fmt: skip
+def test_fine_tuning_keeps_the_best_validation_epoch(trained_runs, data_b, tmp_path):
+    run = adapt(trained_runs["histoprism"], data_b, tmp_path / "ft", epochs=2, progress=False)
     config = json.loads((Path(run) / keys.RUN_CONFIG).read_text())
     history = (Path(run) / keys.RUN_HISTORY).read_text().splitlines()
     assert len(history) == 1 + 3  # header, the closed form (epoch 0), two epochs
