@@ -688,7 +688,7 @@ def hdf5_or_binary(path: Path, rng: np.random.Generator) -> str:
 
 
 # --- text -----------------------------------------------------------------------------------------
-NA_TOKENS = ("NA", "", "nan", "NaN", "None", "null", "#N/A", " ", "<NA>")
+NA_TOKENS = ("NA", "", "NaN", "None", "null", "#N/A", " ", "<NA>", "N/A")
 ODD_TOKENS = ("-1", "0", "1e308", "inf", "-inf", "abc", "1.5", '"', "'", "é", "\x00", "0x10")
 
 
@@ -1285,11 +1285,10 @@ def _check_run(run) -> list[str]:
 
 def _check_cohort(cohort) -> list[str]:
     problems = _unique_str(cohort.metadata.index, "sample ids")
-    if any(
-        not str(i).strip() or str(i).lower() in ("nan", "none", "<na>")
-        for i in cohort.metadata.index
-    ):
-        problems.append("empty or NA sample id")
+    # 'nan' is what a missing value becomes as text: the NA tokens written below never are it,
+    # so an id 'nan' means that 'NA', 'None', 'NaN' ... in the file was read as missing
+    if any(not str(i).strip() or str(i) == "nan" for i in cohort.metadata.index):
+        problems.append("empty sample id, or one read as missing (nan)")
     codes = [cohort.cancer(i) for i in cohort.metadata.index if isinstance(i, str)]
     if not all(isinstance(c, str) and c.strip() for c in codes):
         problems.append("empty cancer code")
