@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "fuzz.py"
 SEED = 0  # the script's --seed: case i of a format is rng([SEED, i]), as in the script
-# examples per format: an import or a prediction costs ~0.3-1 s, the other reads ~0.05 s
-EXAMPLES = {"authors": 20, "predict": 3, "run": 40}
+# examples per format (~400 in all, ~12 s on an idle 2-core machine): a prediction costs ~1 s,
+# an h5ad or embedding read ~0.2 s (its HDF5 check runs in a forked child), the others ~0.03 s
+EXAMPLES = {"h5ad": 20, "embeddings_h5": 20, "authors": 20, "predict": 2, "run": 40}
 DEFAULT_EXAMPLES = 50
 
 
