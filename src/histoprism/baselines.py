@@ -127,6 +127,8 @@ class RidgeBaseline:
     @classmethod
     def from_tensors(cls, panel: GenePanel, knn: int, t: dict[str, torch.Tensor]) -> RidgeBaseline:
         """Rebuild a fitted baseline from saved arrays (no pickle: sklearn objects refilled)."""
+        if t["coef"].ndim != 2 or t["coef"].shape[0] != len(panel):
+            raise ValueError(f"coef has shape {tuple(t['coef'].shape)} for {len(panel)} genes")
         self = cls(panel=panel, knn=knn, n_components=t["coef"].shape[1])
         self.scaler_ = StandardScaler()
         self.scaler_.mean_, self.scaler_.scale_ = (

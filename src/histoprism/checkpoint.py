@@ -45,6 +45,8 @@ def read_json_object(path: str | Path) -> dict:
         value = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"not valid JSON ({first_line(exc)})", path) from exc
+    except RecursionError as exc:
+        raise InputError("not valid JSON (nested too deeply)", path) from exc
     if not isinstance(value, dict):
         raise InputError(f"not a JSON object (its top level is a {type(value).__name__})", path)
     return value
@@ -70,7 +72,27 @@ def load_run(run_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise InputError(
             f"run format version {config.get('format_version')} is not {FORMAT_VERSION}", cfg_path
         )
-    return config, load_tensors(run_dir / keys.RUN_WEIGHTS)
+    _check_config(config, cfg_path)
+    tensors = load_tensors(run_dir / keys.RUN_WEIGHTS)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise InputError(f"non-finite weights in {bad[0]}", run_dir / keys.RUN_WEIGHTS)
+    return config, tensors
+
+
+def _check_config(config: dict, path: Path) -> None:
+    """The fields every run has: a model kind, a non-empty panel and cancer vocabulary of unique
+    names (a damaged config is refused here, not deep inside the model)."""
+    if not isinstance(config.get("model"), str):
+        raise InputError("no model kind ('model')", path)
+    for field in ("genes", "cancers"):
+        names = config.get(field)
+        if not isinstance(names, list) or not names:
+            raise InputError(f"'{field}' must be a non-empty list", path)
+        if not all(isinstance(n, str) and n for n in names):
+            raise InputError(f"'{field}' must hold non-empty names (text)", path)
+        if len(set(names)) != len(names):
+            raise InputError(f"'{field}' holds a name twice", path)
 
 
 def check_encoder(config: dict, encoder: str, *, run_dir: str | Path) -> None:

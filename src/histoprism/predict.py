@@ -27,7 +27,7 @@ from .cancer_type import CLASSIFIER_FILE, CancerTypeClassifier
 from .checkpoint import check_encoder, load_run
 from .cohort import Cohort, Slide
 from .distributed import local_device, rank_share
-from .errors import InputError
+from .errors import InputError, first_line
 from .genes import GeneIdMap, GenePanel
 from .io import atomic_path, directory_lock, remove_partials
 from .model import HistoPrism, ModelConfig
@@ -140,14 +140,22 @@ def load(
         kind = model_kind(config["model"])
     except InputError as exc:
         raise InputError(str(exc), Path(run_dir) / keys.RUN_CONFIG) from None
-    predictor = kind.load_function()(
-        config,
-        tensors,
-        panel=panel,
-        vocab=vocab,
-        device=torch.device(device) if device is not None else local_device(),
-        overrides=dict(attention=attention, attention_radius_um=attention_radius_um),
-    )
+    try:
+        predictor = kind.load_function()(
+            config,
+            tensors,
+            panel=panel,
+            vocab=vocab,
+            device=torch.device(device) if device is not None else local_device(),
+            overrides=dict(attention=attention, attention_radius_um=attention_radius_um),
+        )
+    except InputError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        # a config or weights file that does not describe one network: the first line of torch's
+        # or the config's complaint (a missing key, a size mismatch, an unknown setting)
+        what = f"missing {exc}" if isinstance(exc, KeyError) else first_line(exc)
+        raise InputError(f"config and weights do not form a model ({what})", run_dir) from exc
     return Run(Path(run_dir), config, predictor, panel, vocab)
 
 
@@ -155,6 +163,7 @@ def load_histoprism(
     config: dict,
     tensors: dict,
     *,
+    panel: GenePanel,
     vocab: CancerVocabulary,
     device: torch.device,
     overrides: dict,
@@ -167,6 +176,11 @@ def load_histoprism(
         cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:
         raise InputError(str(exc)) from None
+    if cfg.n_genes != len(panel) or cfg.n_conditions != len(vocab.codes):
+        raise ValueError(
+            f"the network predicts {cfg.n_genes} genes for {cfg.n_conditions} cancer codes; "
+            f"the config lists {len(panel)} genes and {len(vocab.codes)} codes"
+        )
     model = HistoPrism(cfg)
     model.load_state_dict(tensors)
     return HistoPrismPredictor(model.eval().to(device), vocab, device)

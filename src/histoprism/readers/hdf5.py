@@ -23,7 +23,7 @@ from ..errors import InputError, first_line
 MAX_COMPRESSION = 1_000  # declared bytes per stored byte
 SMALL_DATASET_BYTES = 64 * 2**20  # below this a dataset is never refused for its size
 MAX_DATASET_BYTES = 64 * 2**30  # no one slide's array is this large
-CHECK_TIMEOUT_S = 30.0  # the structure walk of a healthy file takes well under a second
+CHECK_TIMEOUT_S = 10.0  # the structure walk of a healthy file takes well under a second
 CHECK_MEMORY_BYTES = 2 * 2**30  # what the walking child may map beyond its parent's mappings
 
 

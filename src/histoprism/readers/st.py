@@ -28,9 +28,7 @@ def read_st(path: str | Path) -> ad.AnnData:
     check_file(path)  # declared sizes first: anndata would allocate whatever the file declares
     adata = read_h5ad(path)
     _check(adata, path)
-    X = adata.X
-    X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else X.tocsr().astype(np.float32)
-    adata.X = X
+    adata.X = _counts_csr(adata.X, path)
     adata.obsm[keys.OBSM_SPATIAL] = np.asarray(adata.obsm[keys.OBSM_SPATIAL], dtype=np.float64)
     return adata
 
@@ -41,6 +39,18 @@ def read_h5ad(path: str | Path, *, backed: Literal["r"] | None = None) -> ad.Ann
         return ad.read_h5ad(path, backed=backed)
     except Exception as exc:  # h5py/anndata raise many types for a corrupt file
         raise InputError(f"cannot read as h5ad ({first_line(exc)})", path) from exc
+
+
+def _counts_csr(X, path: Path) -> sp.csr_matrix:
+    """X as float32 CSR after scipy's full structure check: a damaged file's indices or indptr
+    out of range would otherwise be used as they are (wrong counts, or a segfault later)."""
+    try:
+        if sp.issparse(X):
+            X.check_format(full_check=True)
+            return X.tocsr().astype(np.float32)
+        return sp.csr_matrix(np.asarray(X), dtype=np.float32)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"X is not a valid counts matrix ({first_line(exc)})", path) from exc
 
 
 def _check(adata: ad.AnnData, path: Path) -> None:
