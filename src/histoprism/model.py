@@ -79,6 +79,21 @@ class ModelConfig:
     cross_output_dropout: bool = True  # dropout on the cancer cross-attention output before its add
 
     def __post_init__(self):
+        # a config.json is user input: sizes must be positive integers (bool is not a size), and
+        # the widths must split into the heads, before any module is built from them
+        for name in ("in_dim", "n_genes", "n_conditions", "hidden", "n_layers", "n_heads",
+                     "cross_heads", "ff_mult", "context_tokens", "full_attention_max_spots"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.neighbours is True or not isinstance(self.neighbours, int) or self.neighbours < 0:
+            raise ValueError(f"neighbours must be an integer >= 0, got {self.neighbours!r}")
+        if self.hidden % self.n_heads:
+            raise ValueError(f"hidden {self.hidden} is not divisible by n_heads {self.n_heads}")
+        for name in ("dropout", "attn_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got '{self.attention}'")
         if not self.attention_radius_um > 0:

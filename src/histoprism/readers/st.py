@@ -46,8 +46,11 @@ def _counts_csr(X, path: Path) -> sp.csr_matrix:
     out of range would otherwise be used as they are (wrong counts, or a segfault later)."""
     try:
         if sp.issparse(X):
+            X = X.tocsr()
+            # signed 64-bit first: differences of an unsigned indptr never look decreasing
+            X.indptr, X.indices = X.indptr.astype(np.int64), X.indices.astype(np.int64)
             X.check_format(full_check=True)
-            return X.tocsr().astype(np.float32)
+            return X.astype(np.float32)
         return sp.csr_matrix(np.asarray(X), dtype=np.float32)
     except (ValueError, TypeError) as exc:
         raise InputError(f"X is not a valid counts matrix ({first_line(exc)})", path) from exc
