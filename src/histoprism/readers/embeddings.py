@@ -14,7 +14,7 @@ import numpy as np
 from .. import keys
 from ..errors import InputError, first_line
 from ..io import atomic_path
-from .hdf5 import check_declared_size, check_file
+from .hdf5 import check_declared_size, check_file, positive_attribute
 
 COORDS_ARE = "spot centres, level-0 px (x, y)"  # value of the ``coords_are`` attribute we write
 
@@ -127,18 +127,8 @@ def _read_h5(h5: h5py.File, path: Path):
     barcodes = _decode(bds[...], path) if bds is not None else None
     patch0 = None
     if cds is not None and "patch_size_level0" in cds.attrs:
-        patch0 = _positive_number(cds.attrs["patch_size_level0"], "patch_size_level0", path)
+        patch0 = positive_attribute(cds.attrs["patch_size_level0"], "patch_size_level0", path)
     return features, coords, barcodes, patch0
-
-
-def _positive_number(value, name: str, path: Path) -> float:
-    try:
-        x = float(np.asarray(value).reshape(-1)[0])
-    except (TypeError, ValueError, IndexError) as exc:
-        raise InputError(f"attribute {name} is {value!r}, expected a number", path) from exc
-    if not np.isfinite(x) or x <= 0:
-        raise InputError(f"attribute {name} is {x}, expected a positive number", path)
-    return x
 
 
 def write_embeddings(

@@ -8,6 +8,7 @@ it stores is damaged or forged.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import signal
@@ -40,6 +41,18 @@ def check_declared_size(ds: h5py.Dataset, path: Path) -> None:
             f"{stored / 2**20:.1f} MiB: damaged or not written",
             path,
         )
+
+
+def positive_attribute(value, name: str, path: Path) -> float:
+    """A file attribute that must be one finite positive number (a patch size, a pixel size);
+    InputError naming the attribute and the file for text, arrays of several values, NaN, <= 0."""
+    try:
+        x = float(np.asarray(value).item())
+    except (TypeError, ValueError):  # text, an array of several values ...
+        x = math.nan
+    if not (math.isfinite(x) and x > 0):
+        raise InputError(f"attribute {name} is {value!r}, expected a positive number", path)
+    return x
 
 
 def check_file(path: Path, *, timeout_s: float = CHECK_TIMEOUT_S) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 from .. import keys
 from ..errors import InputError
 from ..io import atomic_path
+from .hdf5 import positive_attribute
 
 HEST_PATCH_UM = 0.5  # HEST-1k patches are cut at 0.5 µm/px when the file does not say
 MAX_COORD = 2**31  # level-0 px: far beyond any slide (a 200,000 px slide is already large)
@@ -136,15 +137,7 @@ def _read_layout(
 
 def _pixel_size(value, path: Path) -> float:
     """µm per patch pixel from the ``pixel_size`` attribute (HEST-1k's 0.5 without one)."""
-    if value is None:
-        return HEST_PATCH_UM
-    try:
-        size = float(np.asarray(value).item())
-    except (TypeError, ValueError):  # an array of several values, text ...
-        size = math.nan
-    if not (math.isfinite(size) and size > 0):
-        raise InputError(f"invalid pixel_size {value!r} on img", path)
-    return size
+    return HEST_PATCH_UM if value is None else positive_attribute(value, "pixel_size of img", path)
 
 
 def write_hest_patches(
