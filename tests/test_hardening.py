@@ -272,3 +272,31 @@ def test_predict_on_a_full_disk_is_one_line_and_keeps_previous_outputs(
         for name in names[1:]:
             assert ad.read_h5ad(out / name).n_obs > 0
         assert (out / f"{sid}.h5ad").read_bytes() == before
+
+
+# --- a damaged HDF5 file cannot take the reader down ------------------------------------------------
+def test_a_file_that_crashes_hdf5_is_one_line(tmp_path, monkeypatch):
+    """The structure walk runs in a forked child: a segfault there (as a flipped byte in an
+    attribute message gives inside HDF5) is reported, and this process lives on."""
+    import signal
+
+    from histoprism.readers import hdf5
+
+    path = _write_h5(tmp_path / "e.h5", features=np.ones((3, 4), "f4"), coords=np.zeros((3, 2)))
+    monkeypatch.setattr(hdf5, "_walk", lambda p: os.kill(os.getpid(), signal.SIGSEGV))
+    with pytest.raises(InputError, match="crashes the HDF5 library \\(signal 11\\)") as err:
+        read_embeddings(path)
+    assert err.value.path == path
+
+
+def test_a_file_that_hangs_hdf5_is_one_line_after_the_timeout(tmp_path, monkeypatch):
+    import time
+
+    from histoprism.readers import hdf5
+
+    path = _write_h5(tmp_path / "e.h5", features=np.ones((3, 4), "f4"), coords=np.zeros((3, 2)))
+    monkeypatch.setattr(hdf5, "_walk", lambda p: time.sleep(60))
+    t0 = time.monotonic()
+    with pytest.raises(InputError, match="did not finish in 1 s"):
+        hdf5.check_file(path, timeout_s=1.0)
+    assert time.monotonic() - t0 < 30  # the child was killed, not waited for
