@@ -8,12 +8,14 @@ it stores is damaged or forged.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import os
 import resource
+import select
 import signal
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -24,6 +26,7 @@ from ..errors import InputError, first_line
 MAX_COMPRESSION = 1_000  # declared bytes per stored byte
 SMALL_DATASET_BYTES = 64 * 2**20  # below this a dataset is never refused for its size
 MAX_DATASET_BYTES = 64 * 2**30  # no one slide's array is this large
+FINGERPRINT_BYTES = 4 * 2**20  # bytes hashed to tell versions of a file apart
 CHECK_TIMEOUT_S = 10.0  # the structure walk of a healthy file takes well under a second
 CHECK_MEMORY_BYTES = 2 * 2**30  # what the walking child may map beyond its parent's mappings
 
@@ -65,11 +68,33 @@ def check_file(path: Path, *, timeout_s: float = CHECK_TIMEOUT_S) -> None:
     there becomes one line here. Off Linux (no fork on Windows; on macOS a forked child of a
     threaded process may crash by itself) it runs in this process.
     """
+    problem = _verdict(str(path), _version(Path(path)), timeout_s)
+    if problem:
+        raise InputError(problem, path)
+
+
+def _version(path: Path) -> tuple:
+    """What tells two versions of a file apart: inode, size, mtime, and a hash of its bytes
+    (all of them up to FINGERPRINT_BYTES, else the first and last half of that): mtimes are
+    coarse (a rewrite within a few ms keeps one), slides are large."""
+    stat = path.stat()
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        if stat.st_size <= FINGERPRINT_BYTES:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(FINGERPRINT_BYTES // 2))
+            f.seek(-FINGERPRINT_BYTES // 2, os.SEEK_END)
+            digest.update(f.read())
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns, digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _verdict(path: str, version: tuple, timeout_s: float) -> str | None:
+    """The problem of the file (or None), once per version of it (``_version``): a training
+    run reads each slide's files many times, and each walk costs a fork."""
     if not sys.platform.startswith("linux"):  # pragma: no cover - Windows, macOS
-        problem = _walk(path)
-        if problem:
-            raise InputError(problem, path)
-        return
+        return _walk(Path(path))
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: walk, report, leave without running the parent's exit handlers
@@ -77,27 +102,20 @@ def check_file(path: Path, *, timeout_s: float = CHECK_TIMEOUT_S) -> None:
         try:
             os.close(read_end)
             _cap_memory(CHECK_MEMORY_BYTES)
-            problem = _walk(path)
+            problem = _walk(Path(path))
             os.write(write_end, (problem or "").encode("utf-8", "replace")[:4000])
             code = 0
         finally:
             os._exit(code)
     os.close(write_end)
-    status = _wait(pid, timeout_s)
-    with os.fdopen(read_end, "rb") as pipe:
-        problem = pipe.read().decode("utf-8", "replace") if status == 0 else ""
+    status, problem = _wait(pid, read_end, timeout_s)
     if status is None:
-        raise InputError(
-            f"reading it did not finish in {timeout_s:.0f} s (damaged HDF5 structure)", path
-        )
+        return f"reading it did not finish in {timeout_s:.0f} s (damaged HDF5 structure)"
     if status < 0:
-        raise InputError(
-            f"reading it crashes the HDF5 library (signal {-status}): the file is damaged", path
-        )
+        return f"reading it crashes the HDF5 library (signal {-status}): the file is damaged"
     if status > 0:
-        raise InputError("cannot read as HDF5 (the structure check failed)", path)
-    if problem:
-        raise InputError(problem, path)
+        return "cannot read as HDF5 (the structure check failed)"
+    return problem or None
 
 
 def _cap_memory(extra: int) -> None:
@@ -113,21 +131,19 @@ def _cap_memory(extra: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-def _wait(pid: int, timeout_s: float) -> int | None:
-    """The child's exit code (negative: the signal that ended it), None after killing it at the
-    timeout."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.001
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
+def _wait(pid: int, read_end: int, timeout_s: float) -> tuple[int | None, str]:
+    """(the child's exit code, negative for the signal that ended it, or None after killing it
+    at the timeout; what it wrote). The pipe wakes us as soon as the child writes or dies."""
+    with os.fdopen(read_end, "rb") as pipe:
+        ready, _, _ = select.select([pipe], [], [], timeout_s)
+        if not ready:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-            return None
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+            return None, ""
+        message = pipe.read().decode("utf-8", "replace")  # to EOF: the child has exited
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return code, message if code == 0 else ""
 
 
 def _walk(path: Path) -> str | None:
