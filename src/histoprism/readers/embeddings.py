@@ -14,7 +14,7 @@ import numpy as np
 from .. import keys
 from ..errors import InputError, first_line
 from ..io import atomic_path
-from .hdf5 import check_declared_size, check_file, positive_attribute
+from .hdf5 import check_file, positive_attribute
 
 COORDS_ARE = "spot centres, level-0 px (x, y)"  # value of the ``coords_are`` attribute we write
 
@@ -59,8 +59,8 @@ def _first(h5: h5py.File, names: tuple[str, ...]) -> str | None:
 
 def _dataset(h5: h5py.File, name: str, kinds: str, path: Path) -> h5py.Dataset:
     """``h5[name]`` after checking, without reading it, that it is a dataset of a numeric
-    ``kinds`` dtype (numpy kind letters) whose declared size is plausible for what the file
-    holds on disk."""
+    ``kinds`` dtype (numpy kind letters) shaped like a slide's spots. (Declared sizes against the
+    bytes on disk: ``check_file``, which ``read_embeddings`` runs first.)"""
     ds = h5[name]
     if not isinstance(ds, h5py.Dataset):
         raise InputError(f"'{name}' is a {type(ds).__name__}, expected a dataset", path)
@@ -69,7 +69,6 @@ def _dataset(h5: h5py.File, name: str, kinds: str, path: Path) -> h5py.Dataset:
     shape = ds.shape or ()
     if len(shape) == 0 or shape[0] > MAX_SPOTS or int(np.prod(shape[1:], dtype=np.int64)) > MAX_DIM:
         raise InputError(f"'{name}' declares shape {shape}: not a slide's spots", path)
-    check_declared_size(ds, path)
     return ds
 
 
