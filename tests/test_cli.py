@@ -24,8 +24,10 @@ CONSOLE_SCRIPT = Path(sys.executable).parent / "histoprism"
 
 FLAGS = {
     "train": "--data --encoder --out --split --model --epochs --no-conditioning "
-    "--positional-encoding --genes --seed --config --attention --attention-radius-um --crop-spots",
-    "predict": "--model --data --encoder --out --split --samples --attention --attention-radius-um",
+    "--positional-encoding --genes --seed --config --attention --attention-radius-um --crop-spots "
+    "--init --prompt",
+    "predict": "--model --data --encoder --out --split --samples --attention --attention-radius-um "
+    "--prompt-fraction --prompt-seed",
     "evaluate": "--pred --data --out --split --hvg --genesets",
     "extract": "--data --encoder --weights --allow-download --samples --source --mpp --batch-size "
     "--device --overwrite",

@@ -143,6 +143,14 @@ def train(
             "panels, minutes on a CPU).",
         ),
     ] = None,
+    prompt: Annotated[
+        bool,
+        Flag(
+            "--prompt",
+            help="With --init: keep the run unchanged and fit a head that corrects it with "
+            "measured spots (predict --prompt-fraction).",
+        ),
+    ] = False,
 ) -> None:
     """Train a model on the cohort's train split (early stopping on val); with --init, adapt a
     pretrained HistoPrism run to the panel --genes."""
@@ -168,6 +176,7 @@ def train(
         attention_radius_um=attention_radius_um,
         crop_spots=crop_spots,
         init=init,
+        prompt=prompt,
     )
     from .distributed import torchrun_env
 
@@ -183,6 +192,12 @@ def train(
     )
     if "adapt" in cfg:
         best = f", head refitted from {init} (val r {cfg['adapt']['val_pearson']:.3f})"
+    if "prompt" in cfg:
+        p = cfg["prompt"]
+        best = (
+            f", prompt head on {init} (unmeasured val r {p['val_pearson_unmeasured']:.3f}, "
+            f"image only {p['val_pearson_image_only']:.3f})"
+        )
     health = cfg.get("health")
     if health and health.get("val_pearson_checked") is not None:
         verdict = "BELOW" if health["below_ridge"] else "above"
@@ -253,6 +268,14 @@ def predict(
     ] = None,
     passes: Annotated[int, typer.Option(help="mc-dropout forward passes.")] = 20,
     uncertainty_seed: Annotated[int, typer.Option(help="Seed of the mc-dropout passes.")] = 0,
+    prompt_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of each slide's spots whose measured counts correct the others "
+            "(a run fitted with train --prompt); obs['prompt'] marks them."
+        ),
+    ] = None,
+    prompt_seed: Annotated[int, typer.Option(help="Seed of the measured spots drawn.")] = 0,
 ) -> None:
     """Predict whole slides as AnnData (X = log1p expression, obsm['pathways'])."""
     from . import predict as api
@@ -278,6 +301,8 @@ def predict(
         members=members,
         passes=passes,
         seed=uncertainty_seed,
+        prompt_fraction=prompt_fraction,
+        prompt_seed=prompt_seed,
     )
     from .distributed import torchrun_env
 

@@ -607,6 +607,10 @@ def _score_slides(s: _Setup, cohort: Cohort, *, progress: bool = True) -> _Run:
 def _score_one(s: _Setup, cohort: Cohort, sid: str, path: Path, run: _Run, *, show: bool) -> None:
     """Score one slide into ``run``: r, spot counts, pooled moments, spatial example."""
     pred, st = read_prediction(path), read_st(cohort.st_path(sid))
+    if keys.OBS_PROMPT in pred.obs:  # spots given to the model measured: scored, they would leak
+        prompt = pred.obs[keys.OBS_PROMPT].to_numpy(dtype=bool)
+        log.info("%s: %d measured (prompt) spots left out of the scores", sid, int(prompt.sum()))
+        pred = pred[~prompt].copy()
     score = score_slide(pred, st, path=path)
     run.r[sid], run.spots[sid] = score.r, (score.n_spots, score.n_spots_matched)
     run.facts[sid] = _prediction_facts(pred)

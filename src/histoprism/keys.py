@@ -69,6 +69,7 @@ OBSM_HIDDEN = "histoprism_hidden"  # (N, H) the model's last hidden layer
 VARM_HEAD = "histoprism_head"  # (G, H) weights of its linear head
 VAR_HEAD_BIAS = "histoprism_bias"  # (G,) bias of its linear head
 OBS_CANCER = "oncotree_code"
+OBS_PROMPT = "prompt"  # bool: its measured counts were given to the model (--prompt-fraction)
 OBS_ARRAY_ROW, OBS_ARRAY_COL = "array_row", "array_col"  # Space Ranger grid position of a spot
 VAR_GENE_IDS = "gene_ids"
 VAR_GENE_SYMBOLS = "gene_symbols"  # as sc.pl.* gene_symbols= names it
@@ -85,6 +86,7 @@ RUN_CONFIG = "config.json"
 RUN_HISTORY = "history.csv"
 RUN_LAST = "last"  # last/{model,best,optimizer}.safetensors + last/state.json
 RUN_NOISE = "noise.safetensors"  # per-gene count noise fitted on the validation slides
+RUN_PROMPT = "prompt.safetensors"  # the prompt head of `train --init RUN --prompt` (prompt.py)
 
 # --- evaluation directory ---------------------------------------------------------------------
 EVAL_METRICS = "metrics.json"

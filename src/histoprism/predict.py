@@ -219,7 +219,8 @@ def predict_slide(
     else:
         factorised = uncertainty.check_output(output, n * g * np.dtype(dtype).itemsize)
         prepared = uncertainty.prepare(slide, unknown_cancer=unknown_cancer)
-    if isinstance(prepared, torch.Tensor) and not torch.isfinite(prepared).all():
+    hidden = getattr(prepared, "hidden", prepared)  # a prompted slide keeps its trunk output
+    if isinstance(hidden, torch.Tensor) and not torch.isfinite(hidden).all():
         raise InputError(
             "the model's last hidden layer is not finite on this slide: its embeddings lie "
             "far outside what the model was trained on (another encoder, or unnormalised?)",
@@ -238,6 +239,10 @@ def predict_slide(
         weight, bias = predictor.linear_head()
         skeleton.var[keys.VAR_HEAD_BIAS] = bias
     skeleton.uns[keys.UNS_HISTOPRISM]["output"] = "factorised" if factorised else "dense"
+    if hasattr(predictor, "spot_columns"):  # a prompted predictor: which spots were measured
+        for name, values in predictor.spot_columns(prepared).items():
+            skeleton.obs[name] = values
+        skeleton.uns[keys.UNS_HISTOPRISM]["prompt"] = predictor.info
     if uncertainty is not None:
         skeleton.uns[keys.UNS_HISTOPRISM]["uncertainty"] = uncertainty.info()
     item = np.dtype(dtype).itemsize
@@ -436,6 +441,8 @@ def predict(
     members: int | None = None,
     passes: int = 20,
     seed: int = 0,
+    prompt_fraction: float | None = None,
+    prompt_seed: int = 0,
     progress: bool = True,
 ) -> list[Path]:
     """Predict the slides ``samples`` ('test', 'all' or comma-separated ids) of a cohort into ``out``.
@@ -453,11 +460,21 @@ def predict(
     measured log1p(counts) (``histoprism.uncertainty``): for 'ensemble', ``model`` is a folder
     of run directories (or a list of them), of which the first ``members`` (default: all) are
     used; for 'mc-dropout', one run and ``passes`` forward passes seeded by ``seed``.
+
+    ``prompt_fraction``: a run fitted with ``train --prompt`` predicts each slide with this share
+    of its spots measured (drawn with ``prompt_seed``; ``histoprism.prompt``), marked in
+    ``obs['prompt']``; evaluation scores the other spots.
     """
     unc = None
+    if prompt_fraction is not None and uncertainty is not None:
+        raise InputError("--prompt-fraction and --uncertainty cannot be combined (yet)")
     if uncertainty is None:
         run = load(model, attention=attention, attention_radius_um=attention_radius_um)
         check_encoder(run.config, encoder, run_dir=model)
+    if prompt_fraction is not None:
+        from .prompt import prompted_predictor
+
+        run = replace(run, predictor=prompted_predictor(run, prompt_fraction, prompt_seed))
     cohort = Cohort(data, split_dir=split)
     if uncertainty is not None:
         from .uncertainty import load_uncertainty  # (it imports this module)

@@ -195,9 +195,14 @@ class TrainingData:
 
 
 def load_training_data(
-    cohort: Cohort, encoder: str, *, genes: str | Path | None = None, seed: int = 0
+    cohort: Cohort,
+    encoder: str,
+    *,
+    genes: str | Path | tuple[str, ...] | None = None,
+    seed: int = 0,
 ) -> TrainingData:
-    """Load train and val slides; the panel is ``genes`` or every gene measured in a training slide."""
+    """Load train and val slides; the panel is ``genes`` (a gene list file, or the genes
+    themselves as a tuple) or every gene measured in a training slide."""
     train_ids, val_ids = cohort.ids("train"), cohort.ids("val") if "val" in cohort.splits else []
     if not train_ids:
         raise InputError("no training slides in the split", cohort.root)
@@ -215,7 +220,10 @@ def load_training_data(
         raise InputError(f"embedding dimensions differ between slides: {sorted(dims)}")
     # counts move to the panel's id space (an Ensembl panel with symbol slides, as HEST-1k's),
     # by the rule evaluation uses: raw counts of several names for one id summed before log1p
-    panel = GenePanel(tuple(read_gene_list(genes))) if genes is not None else None
+    if isinstance(genes, tuple):
+        panel = GenePanel(genes)
+    else:
+        panel = GenePanel(tuple(read_gene_list(genes))) if genes is not None else None
     ensembl = (
         looks_like_ensembl(panel.genes)
         if panel
@@ -614,6 +622,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     init: str | Path | None = None,
+    prompt: bool = False,
 ) -> Path:
     """Train ``model`` (a ``registry.MODEL_KINDS`` name) on the cohort at ``data`` and write the
     run directory ``out``.
@@ -621,9 +630,13 @@ def train(
     Parameters mirror ``histoprism train``; ``attention``, ``attention_radius_um`` (ModelConfig)
     and ``crop_spots`` (TrainConfig) override the recipe when given. ``init``: a pretrained
     HistoPrism run whose trunk is kept and whose head is refitted to the panel ``genes``
-    (``histoprism.adapt``; ``epochs``: fine-tuning epochs of the head, default 0). Returns ``out``.
+    (``histoprism.adapt``; ``epochs``: fine-tuning epochs of the head, default 0). ``prompt``
+    with ``init``: keep the run and fit a head that corrects it with measured spots
+    (``histoprism.prompt``). Returns ``out``.
     """
     kind = model_kind(model)
+    if prompt and init is None:
+        raise InputError("--prompt fits a head on a trained run: give it with --init RUN")
     if init is not None:
         _check_init_options(model, epochs, resume)
     elif epochs is not None and epochs < 1:
@@ -656,9 +669,17 @@ def train(
         if init is not None:  # refused before the slides are read
             from .adapt import adapt, load_init
 
-            load_init(init, encoder)
+            init_config, _ = load_init(init, encoder)
+            if prompt:  # the prompt head corrects the run's own genes
+                if genes is not None:
+                    raise InputError("--prompt keeps the run's gene panel: leave --genes out")
+                genes = tuple(init_config["genes"])
         td = load_training_data(cohort, encoder, genes=genes, seed=seed)
-        if init is not None:
+        if prompt:
+            from .prompt import PromptConfig, fit_prompt
+
+            run = fit_prompt(init, td, out, config=PromptConfig(seed=seed), progress=progress)
+        elif init is not None:
             run = adapt(init, td, out, epochs=epochs or 0, seed=seed, progress=progress)
         else:
             run = kind.fit_function()(td, out, options, **kind.params)
