@@ -167,7 +167,7 @@ def test_duplicate_barcodes_and_genes_rejected(tmp_path):
 def test_no_common_barcode_is_an_error(tmp_path):
     small_cohort(tmp_path)
     write_emb(tmp_path / "embeddings/enc/S0.h5", np.ones((2, 4)), np.zeros((2, 2)), ["zz1", "zz2"])
-    with pytest.raises(InputError, match="no spot"):
+    with pytest.raises(InputError, match="no barcode of the embeddings matches"):
         Cohort(tmp_path).slide("S0", "enc")
 
 

@@ -97,6 +97,26 @@ class Alignment:
     by: str  # "barcode" or "position"
 
 
+def align_by_barcode(
+    pred_barcodes, st_barcodes, *, path: Path | None = None, what: str = "prediction"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a per-spot file (``what``: a prediction, embeddings) and of the counts file that
+    hold the same spot: the one barcode match of training, prediction and evaluation.
+
+    Returns (rows, st_rows), both (M,) int64, ``st_rows`` increasing. Either side may hold extra
+    spots, in any order. Raises ``InputError`` on duplicate barcodes in ``pred_barcodes`` or when
+    no barcode matches.
+    """
+    index = pd.Index(np.asarray(pred_barcodes, dtype=str))
+    if index.has_duplicates:
+        raise InputError(f"duplicate barcode '{index[index.duplicated()][0]}' in {what}", path)
+    pos = index.get_indexer(np.asarray(st_barcodes, dtype=str))
+    st_rows = np.flatnonzero(pos >= 0)
+    if len(st_rows) == 0:
+        raise InputError(f"no barcode of the {what} matches a spot of the measured slide", path)
+    return pos[st_rows].astype(np.int64), st_rows.astype(np.int64)
+
+
 def align_spots(
     st_barcodes: np.ndarray, st_coords: np.ndarray, emb: EmbeddingFile, *, path: Path | None = None
 ) -> Alignment:
@@ -106,14 +126,16 @@ def align_spots(
     spot takes the embedding whose centre is nearest, if within half the spot spacing.
     """
     if emb.barcodes is not None:
-        pos = pd.Index(emb.barcodes.astype(str)).get_indexer(np.asarray(st_barcodes, dtype=str))
+        emb_rows, st_rows = align_by_barcode(
+            emb.barcodes, st_barcodes, path=path, what="embeddings"
+        )
         by = "barcode"
     else:
         pos, by = _match_by_position(st_coords, emb.coords), "position"
-    st_rows = np.flatnonzero(pos >= 0)
-    if len(st_rows) == 0:
-        raise InputError(f"no spot of the counts file matches an embedding ({by})", path)
-    emb_rows = pos[st_rows]
+        st_rows = np.flatnonzero(pos >= 0)
+        if len(st_rows) == 0:
+            raise InputError("no spot of the counts file matches an embedding (position)", path)
+        emb_rows = pos[st_rows]
     return Alignment(
         st_rows=st_rows,
         emb_rows=emb_rows,

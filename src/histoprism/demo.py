@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from . import keys
-from .cohort import Cohort, file_gene_ids
+from .cohort import Cohort, align_by_barcode, file_gene_ids
 from .compare import pipe_table
 from .correlation import squared_error
 from .evaluate import evaluate, truth_counts
@@ -163,7 +163,9 @@ def _matched(cohort: Cohort, sid: str, barcodes, genes: pd.Index):
     """log1p truth (M, K) of the spots ``barcodes`` (None: all) and genes ``genes`` the slide
     measured, and the (rows, columns) of those spots and genes in the caller's arrays."""
     st = read_st(cohort.st_path(sid))
-    rows = np.arange(st.n_obs) if barcodes is None else pd.Index(st.obs_names).get_indexer(barcodes)
+    if barcodes is None:
+        r = st_rows = np.arange(st.n_obs)
+    else:
+        r, st_rows = align_by_barcode(barcodes, st.obs_names)
     counts, g = truth_counts(st, genes)  # the evaluator's truth: same genes, same rule
-    r = np.flatnonzero(rows >= 0)
-    return np.log1p(counts[rows[r]].toarray()), (r, g)
+    return np.log1p(counts[st_rows].toarray()), (r, g)

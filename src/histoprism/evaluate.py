@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 from . import keys
 from .calibration import CalibrationTally
-from .cohort import Cohort, file_gene_ids
+from .cohort import Cohort, align_by_barcode, file_gene_ids
 from .correlation import (
     MOMENT_COLUMNS,
     comoments,
@@ -102,24 +102,6 @@ __all__ = [
 
 
 # --- one slide ----------------------------------------------------------------------------------
-def align_by_barcode(
-    pred_barcodes: Sequence[str], st_barcodes: Sequence[str], *, path: Path | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of the prediction and of the counts file that hold the same spot.
-
-    Returns (pred_rows, st_rows), both (M,) int64, ``st_rows`` increasing. Either side may hold
-    extra spots, in any order. Raises ``InputError`` on duplicate or entirely unmatched barcodes.
-    """
-    index = pd.Index(np.asarray(pred_barcodes, dtype=str))
-    if index.has_duplicates:
-        raise InputError(f"duplicate barcode '{index[index.duplicated()][0]}' in prediction", path)
-    pos = index.get_indexer(np.asarray(st_barcodes, dtype=str))
-    st_rows = np.flatnonzero(pos >= 0)
-    if len(st_rows) == 0:
-        raise InputError("no barcode of the prediction matches a spot of the measured slide", path)
-    return pos[st_rows].astype(np.int64), st_rows.astype(np.int64)
-
-
 def truth_counts(st: ad.AnnData, genes) -> tuple[sp.csr_matrix, np.ndarray]:
     """Raw counts (N, K) of a counts file for the predicted ``genes`` (G,) it measured, and their
     (K,) columns in ``genes``: ``genes.panel_counts``, the rule training builds its targets by
