@@ -161,23 +161,21 @@ def child_gemm(spec: dict) -> dict:
 def child_inference(spec: dict) -> dict:
     """HistoPrism: the trunk once, then every head tile (what predict_slide computes), best of 3
     passes as for the GEMM; the GEMM ceiling is measured here too, under the same conditions."""
-    from histoprism.predict import TILE_GENES, TILE_SPOTS
+    from histoprism.predict import TILE_GENES, TILE_SPOTS, tiles
 
     n, dev = spec["spots"], spec["device"]
     p = make_run("histoprism", dev).predictor
     buf = torch.empty(min(n, TILE_SPOTS) * TILE_GENES, device=dev)
 
-    def head(h):  # predict._write_tiles without the file
-        for r in range(0, n, TILE_SPOTS):
-            for c in range(0, GENES, TILE_GENES):
-                rows, cols = slice(r, min(r + TILE_SPOTS, n)), slice(c, min(c + TILE_GENES, GENES))
-                shape = (rows.stop - r, cols.stop - c)
-                out = buf[: shape[0] * shape[1]].view(shape)
-                if dev == "cpu":
-                    p.predict_genes(h, cols, rows, out=out)
-                else:  # tiles stay on the GPU: the copy to the host is the writer's cost
-                    w, b = p.model.head_out.weight[cols], p.model.head_out.bias[cols]
-                    torch.addmm(b, h[rows], w.T, out=out)
+    def head(h):  # what predict_slide computes, tile by tile, without the file
+        for rows, cols in tiles(n, GENES, TILE_SPOTS, TILE_GENES):
+            shape = (rows.stop - rows.start, cols.stop - cols.start)
+            out = buf[: shape[0] * shape[1]].view(shape)
+            if dev == "cpu":
+                p.predict_genes(h, cols, rows, out=out)
+            else:  # tiles stay on the GPU: the copy to the host is the writer's cost
+                w, b = p.model.head_out.weight[cols], p.model.head_out.bias[cols]
+                torch.addmm(b, h[rows], w.T, out=out)
 
     with torch.no_grad():
         head(p.prepare(make_slide(min(n, 512))))  # warm-up: kernels, thread pools, buffer pages
@@ -231,7 +229,7 @@ def child_dense(spec: dict) -> dict:
 
 
 def child_ridge(spec: dict) -> dict:
-    from histoprism.predict import _tile_shape
+    from histoprism.predict import tile_shape
 
     n = spec["spots"]
     run = make_run("ridge")
@@ -239,7 +237,7 @@ def child_ridge(spec: dict) -> dict:
     run.predictor.predict_genes(run.predictor.prepare(make_slide(256)), slice(0, 64))
     t0 = time.perf_counter()
     prepared = run.predictor.prepare(slide)
-    _, cols = _tile_shape(n, GENES, whole_columns=True)
+    _, cols = tile_shape(n, GENES, whole_columns=True)
     for c in range(0, GENES, cols):
         run.predictor.predict_genes(prepared, slice(c, min(c + cols, GENES)))
     return {"seconds": time.perf_counter() - t0, "attention": "none"}
@@ -248,7 +246,7 @@ def child_ridge(spec: dict) -> dict:
 def child_train(spec: dict) -> dict:
     """One slide per AdamW step, as train.py: measured genes only (here: all of them)."""
     from histoprism.tensors import SlideTensors
-    from histoprism.train import masked_mse
+    from histoprism.train import masked_mse, train_step
 
     n, dev = spec["spots"], spec["device"]
     model = make_model("full", dev).train()
@@ -274,12 +272,12 @@ def child_train(spec: dict) -> dict:
         t0 = time.perf_counter()
         if spec.get("paper_loss"):  # the whole (N, G) output, then the measured columns
             loss = masked_mse(model(**inputs), s)
-        else:
-            loss = torch.mean((model(**inputs, genes=s.target_cols)[0] - s.target) ** 2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        else:  # train.py's own step
+            train_step(model, opt, inputs, s, grad_clip=1.0)
         sync(dev)
         times.append(time.perf_counter() - t0)
     return {"seconds_per_slide": float(np.mean(times[1:])), "step_seconds": times}  # 1st: warm-up

@@ -112,11 +112,11 @@ def test_tiled_head_equals_single_block(
     run = load(trained_runs[kind])
     slide = Cohort(tiny_cohort).slide(sid, ENCODER)
     n, g = slide.n_spots, len(run.panel)
-    assert predict_mod._tile_shape(n, g, whole_columns=kind != "histoprism") == (n, g)  # one block
+    assert predict_mod.tile_shape(n, g, whole_columns=kind != "histoprism") == (n, g)  # one block
     full = ad.read_h5ad(predict_slide(run, slide, tmp_path / "full.h5ad"))
     for name, value in tiles.items():
         monkeypatch.setattr(predict_mod, name, 4 * n * 7 if value == "7 genes" else value)
-    assert predict_mod._tile_shape(n, g, whole_columns=kind != "histoprism") != (n, g)
+    assert predict_mod.tile_shape(n, g, whole_columns=kind != "histoprism") != (n, g)
     tiled = ad.read_h5ad(predict_slide(run, slide, tmp_path / "tiled.h5ad"))
     np.testing.assert_allclose(tiled.X, full.X, atol=1e-5, rtol=0)
     np.testing.assert_allclose(
@@ -155,7 +155,7 @@ def test_head_blocks_stay_within_chunk_bytes_for_any_slide_size(trained_runs, mo
                 assert block.nbytes <= predict_mod.CHUNK_BYTES and block.shape[0] <= 64
 
         prepared = torch.zeros(n, run.predictor.model.cfg.hidden)
-        rows, cols = predict_mod._tile_shape(n, g, whole_columns=False)
+        rows, cols = predict_mod.tile_shape(n, g, whole_columns=False)
         predict_mod._write_tiles(run.predictor, prepared, sink := Sink(), rows, cols)
         assert (sink.seen == 1).all()
 

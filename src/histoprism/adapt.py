@@ -32,7 +32,7 @@ from .errors import InputError
 from .genes import GeneIdMap, GenePanel, looks_like_ensembl
 from .model import HistoPrism, ModelConfig
 from .tensors import SlideTensors, input_options, to_tensors
-from .train import TrainConfig, TrainingData, write_history
+from .train import TrainConfig, TrainingData, train_step, write_history
 from .uncertainty import noise_from_model
 from .validation import moment_sums, pearson_from_sums
 
@@ -314,12 +314,7 @@ def _fine_tune(
         model.train()
         total = 0.0
         for i in rng.permutation(len(train_t)):
-            s = train_t[i]
-            loss = torch.mean((model(**s.model_inputs(), genes=s.target_cols)[0] - s.target) ** 2)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item()
+            total += train_step(model, opt, train_t[i].model_inputs(), train_t[i])
         hidden = [hidden_features(model, s) for s in val_t]
         w = model.head_out.weight.detach().double().numpy()
         r = val_pearson(hidden, val_t, w, model.head_out.bias.detach().double().numpy())

@@ -307,7 +307,7 @@ def dense_dataset(group: h5py.Group, name: str, shape, dtype, chunks) -> h5py.Da
 def _write_dense(predictor, prepared, f: h5py.File, shape, dtype, M: np.ndarray) -> np.ndarray:
     """X (N, G) into the open file, streamed in blocks -> (N, S) pathway scores."""
     (n, g), closed_form = shape, predictor.closed_form_pathways
-    rows, cols = _tile_shape(n, g, whole_columns=not closed_form)
+    rows, cols = tile_shape(n, g, whole_columns=not closed_form)
     chunks = (min(n, H5_CHUNK_SPOTS), min(cols, TILE_GENES)) if n and g else None
     X = dense_dataset(f, "X", (n, g), dtype, chunks)
     if closed_form:
@@ -316,7 +316,7 @@ def _write_dense(predictor, prepared, f: h5py.File, shape, dtype, M: np.ndarray)
     return _write_columns(predictor, prepared, X, cols, M)
 
 
-def _tile_shape(n: int, g: int, *, whole_columns: bool) -> tuple[int, int]:
+def tile_shape(n: int, g: int, *, whole_columns: bool) -> tuple[int, int]:
     """(spots, genes) of one block of the head's output, at most CHUNK_BYTES of float32.
 
     ``whole_columns``: every spot in each block, as a predictor whose pathway scores need each
@@ -335,17 +335,22 @@ def _write_tiles(predictor, prepared, X: h5py.Dataset, rows: int, cols: int) -> 
     size = min(rows, n) * min(cols, g)
     buf = torch.empty(size, device=prepared.device)
     cast = None if X.dtype == np.float32 else torch.empty(size, dtype=torch_dtype(X.dtype))
+    for r, c in tiles(n, g, rows, cols):
+        shape = (r.stop - r.start, c.stop - c.start)
+        out = buf[: shape[0] * shape[1]].view(shape)  # contiguous, edge tiles too
+        block = predictor.predict_genes(prepared, c, r, out=out)
+        torch.from_numpy(block).clamp_(min=0)  # in place, multithreaded: log1p is >= 0
+        if cast is not None:  # multithreaded, unlike numpy's astype
+            block = cast[: block.size].view(shape).copy_(torch.from_numpy(block)).numpy()
+        X[r, c] = block
+
+
+def tiles(n: int, g: int, rows: int, cols: int):
+    """(spot rows, panel columns) slices of the (n, g) output, ``rows`` x ``cols`` at most, row
+    blocks outermost: the order ``predict_slide`` writes them in."""
     for r in range(0, n, rows):
-        r1 = min(r + rows, n)
         for c in range(0, g, cols):
-            c1 = min(c + cols, g)
-            shape = (r1 - r, c1 - c)
-            out = buf[: shape[0] * shape[1]].view(shape)  # contiguous, edge tiles too
-            block = predictor.predict_genes(prepared, slice(c, c1), slice(r, r1), out=out)
-            torch.from_numpy(block).clamp_(min=0)  # in place, multithreaded: log1p is >= 0
-            if cast is not None:  # multithreaded, unlike numpy's astype
-                block = cast[: block.size].view(shape).copy_(torch.from_numpy(block)).numpy()
-            X[r:r1, c:c1] = block
+            yield slice(r, min(r + rows, n)), slice(c, min(c + cols, g))
 
 
 def _write_columns(predictor, prepared, X: h5py.Dataset, cols: int, M: np.ndarray) -> np.ndarray:

@@ -272,6 +272,19 @@ def masked_mse(pred: torch.Tensor, slide: SlideTensors) -> torch.Tensor:
     return torch.mean((pred[0][:, slide.target_cols] - slide.target) ** 2)
 
 
+def train_step(net, opt, inputs: dict, slide: SlideTensors, *, grad_clip: float = 0.0) -> float:
+    """One optimiser step on one slide: ``masked_mse`` with the head computing the measured genes
+    only (the loss ignores the others anyway), gradient norm clipped at ``grad_clip`` (0: off).
+    ``inputs``: the model's keyword arguments. Returns the loss."""
+    loss = torch.mean((net(**inputs, genes=slide.target_cols)[0] - slide.target) ** 2)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    opt.step()
+    return loss.item()
+
+
 def lr_factor(step: int, *, warmup: int, total: int, floor: float) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine from 1 to ``floor`` at ``total``."""
     if step < warmup:
@@ -453,15 +466,8 @@ def _train_epoch(net, opt, slides, state, cfg_t, schedule, rng, data, ctx) -> fl
         inputs = _to_device(s.model_inputs(), ctx.device)
         if rng.random() < cfg_t.condition_dropout:
             inputs["condition"] = torch.full_like(inputs["condition"], data.vocab.unknown)
-        # the head computes the measured genes only: the loss ignores the others anyway
-        loss = torch.mean((net(**inputs, genes=s.target_cols)[0] - s.target) ** 2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg_t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg_t.grad_clip)
-        opt.step()
+        total += train_step(net, opt, inputs, s, grad_clip=cfg_t.grad_clip)
         state.step += 1
-        total += loss.item()
     loss_sum, n = ctx.all_sum([total, float(len(slides))])
     return loss_sum / max(n, 1)
 
