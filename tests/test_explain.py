@@ -67,22 +67,40 @@ def test_integrated_gradients_complete(gene_ex, set_ex):
 def test_own_plus_context_is_deviation_from_slide_mean(gene_ex):
     ex = gene_ex
     np.testing.assert_allclose(ex.own + ex.context, ex.prediction - ex.prediction.mean(), atol=1e-9)
+    np.testing.assert_allclose(ex.own.mean(), 0, atol=1e-9)
     assert 0.0 <= ex.neighbourhood_share <= 1.0
 
 
-def test_alone_is_the_spot_as_a_one_spot_slide(setup, gene_ex):
-    """The batched alone predictions equal running the model on each spot by itself."""
+def test_occluded_is_the_slide_with_that_spot_at_the_mean(setup, gene_ex):
+    """The batched occluded predictions equal running the model on the slide with one spot's
+    embedding replaced by the slide mean; the other spots are left as they are."""
     run, slide, _, _ = setup
     model = run.predictor.model
     from histoprism.tensors import input_options, to_tensors
 
     t = to_tensors(slide, vocab=run.vocab, **input_options(model.cfg))
     col = run.panel.index[gene_ex.target.genes[0]]
+    assert np.isfinite(gene_ex.occluded).all()  # a small slide: every spot is split
     with torch.no_grad():
         for i in (0, 7, t.n_spots - 1):
-            h = model.trunk(t.features[i][None, None], torch.tensor([t.condition]))
-            value = float(model.head(h)[0, 0, col])
-            assert value == pytest.approx(gene_ex.alone[i], abs=1e-4)
+            x = t.features.clone()
+            x[i] = t.features.mean(0)
+            inputs = {**t.model_inputs(), "features": x[None]}
+            h = model.trunk(**{k: v for k, v in inputs.items() if v is not None})
+            value = float(model.head(h)[0, i, col])
+            assert value == pytest.approx(gene_ex.occluded[i], abs=1e-4)
+            assert value != pytest.approx(gene_ex.prediction[i], abs=1e-6)
+
+
+def test_split_covers_at_most_split_spots(setup, monkeypatch):
+    """Above SPLIT_SPOTS spots, a seeded sample is split and the rest is NaN, not guessed."""
+    import histoprism.explain as explain_mod
+
+    run, slide, _, _ = setup
+    monkeypatch.setattr(explain_mod, "SPLIT_SPOTS", 10)
+    ex = explain_slide(run, slide, run.panel.genes[0], steps=4)
+    assert np.isfinite(ex.own).sum() == np.isfinite(ex.context).sum() == 10
+    assert np.isfinite(ex.prediction).all() and 0 <= ex.neighbourhood_share <= 1
 
 
 def test_set_target_is_the_predicted_pathway_score(setup, set_ex):

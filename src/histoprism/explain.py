@@ -7,14 +7,17 @@ For a target (a gene, a gene set, or a list of genes) on one slide, two per-spot
   training feature mean when the model standardises its inputs, else zeros: the buffer holds
   zeros then) in ``steps`` midpoint steps; a spot's attribution is the sum of its D components.
   Completeness: the attributions add up to f(x) - f(baseline), up to the quadrature error.
-* **Own vs neighbourhood.** Each spot is also predicted *alone*, as a slide of one spot (it
-  attends to itself only, its neighbour mean is itself, its position is the slide's centre; the
-  slide centring of ``centre_slides`` keeps the whole slide's mean), all spots in one batch of
-  N one-spot slides. With d = whole - mean(whole) the spot's deviation from the slide mean,
-  ``own`` = alone - mean(alone) and ``context`` = d - own, so own + context = d; the slide-level
-  shift that seeing one spot alone adds to every spot cancels. The neighbourhood share of the
-  target is mean |context| / (mean |context| + mean |own|): 0 when each spot's prediction
-  comes from its own embedding alone, 1 when only its surroundings matter.
+* **Own vs neighbourhood.** Each spot is also predicted with its own embedding *occluded*:
+  replaced by the slide's mean embedding, every other spot unchanged (one slide per spot, in
+  batches). The spot's own effect is whole - occluded; with d = whole - mean(whole) the spot's
+  deviation from the slide mean, ``own`` = (whole - occluded) centred over the slide and
+  ``context`` = d - own, so own + context = d. The neighbourhood share of the target is
+  mean |context| / (mean |context| + mean |own|): 0 when each spot's prediction comes from its
+  own embedding alone, 1 when only its surroundings matter. The model sees an ordinary slide
+  with one average spot (a one-spot slide, the reference used before, is far from anything it
+  was trained on and moved every programme alike). Cost: N slides of N spots, so at most
+  ``SPLIT_SPOTS`` spots (drawn at random, seeded) are occluded; the others' own and context are
+  NaN.
 
 Targets are linear functionals of the model's last hidden layer (its head is linear):
 a gene is its predicted log1p (before the clip at 0 that ``predict`` applies); a gene set or a
@@ -28,7 +31,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
@@ -50,7 +53,7 @@ from .tensors import input_options, to_tensors
 
 STEPS = 32  # integrated-gradient steps (midpoint rule)
 STEP_SPOTS = 32_768  # spots per batched forward pass of the IG path: steps x N, bounds memory
-ALONE_SPOTS = 4096  # one-spot slides per batched forward pass of the alone predictions
+SPLIT_SPOTS = 2048  # spots whose own/neighbourhood split is computed (N forward slides each)
 GENES_PREFIX = "genes:"  # --target genes:A,B,C
 OBSM_PREFIX = "attribution_"  # obsm['attribution_<target>'] in a prediction file
 COLUMNS = ("ig", "own", "context")  # the columns of that DataFrame, in order
@@ -82,9 +85,10 @@ class Explanation:
     """Per-spot attribution of one target on one slide; arrays are (N,) float64, spot order of
     ``barcodes``.
 
-    prediction: the target predicted from the whole slide; alone: from each spot alone;
-    attribution: integrated gradients summed over the embedding dims (target units);
-    own, context: the split of prediction - mean(prediction) (own + context); spots: (N,) bool,
+    prediction: the target predicted from the whole slide; occluded: with the spot's embedding
+    replaced by the slide mean (NaN for spots beyond ``SPLIT_SPOTS``); attribution: integrated
+    gradients summed over the embedding dims (target units); own, context: the split of
+    prediction - mean(prediction) (own + context; NaN where occluded is); spots: (N,) bool,
     the spots whose target was summed for the gradients; delta: f(x) - f(baseline) of that sum.
     """
 
@@ -93,7 +97,7 @@ class Explanation:
     barcodes: np.ndarray
     coords: np.ndarray  # (N, 2) level-0 px (x, y)
     prediction: np.ndarray
-    alone: np.ndarray
+    occluded: np.ndarray
     attribution: np.ndarray
     own: np.ndarray
     context: np.ndarray
@@ -108,14 +112,14 @@ class Explanation:
         return float(self.attribution.sum() - self.delta)
 
     def table(self) -> pd.DataFrame:
-        """One row per spot: barcode, x, y (level-0 px), prediction, alone, ig, own, context."""
+        """One row per spot: barcode, x, y (level-0 px), prediction, occluded, ig, own, context."""
         return pd.DataFrame(
             {
                 "barcode": self.barcodes,
                 "x": self.coords[:, 0],
                 "y": self.coords[:, 1],
                 "prediction": self.prediction,
-                "alone": self.alone,
+                "occluded": self.occluded,
                 "ig": self.attribution,
                 "own": self.own,
                 "context": self.context,
@@ -237,10 +241,13 @@ def explain_slide(
         )
     a, beta = _functional(model, run.panel, tgt, hidden)
     whole = (hidden.double() @ a + beta).cpu().numpy()  # (N,)
-    alone = _alone(model, inputs, a, beta)
-    own = alone - alone.mean()
+    split = np.sort(np.random.default_rng(0).permutation(n)[:SPLIT_SPOTS])
+    occluded = np.full(n, np.nan)
+    occluded[split] = _occluded(model, inputs, a, beta, split)
+    effect = whole - occluded  # (N,) the spot's own effect, NaN where not computed
+    own = effect - np.nanmean(effect)
     context = (whole - whole.mean()) - own
-    c, o = np.abs(context).mean(), np.abs(own).mean()
+    c, o = np.nanmean(np.abs(context)), np.nanmean(np.abs(own))
     share = float(c / (c + o)) if c + o > 0 else float("nan")
     attribution, delta = _integrated_gradients(model, inputs, a, beta, mask, steps)
     return Explanation(
@@ -249,7 +256,7 @@ def explain_slide(
         barcodes=np.asarray(slide.barcodes).astype(str),
         coords=np.asarray(slide.coords, dtype=np.float64),
         prediction=whole,
-        alone=alone,
+        occluded=occluded,
         attribution=attribution,
         own=own,
         context=context,
@@ -299,32 +306,25 @@ def _functional(
     return w.T @ scale, float(((b - mean) * scale).sum())
 
 
-def _alone(model, inputs: dict, a: torch.Tensor, beta: float) -> np.ndarray:
-    """(N,) the target of each spot predicted as a slide of one spot, in batches of one-spot
-    slides. Dense attention: one spot attends to itself whatever the mode."""
-    feats, cond = inputs["features"][0], inputs["condition"]  # (N, D), (1,)
-    coords = inputs.get("coords_um")
-    trained = model.cfg
-    model.cfg = replace(trained, attention="full")  # one spot: no tiles to plan
+def _occluded(model, inputs: dict, a: torch.Tensor, beta: float, rows: np.ndarray) -> np.ndarray:
+    """(len(rows),) the target of each spot of ``rows`` with its own embedding replaced by the
+    slide's mean embedding and the rest of the slide unchanged: one slide per spot, batched
+    (at most ``STEP_SPOTS`` spots per forward pass)."""
+    x = inputs["features"]  # (1, N, D)
+    n = x.shape[1]
+    mean = x.mean(1)  # (1, D)
+    extra = {k: v for k, v in inputs.items() if k not in ("features", "condition")}
+    per_batch = max(1, STEP_SPOTS // max(n, 1))
     out = []
-    try:
-        with torch.no_grad():
-            for s in range(0, feats.shape[0], ALONE_SPOTS):
-                f = feats[s : s + ALONE_SPOTS, None]  # (n, 1, D)
-                m = f.shape[0]
-                spatial = {}
-                if coords is not None:
-                    spatial["coords_um"] = coords[0, s : s + m, None]  # (n, 1, 2)
-                if "neighbours" in inputs:  # its only neighbour is itself
-                    k = inputs["neighbours"].shape[-1]
-                    spatial["neighbours"] = torch.zeros(
-                        (m, 1, k), dtype=torch.long, device=f.device
-                    )
-                h = model.trunk(f, cond.expand(m), **spatial)[:, 0]  # (n, H)
-                out.append(h.double() @ a + beta)
-    finally:
-        model.cfg = trained
-    return torch.cat(out).cpu().numpy()
+    with torch.no_grad():
+        for chunk in torch.from_numpy(rows).to(x.device).split(per_batch):
+            m = len(chunk)
+            z = x.expand(m, -1, -1).clone()  # (m, N, D)
+            z[torch.arange(m), chunk] = mean
+            spatial = {k: v.expand(m, *v.shape[1:]) for k, v in extra.items()}
+            h = model.trunk(z, inputs["condition"].expand(m), **spatial)  # (m, N, H)
+            out.append(h[torch.arange(m), chunk].double() @ a + beta)
+    return torch.cat(out).cpu().numpy() if out else np.zeros(0)
 
 
 def _integrated_gradients(
