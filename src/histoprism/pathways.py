@@ -154,6 +154,21 @@ def membership_scores(X: np.ndarray, M: sp.spmatrix) -> tuple[np.ndarray, np.nda
 
 
 @torch.no_grad()
+@torch.no_grad()
+def linear_head_variance(
+    hidden: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each gene's variance over the spots of X = hidden @ weight.T (+ any bias) without forming
+    X: (N, H), (G, H) -> the (H,) mean of hidden and the (G,) variances w_g' C w_g, C the (H, H)
+    population covariance of hidden; float64, in blocks of spots."""
+    n, blocks = len(hidden), hidden.split(SPOT_BLOCK)
+    mean = sum(b.double().sum(0) for b in blocks) / max(n, 1)  # (H,)
+    cov = sum((b.double() - mean).T @ (b.double() - mean) for b in blocks) / max(n, 1)  # (H, H)
+    w = weight.double()
+    return mean, ((w @ cov) * w).sum(1)
+
+
+@torch.no_grad()
 def linear_head_scores(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, membership: np.ndarray
 ) -> np.ndarray:
@@ -165,11 +180,10 @@ def linear_head_scores(
     (h - mean(h)) @ A with A = W' diag(1/sd) M / set size. Constant genes contribute 0, as in
     ``zscore_columns``. Used where predictions are written and where factorised ones are read.
     """
-    n, blocks = len(hidden), hidden.split(SPOT_BLOCK)
-    mean = sum(b.double().sum(0) for b in blocks) / n  # (H,)
-    cov = sum((b.double() - mean).T @ (b.double() - mean) for b in blocks) / n  # (H, H)
+    blocks = hidden.split(SPOT_BLOCK)
+    mean, var = linear_head_variance(hidden, weight)
     w = weight.double()  # (G, H)
-    sd = ((w @ cov) * w).sum(1).clamp(min=0).sqrt()  # (G,)
+    sd = var.clamp(min=0).sqrt()  # (G,)
     gene_mean = w @ mean + bias.double()  # (G,)
     const = constant_genes(sd.cpu().numpy(), gene_mean.cpu().numpy())  # as zscore_columns
     m = torch.from_numpy(np.asarray(membership)).to(w)  # (G, S)

@@ -44,7 +44,7 @@ from .checkpoint import check_encoder, load_tensors, save_tensors
 from .cohort import Cohort
 from .errors import InputError
 from .genes import looks_like_ensembl
-from .pathways import linear_head_scores
+from .pathways import linear_head_scores, linear_head_variance
 from .predict import (
     DENSE_MAX_BYTES,
     H5_CHUNK_SPOTS,
@@ -649,11 +649,7 @@ def _pathway_noise_weights(unc, prepared, heads, M: np.ndarray) -> torch.Tensor:
     measured slide shows, s_g² = the mean prediction's variance over the spots + the gene's mean
     squared validation residual."""
     hidden, weight, _ = _mean_head(unc, prepared, heads)
-    h = hidden.double()
-    h = h - h.mean(0)
-    cov = h.T @ h / max(len(h), 1)  # (KH, KH)
-    w = weight.double()
-    spread = ((w @ cov) * w).sum(1).cpu().numpy()  # (G,)
+    spread = linear_head_variance(hidden, weight)[1].cpu().numpy()  # (G,)
     resid = np.nanmean(np.stack([nm.residual_var for nm in unc.noise]), axis=0)
     fill = np.nanmedian(resid) if np.isfinite(resid).any() else 0.0
     s2 = spread + np.where(np.isfinite(resid), resid, fill)
