@@ -188,3 +188,59 @@ def test_cli_explain(setup, tiny_cohort, trained_runs, tmp_path):
     bad_args = args[: args.index("--target") + 1] + ["NOPE", "--out", tmp_path / "o"]
     bad = CliRunner().invoke(app, [str(a) for a in bad_args])
     assert bad.exit_code == 2 and "NOPE" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def _spot_patches(n: int) -> np.ndarray:
+    """(n, 8, 8, 3) uint8, patch i filled with i (the identity test of which patch was read)."""
+    return np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, 8, 8, 3)).copy()
+
+
+def test_top_patches_from_hest_patch_file_follow_barcodes(setup, cohort_copy):
+    from histoprism.explain import top_patches, top_spots
+    from histoprism.readers.hest import write_hest_patches
+
+    run, slide, _, _ = setup
+    ex = explain_slide(run, slide, run.panel.genes[0], steps=4)
+    c = cohort_copy()
+    n = len(slide.barcodes)
+    order = np.random.default_rng(0).permutation(n)  # the patch file in another spot order
+    path = c.root / "patches" / f"{slide.id}.h5"
+    path.parent.mkdir(exist_ok=True)
+    write_hest_patches(path, _spot_patches(n), np.zeros((n, 2)), slide.barcodes[order], 0.5)
+    rows, patches = top_patches(ex, Cohort(c.root), k=5)
+    assert list(rows) == list(top_spots(ex, 5))
+    assert np.all(np.diff(ex.attribution[rows]) <= 0)  # largest first
+    position = {b: i for i, b in enumerate(slide.barcodes[order])}
+    assert [int(p[0, 0, 0]) for p in patches] == [position[b] for b in slide.barcodes[rows]]
+
+
+def test_top_patches_cut_from_the_slide_image(setup, cohort_copy, tmp_path):
+    """Each top patch is the image square centred on its spot: on an image whose red channel is
+    x // 4 and green y // 4 (level-0 px), a patch's centre pixel gives back its spot's centre.
+    The slide is rescaled to 5 µm per pixel (a small image for a test)."""
+    import tifffile
+
+    from histoprism.explain import save_top_patches, top_patches
+
+    run, slide, _, _ = setup
+    ex = explain_slide(run, slide, run.panel.genes[0], steps=4)
+    c = cohort_copy()
+    meta = c.root / "metadata.csv"
+    md = pd.read_csv(meta, dtype=str)
+    md["pixel_size_um_embedded"] = "5.0"
+    md.to_csv(meta, index=False)
+    ex.coords = ex.coords / 10  # the same spots in the rescaled slide's pixels
+    w, h = (int(v) + 40 for v in ex.coords.max(0))
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx // 4, yy // 4, np.zeros_like(xx)], -1).astype(np.uint8)
+    (c.root / "wsis").mkdir(exist_ok=True)
+    tifffile.imwrite(c.root / "wsis" / f"{slide.id}.tif", img)
+    cohort = Cohort(c.root)
+    rows, patches = top_patches(ex, cohort, k=4)
+    half = patches.shape[1] // 2
+    for i, p in zip(rows, patches, strict=True):
+        x, y = ex.coords[i]
+        assert abs(int(p[half, half, 0]) - x // 4) <= 1
+        assert abs(int(p[half, half, 1]) - y // 4) <= 1
+    png = save_top_patches(ex, cohort, tmp_path)
+    assert png is not None and png.name.endswith("_top.png") and png.stat().st_size > 1000

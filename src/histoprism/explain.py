@@ -28,6 +28,7 @@ on the whole slide so that the target is a per-spot function.
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import keys
 from .checkpoint import check_encoder
 from .cohort import Cohort, Slide
 from .correlation import constant_genes
@@ -51,9 +53,12 @@ from .pathways import default_genesets
 from .predict import HistoPrismPredictor, Run, load
 from .tensors import input_options, to_tensors
 
+log = logging.getLogger(__name__)
 STEPS = 32  # integrated-gradient steps (midpoint rule)
 STEP_SPOTS = 32_768  # spots per batched forward pass of the IG path: steps x N, bounds memory
 SPLIT_SPOTS = 2048  # spots whose own/neighbourhood split is computed (N forward slides each)
+TOP_K = 16  # spots in the top-patches grid
+PATCH_UM, PATCH_PX = 112.0, 224  # a 112 µm square around each top spot (Visium pitch ~100 µm)
 GENES_PREFIX = "genes:"  # --target genes:A,B,C
 OBSM_PREFIX = "attribution_"  # obsm['attribution_<target>'] in a prediction file
 COLUMNS = ("ig", "own", "context")  # the columns of that DataFrame, in order
@@ -452,6 +457,82 @@ def save_explanation(explanation: Explanation, out: str | Path) -> tuple[Path, P
     return png, csv
 
 
+def top_spots(explanation: Explanation, k: int = TOP_K) -> np.ndarray:
+    """Indices of the ``k`` spots of largest integrated-gradient attribution (those pushing the
+    target up most), largest first."""
+    order = np.argsort(-explanation.attribution, kind="stable")
+    return order[: min(k, len(order))]
+
+
+def top_patches(
+    explanation: Explanation, cohort: Cohort, *, k: int = TOP_K
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The slide image under the ``k`` top spots (``top_spots``): (k,) spot indices and
+    (k, P, P, 3) uint8 patches, from the slide image (``PATCH_UM`` µm square around each spot
+    centre) or else HEST ``patches/{id}.h5`` (by barcode); None when the cohort has neither."""
+    sid, rows = explanation.sample_id, top_spots(explanation, k)
+    image = cohort.wsi_path(sid)
+    if image is not None:
+        from .patching import plan_patches, read_patch
+        from .readers.wsi import open_wsi  # image readers are an optional extra
+
+        with open_wsi(image, mpp=cohort.pixel_size_um(sid)) as wsi:
+            centres = explanation.coords[rows]
+            plan = plan_patches(wsi, centres, target_mpp=PATCH_UM / PATCH_PX, size=PATCH_PX)
+            return rows, np.stack([read_patch(wsi, plan, c) for c in centres])
+    if cohort.patches_path(sid).exists():
+        from .readers.hest import read_hest_patches
+
+        patches = read_hest_patches(cohort.patches_path(sid))
+        where = pd.Index(patches.barcodes.astype(str)).get_indexer(explanation.barcodes[rows])
+        rows = rows[where >= 0]
+        if not len(rows):
+            return None
+        with h5py.File(patches.path, "r") as f:
+            img = f[keys.PATCH_IMG]
+            return rows, np.stack([np.asarray(img[i], dtype=np.uint8) for i in where[where >= 0]])
+    return None
+
+
+def plot_top_patches(explanation: Explanation, rows: np.ndarray, patches: np.ndarray):
+    """A grid of the top spots' patches, each titled by rank and attribution -> Figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = min(8, len(rows))
+    lines = -(-len(rows) // cols)
+    fig = Figure(figsize=(1.6 * cols, 1.75 * lines + 0.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(lines, cols)).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for rank, (ax, i, patch) in enumerate(zip(axes, rows, patches, strict=False), start=1):
+        ax.imshow(patch)
+        ax.set_title(f"#{rank} IG {explanation.attribution[i]:.3g}", fontsize=7)
+    fig.suptitle(
+        f"{explanation.sample_id}: spots that push {explanation.target.label} up most", fontsize=9
+    )
+    return fig
+
+
+def save_top_patches(explanation: Explanation, cohort: Cohort, out: str | Path) -> Path | None:
+    """``out/{id}_{target}_top.png`` (``plot_top_patches``), or None without a readable image
+    (a warning says why: the maps and table do not depend on it)."""
+    try:
+        got = top_patches(explanation, cohort)
+    except InputError as exc:
+        log.warning("%s: no top-spot patches (%s)", explanation.sample_id, exc)
+        return None
+    if got is None:
+        return None
+    png = child(Path(out), f"{explanation.sample_id}_{explanation.target.key}_top", ".png")
+    with atomic_path(png) as tmp:
+        plot_top_patches(explanation, *got).savefig(
+            tmp, format="png", dpi=110, metadata={"Software": None}
+        )
+    return png
+
+
 def explain_to_files(
     run_dir: str | Path,
     cohort_dir: str | Path,
@@ -464,14 +545,17 @@ def explain_to_files(
     steps: int = STEPS,
     unknown_cancer: bool = False,
 ) -> tuple[Explanation, list[Path]]:
-    """What ``histoprism explain`` does: ``explain``, then the PNG and CSV in ``out`` and, with
-    ``pred`` (a PRED folder), ``obsm['attribution_<target>']`` in ``pred/{id}.h5ad``."""
+    """What ``histoprism explain`` does: ``explain``, then the PNG and CSV in ``out`` (and the
+    top spots' patches when the cohort has the slide's image or HEST patches) and, with ``pred``
+    (a PRED folder), ``obsm['attribution_<target>']`` in ``pred/{id}.h5ad``."""
     if pred is not None and not child(pred, sample_id, ".h5ad").is_file():
         raise InputError(f"no prediction of {sample_id} here (run predict first)", pred)
     ex = explain(
         run_dir, cohort_dir, encoder, sample_id, target, steps=steps, unknown_cancer=unknown_cancer
     )
     paths = list(save_explanation(ex, out))
+    top = save_top_patches(ex, Cohort(cohort_dir), out)
+    paths += [top] if top is not None else []
     if pred is not None:
         paths.append(write_explanation(child(pred, sample_id, ".h5ad"), ex))
     return ex, paths
@@ -485,7 +569,11 @@ __all__ = [
     "explain_slide",
     "explain_to_files",
     "plot_explanation",
+    "plot_top_patches",
     "resolve_target",
     "save_explanation",
+    "save_top_patches",
+    "top_patches",
+    "top_spots",
     "write_explanation",
 ]
