@@ -244,3 +244,35 @@ def test_top_patches_cut_from_the_slide_image(setup, cohort_copy, tmp_path):
         assert abs(int(p[half, half, 1]) - y // 4) <= 1
     png = save_top_patches(ex, cohort, tmp_path)
     assert png is not None and png.name.endswith("_top.png") and png.stat().st_size > 1000
+
+
+def test_attention_rollout_rows_are_distributions_and_match_the_layers(setup, gene_ex):
+    """Rollout rows sum to 1; with one layer it is 0.5 (mean-head attention) + 0.5 I, the
+    attention computed from the layer's input as the fused kernel does."""
+    from histoprism.explain import attention_rollout
+    from histoprism.tensors import input_options, to_tensors
+
+    run, slide, _, _ = setup
+    model = run.predictor.model
+    t = to_tensors(slide, vocab=run.vocab, **input_options(model.cfg))
+    inputs = {k: v for k, v in t.model_inputs().items() if v is not None}
+    r = attention_rollout(model, inputs)
+    n = t.n_spots
+    assert r.shape == (n, n) and np.allclose(r.sum(1), 1, atol=1e-4) and (r >= -1e-7).all()
+    np.testing.assert_allclose(gene_ex.attention_context, 1 - np.diag(r), atol=1e-6)
+    assert (gene_ex.attention_context > 0).all() and (gene_ex.attention_context < 1).all()
+    # the first layer's weights reproduce its fused attention output
+    block = model.blocks[0]
+    seen = []
+    hook = block.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model.trunk(**inputs)
+    hook.remove()
+    x = seen[0]
+    a = block.attention_weights(x)  # (1, h, N, N)
+    y = block.norm1(x) if block.norm_first else x
+    v = block.qkv(y).view(1, n, 3, block.n_heads, -1)[:, :, 2].transpose(1, 2)
+    fused = torch.nn.functional.scaled_dot_product_attention(
+        *(block.qkv(y).view(1, n, 3, block.n_heads, -1)[:, :, i].transpose(1, 2) for i in range(3))
+    )
+    torch.testing.assert_close(a @ v, fused, atol=1e-5, rtol=1e-4)

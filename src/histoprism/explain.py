@@ -18,6 +18,11 @@ For a target (a gene, a gene set, or a list of genes) on one slide, two per-spot
   was trained on and moved every programme alike). Cost: N slides of N spots, so at most
   ``SPLIT_SPOTS`` spots (drawn at random, seeded) are occluded; the others' own and context are
   NaN.
+* **Attention rollout** (Abnar & Zuidema 2020): each layer's attention averaged over heads, with
+  the residual path as 0.5 A + 0.5 I, multiplied through the layers; ``attention_context`` =
+  1 - the rollout's diagonal, the share of a spot's final representation that attention drew
+  from other spots. It does not depend on the target. Dense attention only, up to
+  ``ROLLOUT_SPOTS`` spots (N x N matrices); NaN otherwise.
 
 Targets are linear functionals of the model's last hidden layer (its head is linear):
 a gene is its predicted log1p (before the clip at 0 that ``predict`` applies); a gene set or a
@@ -57,11 +62,12 @@ log = logging.getLogger(__name__)
 STEPS = 32  # integrated-gradient steps (midpoint rule)
 STEP_SPOTS = 32_768  # spots per batched forward pass of the IG path: steps x N, bounds memory
 SPLIT_SPOTS = 2048  # spots whose own/neighbourhood split is computed (N forward slides each)
+ROLLOUT_SPOTS = 4096  # attention rollout: (N, N) float32 matrices up to here
 TOP_K = 16  # spots in the top-patches grid
 PATCH_UM, PATCH_PX = 112.0, 224  # a 112 µm square around each top spot (Visium pitch ~100 µm)
 GENES_PREFIX = "genes:"  # --target genes:A,B,C
 OBSM_PREFIX = "attribution_"  # obsm['attribution_<target>'] in a prediction file
-COLUMNS = ("ig", "own", "context")  # the columns of that DataFrame, in order
+COLUMNS = ("ig", "own", "context", "attention_context")  # the columns of that DataFrame, in order
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -110,11 +116,17 @@ class Explanation:
     delta: float
     neighbourhood_share: float
     steps: int
+    attention_context: np.ndarray | None = None  # (N,) 1 - rollout diagonal; NaN if not dense
 
     @property
     def completeness_error(self) -> float:
         """sum(attribution) - (f(x) - f(baseline)): the quadrature error of the IG integral."""
         return float(self.attribution.sum() - self.delta)
+
+    def _attention_context(self) -> np.ndarray:
+        if self.attention_context is None:
+            return np.full(len(self.barcodes), np.nan)
+        return self.attention_context
 
     def table(self) -> pd.DataFrame:
         """One row per spot: barcode, x, y (level-0 px), prediction, occluded, ig, own, context."""
@@ -128,6 +140,7 @@ class Explanation:
                 "ig": self.attribution,
                 "own": self.own,
                 "context": self.context,
+                "attention_context": self._attention_context(),
                 "in_target": self.spots,
             }
         )
@@ -255,6 +268,7 @@ def explain_slide(
     c, o = np.nanmean(np.abs(context)), np.nanmean(np.abs(own))
     share = float(c / (c + o)) if c + o > 0 else float("nan")
     attribution, delta = _integrated_gradients(model, inputs, a, beta, mask, steps)
+    rollout = attention_rollout(model, inputs)
     return Explanation(
         sample_id=slide.id,
         target=tgt,
@@ -269,6 +283,7 @@ def explain_slide(
         delta=delta,
         neighbourhood_share=share,
         steps=steps,
+        attention_context=None if rollout is None else 1.0 - np.diag(rollout).astype(np.float64),
     )
 
 
@@ -332,6 +347,30 @@ def _occluded(model, inputs: dict, a: torch.Tensor, beta: float, rows: np.ndarra
     return torch.cat(out).cpu().numpy() if out else np.zeros(0)
 
 
+def attention_rollout(model, inputs: dict) -> np.ndarray | None:
+    """(N, N) float32 attention rollout of a slide (module doc): row i = how much each input spot
+    contributes to spot i's last layer, rows summing to 1; None with local attention or above
+    ``ROLLOUT_SPOTS`` spots."""
+    n = inputs["features"].shape[1]
+    if n > ROLLOUT_SPOTS or model.uses_local_attention(n):
+        return None
+    seen = []
+    hooks = [
+        b.register_forward_pre_hook(lambda _m, args: seen.append(args[0])) for b in model.blocks
+    ]
+    try:
+        with torch.no_grad():
+            model.trunk(**inputs)
+            rollout = torch.eye(n, device=inputs["features"].device)
+            for block, x in zip(model.blocks, seen, strict=True):
+                a = block.attention_weights(x)[0].mean(0)  # (N, N) mean over heads
+                rollout = (0.5 * a + 0.5 * torch.eye(n, device=a.device)) @ rollout
+    finally:
+        for h in hooks:
+            h.remove()
+    return rollout.cpu().numpy()
+
+
 def _integrated_gradients(
     model, inputs: dict, a: torch.Tensor, beta: float, mask: np.ndarray, steps: int
 ) -> tuple[np.ndarray, float]:
@@ -392,7 +431,14 @@ def write_explanation(pred_h5ad_path: str | Path, explanation: Explanation) -> P
             f"{explanation.sample_id} that were explained",
             path,
         )
-    values = np.column_stack([explanation.attribution, explanation.own, explanation.context])
+    values = np.column_stack(
+        [
+            explanation.attribution,
+            explanation.own,
+            explanation.context,
+            explanation._attention_context(),
+        ]
+    )
     frame = pd.DataFrame(values[order].astype(np.float32), index=names, columns=list(COLUMNS))
     key = obsm_key(explanation)
     with atomic_path(path) as tmp:

@@ -234,6 +234,15 @@ class EncoderBlock(nn.Module):
         f = F.dropout(f, p, self.training)
         return x + f if self.norm_first else self.norm2(x + f)
 
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense attention of this layer on its input x (B, N, H): (B, h, N, N) softmax
+        weights, row = query spot (for attribution; prediction never forms them)."""
+        B, N, H = x.shape
+        y = self.norm1(x) if self.norm_first else x
+        q, k, _ = self.qkv(y).view(B, N, 3, self.n_heads, -1).unbind(2)  # (B, N, h, H/h)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, h, N, H/h)
+        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+
     def _per_spot_inference(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The layers after attention, block of spots by block, written over the attention
         output ``a`` (B, N, H): the same values as the training path without its (B, N, H)
