@@ -164,6 +164,8 @@ def main() -> None:
         "--per-group", type=int, default=10, help="programmes per primary-driver group (seeded)"
     )
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--config", default="default", help="train recipe: preset or YAML/JSON file")
+    ap.add_argument("--out", type=Path, default=OUT, help="JSON written")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -175,8 +177,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cohort_dir = syn.make_cohort(Path(tmp) / "cohort", config=cfg)
         run_dir = train(
-            cohort_dir, ENCODER, Path(tmp) / "run", epochs=args.epochs, seed=0, progress=False
-        )
+            cohort_dir, ENCODER, Path(tmp) / "run", epochs=args.epochs, seed=0, progress=False,
+            config=args.config,
+        )  # fmt: skip
         t_train = time.perf_counter() - t0
         run = load(run_dir, device="cpu")
         cohort = Cohort(cohort_dir)
@@ -228,10 +231,10 @@ def main() -> None:
     summary = summarise(records)
     seconds = time.perf_counter() - t0
     print_table(summary, records, seconds, t_train)
-    OUT.write_text(
+    args.out.write_text(
         json.dumps(
             {
-                "settings": {**vars(args), "world": asdict(cfg), "seconds": round(seconds, 1)},
+                "settings": {**vars(args), "out": str(args.out), "world": asdict(cfg), "seconds": round(seconds, 1)},
                 "summary": summary,
                 "records": records,
             },
