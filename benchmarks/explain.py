@@ -55,9 +55,12 @@ NICHE_TOP = 0.25  # non-niche drivers: the slide's top quarter of the driver's v
 GROUPS = ("spot", "neighbourhood", "slide", "hidden")
 
 
-def world_config(slides: int, seed: int) -> syn.SyntheticConfig:
-    """A small world: 2 cancers, 200-400 spots, 800 genes, 64-d embeddings."""
+def world_config(slides: int, seed: int, spot_noise: float | None = None) -> syn.SyntheticConfig:
+    """A small world: 2 cancers, 200-400 spots, 800 genes, 64-d embeddings; ``spot_noise``: the
+    per-spot embedding noise sd (default: the built-in world's)."""
+    noise = {} if spot_noise is None else {"spot_noise_sd": spot_noise}
     return syn.SyntheticConfig(
+        **noise,
         n_slides=slides,
         n_cancers=2,
         spots=(200, 400),
@@ -166,11 +169,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--config", default="default", help="train recipe: preset or YAML/JSON file")
     ap.add_argument("--out", type=Path, default=OUT, help="JSON written")
+    ap.add_argument("--spot-noise", type=float, default=None, help="per-spot embedding noise sd")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    cfg = world_config(args.slides, args.seed)
+    cfg = world_config(args.slides, args.seed, args.spot_noise)
     names, visible, hidden = programme_drivers(cfg)
     tissues = slide_tissues(cfg)
     chosen = choose(names, visible, hidden, args.per_group, args.seed)
@@ -234,7 +238,12 @@ def main() -> None:
     args.out.write_text(
         json.dumps(
             {
-                "settings": {**vars(args), "out": str(args.out), "world": asdict(cfg), "seconds": round(seconds, 1)},
+                "settings": {
+                    **vars(args),
+                    "out": str(args.out),
+                    "world": asdict(cfg),
+                    "seconds": round(seconds, 1),
+                },
                 "summary": summary,
                 "records": records,
             },
