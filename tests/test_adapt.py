@@ -152,3 +152,21 @@ def test_bad_inputs_are_refused(tiny_cohort, trained_runs, panels, tmp_path):
         run(resume=True)
     with pytest.raises(InputError, match="not a trained run"):
         run(init=tmp_path)
+
+
+def test_cancer_classifier_of_an_adapted_run_knows_only_its_codes(
+    cohort_copy, trained_runs, panels, tmp_path
+):
+    """A training slide of a code the pretrained run never saw: the adapted run keeps the
+    pretrained vocabulary, and ``--cancer auto`` can only infer codes of that vocabulary."""
+    from histoprism.cancer_type import CLASSIFIER_FILE, CancerTypeClassifier
+
+    c = cohort_copy()
+    sid = Cohort(c.root).ids("train")[0]
+    c.set_cancer(sid, "NEWCODE")
+    run = train(c.root, ENCODER, tmp_path / "r", init=trained_runs["histoprism"],
+                genes=panels["a"], progress=False)  # fmt: skip
+    known = set(load_run(run)[0]["cancers"])
+    assert "NEWCODE" not in known
+    codes = set(CancerTypeClassifier.load(run / CLASSIFIER_FILE).codes)
+    assert codes and codes <= known

@@ -691,10 +691,20 @@ def train(
             run = kind.fit_function()(td, out, options, **kind.params)
         # for --cancer auto: which known type an uncoded slide looks like (rank 0 writes)
         if writer:
-            slides = td.train + td.val
-            clf = fit_cancer_classifier([s.features for s in slides], [s.cancer for s in slides])
-            clf.save(Path(run) / CLASSIFIER_FILE)
+            _save_cancer_classifier(Path(run), td.train + td.val)
     return run
+
+
+def _save_cancer_classifier(run: Path, slides: list[Slide]) -> None:
+    """Fit ``predict --cancer auto``'s classifier on the slides of the codes the run knows (a run
+    adapted from another keeps that run's vocabulary: a code it never saw could not be used)."""
+    known = set(read_json_object(run / keys.RUN_CONFIG)["cancers"]) - {keys.UNKNOWN_CANCER}
+    slides = [s for s in slides if s.cancer in known]
+    if not slides:
+        log.warning("no slide of a cancer code the run knows: no classifier for --cancer auto")
+        return
+    clf = fit_cancer_classifier([s.features for s in slides], [s.cancer for s in slides])
+    clf.save(run / CLASSIFIER_FILE)
 
 
 def _check_init_options(model: str, epochs: int | None, resume: bool) -> None:
