@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from scipy.stats import norm, rankdata
 
 from . import keys
+from .cohort import align_by_barcode, truth_counts
 from .correlation import dense_block, pearson_per_gene, squared_error
 from .io import atomic_path
 
@@ -90,7 +91,6 @@ class CalibrationTally:
         """Score one slide if its prediction has ``layers['sd']``; returns whether it had."""
         if keys.LAYER_SD not in pred.layers:
             return False
-        from .evaluate import align_by_barcode, truth_counts  # (evaluate imports this module)
 
         pred_rows, st_rows = align_by_barcode(pred.obs_names, st.obs_names, path=path)
         genes = pd.Index(pred.var_names.astype(str))

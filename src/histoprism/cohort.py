@@ -15,7 +15,7 @@ from scipy.spatial import cKDTree
 
 from . import keys
 from .errors import InputError, first_line
-from .genes import GeneIdMap, harmonise_counts
+from .genes import GeneIdMap, harmonise_counts, panel_counts
 from .names import check_name
 from .readers import EmbeddingFile, read_embeddings, read_st
 from .readers.hest import hest_pixel_size, read_hest_metadata
@@ -115,6 +115,13 @@ def align_by_barcode(
     if len(st_rows) == 0:
         raise InputError(f"no barcode of the {what} matches a spot of the measured slide", path)
     return pos[st_rows].astype(np.int64), st_rows.astype(np.int64)
+
+
+def truth_counts(st: ad.AnnData, genes) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Raw counts (N, K) of a counts file for the predicted ``genes`` (G,) it measured, and their
+    (K,) columns in ``genes``: ``genes.panel_counts``, the rule training builds its targets by
+    (an Ensembl prediction on symbol slides maps through ``var['gene_ids']`` or the offline map)."""
+    return panel_counts(st.X, st.var_names, genes, gene_ids=file_gene_ids(st))
 
 
 def align_spots(

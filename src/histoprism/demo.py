@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 
 from . import keys
-from .cohort import Cohort, align_by_barcode, file_gene_ids
+from .cohort import Cohort, align_by_barcode, file_gene_ids, truth_counts
 from .compare import pipe_table
 from .correlation import squared_error
-from .evaluate import evaluate, truth_counts
+from .evaluate import evaluate
 from .genes import harmonise_counts, looks_like_ensembl
 from .io import write_text_atomic
 from .predict import predict

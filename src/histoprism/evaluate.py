@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 from . import keys
 from .calibration import CalibrationTally
-from .cohort import Cohort, align_by_barcode, file_gene_ids
+from .cohort import Cohort, align_by_barcode, file_gene_ids, truth_counts
 from .correlation import (
     MOMENT_COLUMNS,
     comoments,
@@ -41,7 +41,6 @@ from .genes import (
     gpc_genesets,
     harmonise_counts,
     looks_like_ensembl,
-    panel_counts,
     read_gene_list,
     read_gmt,
 )
@@ -102,13 +101,6 @@ __all__ = [
 
 
 # --- one slide ----------------------------------------------------------------------------------
-def truth_counts(st: ad.AnnData, genes) -> tuple[sp.csr_matrix, np.ndarray]:
-    """Raw counts (N, K) of a counts file for the predicted ``genes`` (G,) it measured, and their
-    (K,) columns in ``genes``: ``genes.panel_counts``, the rule training builds its targets by
-    (an Ensembl prediction on symbol slides maps through ``var['gene_ids']`` or the offline map)."""
-    return panel_counts(st.X, st.var_names, genes, gene_ids=file_gene_ids(st))
-
-
 @dataclass
 class SlideScore:
     """Scores of one slide.
