@@ -113,6 +113,16 @@ def test_no_measured_spot_is_the_image_model_exactly(prompt_run, tiny_cohort):
     assert not np.allclose(q.predict_genes(q.prepare(slide), slice(None)), image)
 
 
+def test_a_slide_without_counts_is_predicted_from_the_image(prompt_run, tiny_cohort):
+    run = load(prompt_run)
+    slide = Cohort(tiny_cohort).slide(Cohort(tiny_cohort).ids("test")[0], ENCODER)
+    image = run.predictor.predict_genes(run.predictor.prepare(slide), slice(None))
+    p = prompted_predictor(run, 0.3)
+    prepared = p.prepare(replace(slide, counts=None, genes=None))
+    assert not prepared.mask.any()
+    assert np.array_equal(p.predict_genes(prepared, slice(None)), image)
+
+
 def test_only_the_measured_spots_counts_are_read(prompt_run, tiny_cohort):
     """Changing an unmeasured spot's counts changes nothing; a measured spot's counts move the
     prediction of the others but not its own (it never sees itself)."""
@@ -170,6 +180,9 @@ def test_prompt_refusals(tiny_cohort, trained_runs, tmp_path):
     with pytest.raises(InputError, match="HistoPrism run"):
         predict(trained_runs["ridge"], tiny_cohort, ENCODER, tmp_path / "q",
                 prompt_fraction=0.1, progress=False)  # fmt: skip
+    with pytest.raises(InputError, match="dense"):
+        predict(trained_runs["histoprism"], tiny_cohort, ENCODER, tmp_path / "s",
+                prompt_fraction=0.1, output="factorised", progress=False)  # fmt: skip
     with pytest.raises(InputError, match="cannot be combined"):
         predict(trained_runs["histoprism"], tiny_cohort, ENCODER, tmp_path / "r",
                 prompt_fraction=0.1, uncertainty="mc-dropout", progress=False)  # fmt: skip

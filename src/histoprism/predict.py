@@ -473,6 +473,10 @@ def predict(
     unc = None
     if prompt_fraction is not None and uncertainty is not None:
         raise InputError("--prompt-fraction and --uncertainty cannot be combined (yet)")
+    if prompt_fraction is not None and output == "factorised":
+        raise InputError(
+            "--prompt-fraction writes dense predictions: leave --output factorised out"
+        )
     if uncertainty is None:
         run = load(model, attention=attention, attention_radius_um=attention_radius_um)
         check_encoder(run.config, encoder, run_dir=model)

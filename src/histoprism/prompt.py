@@ -25,10 +25,11 @@ import math
 import shutil
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 from scipy.spatial import cKDTree
@@ -352,9 +353,12 @@ class PromptedPredictor:
 
     def prepare(self, slide: Slide, *, unknown_cancer: bool = False) -> PromptedSlide:
         hidden = self.base.prepare(slide, unknown_cancer=unknown_cancer)
-        if slide.counts is None:
-            raise InputError(f"slide {slide.id} has no counts: it cannot be prompted")
-        mask = self.measured(slide)
+        if slide.counts is None:  # never sequenced: nothing to prompt with
+            log.warning("%s: no counts file, predicted from the image alone", slide.id)
+            mask = np.zeros(slide.n_spots, dtype=bool)
+            slide = replace(slide, counts=sp.csr_matrix((slide.n_spots, 0)), genes=np.array([]))
+        else:
+            mask = self.measured(slide)
         rows = np.flatnonzero(mask)
         counts, cols = panel_counts(
             slide.counts[rows], slide.genes, self.panel.genes, gene_ids=slide.gene_ids
