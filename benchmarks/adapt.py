@@ -3,7 +3,8 @@
 One built-in world (``histoprism.synthetic``). HistoPrism is pretrained once on the full panel
 minus 10 genes, on slides disjoint from everything below. A 50-gene panel (40 of the pretrained
 panel, the 10 left out) is then fitted on 1, 2, 4 and 8 other training slides (2 validation
-slides throughout) by: the pretrained run adapted (closed-form head), HistoPrism trained from
+slides throughout) by: the pretrained run adapted (closed-form head; also with the prior on the pretrained rows
+left out of its grid), HistoPrism trained from
 scratch on the panel (default recipe, few epochs) and the HEST-bench ridge on the embeddings.
 Scored on 6 held-out test slides: mean per-gene Pearson r over (slide, gene) pairs, all 50 genes
 and the 10 new ones; wall time of each fit.
@@ -24,12 +25,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from histoprism.adapt import adapt
+from histoprism.checkpoint import load_run
 from histoprism.cohort import Cohort
 from histoprism.correlation import pearson_per_gene
 from histoprism.predict import load
 from histoprism.synthetic import SyntheticConfig, make_cohort
 from histoprism.tensors import slide_targets
-from histoprism.train import train
+from histoprism.train import load_training_data, train
 
 ENCODER = "synthetic"
 WORLD = SyntheticConfig(
@@ -132,10 +135,22 @@ def main() -> None:
                     seed=SEED, progress=False, **opts,
                 )  # fmt: skip
                 seconds = time.perf_counter() - t0
+                chosen = load_run(run)[0].get("adapt", {})
                 rows.append(dict(model=name, train_slides=n, seconds=seconds,
+                                 prior=chosen.get("prior"), alpha=chosen.get("alpha"),
                                  **score(run, cohort, test, panel, new)))  # fmt: skip
-                print(f"{n} slides  {name:26s} r {rows[-1]['pearson']:.3f}  new "
-                      f"{rows[-1]['pearson_new']:.3f}  [{seconds:.1f}s]", file=sys.stderr)  # fmt: skip
+            # the same adaptation with the head shrunk towards zero only: what the pretrained
+            # rows add as a prior
+            t0 = time.perf_counter()
+            data = load_training_data(Cohort(root, split_dir=split), ENCODER, genes=panel_file)
+            run = adapt(pre, data, tmp / f"zero_{n}", priors=("zero",), progress=False)
+            rows.append(dict(model="adapted, zero prior only", train_slides=n,
+                             seconds=time.perf_counter() - t0, prior="zero",
+                             alpha=load_run(run)[0]["adapt"]["alpha"],
+                             **score(run, cohort, test, panel, new)))  # fmt: skip
+            for row in rows[-len(fits) - 1 :]:
+                print(f"{n} slides  {row['model']:26s} r {row['pearson']:.3f}  new "
+                      f"{row['pearson_new']:.3f}  [{row['seconds']:.1f}s]", file=sys.stderr)  # fmt: skip
 
     table = pd.DataFrame(rows)
     lines = ["| model | " + " | ".join(f"{n} slide{'s' * (n > 1)}" for n in TRAIN_SIZES) + " |",
