@@ -12,8 +12,9 @@ scaled by a learned per-gene gain in (0, 1):
 
 With no measured spot the prediction is the image-only model's, bit for bit. Training masks
 random spots of the training slides (a fraction drawn log-uniformly in ``FRACTIONS``, as STPath
-masks spots) and minimises the squared error on the spots left unmeasured; the head with the best
-mean per-gene Pearson r of the unmeasured validation spots (over ``VAL_FRACTIONS``) is kept.
+masks spots) and maximises the mean per-gene Pearson r of the spots left unmeasured (what
+evaluation scores); the head with the best mean per-gene Pearson r of the unmeasured validation
+spots (over ``VAL_FRACTIONS``) is kept.
 Distances are in units of the slide's spot pitch, so a head fitted on Visium applies to other
 grids. Memory: (N, K) weights and one (M, genes) block of residuals, never N x G at once.
 """
@@ -295,7 +296,8 @@ def fit_prompt(
     with atomic_path(out / keys.RUN_PROMPT) as tmp:
         save_file(best, str(tmp))
     if (Path(init) / keys.RUN_NOISE).exists():  # the image-only model's count noise: unchanged
-        shutil.copyfile(Path(init) / keys.RUN_NOISE, out / keys.RUN_NOISE)
+        with atomic_path(out / keys.RUN_NOISE) as tmp:
+            shutil.copyfile(Path(init) / keys.RUN_NOISE, tmp)
     return out
 
 
