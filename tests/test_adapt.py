@@ -170,3 +170,16 @@ def test_cancer_classifier_of_an_adapted_run_knows_only_its_codes(
     assert "NEWCODE" not in known
     codes = set(CancerTypeClassifier.load(run / CLASSIFIER_FILE).codes)
     assert codes and codes <= known
+
+
+def test_prior_and_penalty_are_chosen_apart_for_new_genes(adapted):
+    """Run B (10 genes absent from A): one choice per group, each the best of its own grid."""
+    cfg = load_run(adapted["b"])[0]["adapt"]
+    choices = {c["genes"]: c for c in cfg["choices"]}
+    assert set(choices) == {"with a pretrained row", "new"}
+    assert choices["new"]["n_genes"] == 10 and choices["with a pretrained row"]["n_genes"] == 10
+    for label, choice in choices.items():
+        scores = [g["val_pearson"] for g in cfg["grid"] if g["genes"] == label]
+        assert len(scores) == 12  # 2 priors x 6 penalties
+        assert choice["val_pearson"] == pytest.approx(max(scores))
+    assert cfg["prior"] == choices["with a pretrained row"]["prior"]

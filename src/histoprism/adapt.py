@@ -122,15 +122,22 @@ def solve_head(
 
 
 def val_pearson(
-    hidden: list[torch.Tensor], slides: list[SlideTensors], weight: np.ndarray, bias: np.ndarray
+    hidden: list[torch.Tensor],
+    slides: list[SlideTensors],
+    weight: np.ndarray,
+    bias: np.ndarray,
+    *,
+    genes: np.ndarray | None = None,
 ) -> float:
-    """Mean per-gene Pearson r over every (validation slide, measured gene) pair that has one."""
+    """Mean per-gene Pearson r over every (validation slide, measured gene) pair that has one;
+    ``genes`` (G,) bool: only those panel genes."""
     w, b = torch.from_numpy(weight).float(), torch.from_numpy(bias).float()
     total, count = 0.0, 0
     for h, s in zip(hidden, slides, strict=True):
-        cols = s.target_cols
-        pred = h @ w[cols].T + b[cols]  # (N, G_m)
-        r = pearson_from_sums(moment_sums(pred, s.target)[:5], s.n_spots)
+        keep = slice(None) if genes is None else torch.from_numpy(genes[s.target_cols.numpy()])
+        cols = s.target_cols[keep]
+        pred = h @ w[cols].T + b[cols]  # (N, g)
+        r = pearson_from_sums(moment_sums(pred, s.target[:, keep])[:5], s.n_spots)
         total, count = total + float(r.nansum()), count + int((~r.isnan()).sum())
     return total / count if count else math.nan
 
@@ -210,14 +217,30 @@ def adapt(
     if not (rows >= 0).any():
         priors = tuple(p for p in priors if p != "pretrained") or ("zero",)
     stats = head_stats(hidden_train, train_t, len(panel))
-    grid = []
+    heads = {}
     for p in priors:
         for a in alphas:
-            w, b, fitted = solve_head(stats, a, prior if p == "pretrained" else None)
-            grid.append((val_pearson(hidden_val, val_t, w, b), p, a, w, b, fitted))
-    # NaN (no validation pair) ranks last; ties keep the grid order (zero prior, weaker penalty)
-    best = max(grid, key=lambda g: -math.inf if math.isnan(g[0]) else g[0])
-    r_val, prior_name, alpha, weight, bias, fitted = best
+            heads[p, a] = solve_head(stats, a, prior if p == "pretrained" else None)
+    # prior and penalty are chosen apart for the genes with a pretrained row and the new ones: a
+    # pretrained row is worth a strong pull towards it, a new gene has only the trunk to go on
+    weight, bias = np.zeros((len(panel), prior.shape[1])), np.zeros(len(panel))
+    fitted = np.zeros(len(panel), dtype=bool)
+    choices, grid = [], []
+    for label, genes in (("with a pretrained row", rows >= 0), ("new", rows < 0)):
+        if not genes.any():
+            continue
+        scored = [
+            (val_pearson(hidden_val, val_t, w, b, genes=genes), p, a)
+            for (p, a), (w, b, _) in heads.items()
+        ]
+        grid += [dict(genes=label, prior=p, alpha=a, val_pearson=r) for r, p, a in scored]
+        # NaN (no validation pair) ranks last; ties keep the grid order (zero prior, weaker alpha)
+        r, p, a = max(scored, key=lambda g: -math.inf if math.isnan(g[0]) else g[0])
+        w, b, f = heads[p, a]
+        weight[genes], bias[genes], fitted[genes] = w[genes], b[genes], f[genes]
+        choices.append(dict(genes=label, n_genes=int(genes.sum()), prior=p, alpha=a, val_pearson=r))
+    r_val = val_pearson(hidden_val, val_t, weight, bias)
+    prior_name, alpha = choices[0]["prior"], choices[0]["alpha"]
     # genes no training slide measures: the pretrained row where there is one, else refused
     kept_old = ~fitted & (rows >= 0)
     weight[kept_old], bias[kept_old] = old_w[rows[kept_old]], old_b[rows[kept_old]]
@@ -229,8 +252,9 @@ def adapt(
             f"pretrained panel, e.g. {', '.join(names[:5])}: cannot fit them (remove them)"
         )
     log.info(
-        "closed-form head: %s prior, alpha %g, validation r %.3f (%d genes, %d new)",
-        prior_name, alpha, r_val, len(panel), int((rows < 0).sum()),
+        "closed-form head: %s; validation r %.3f (%d genes, %d new)",
+        "; ".join(f"{c['genes']}: {c['prior']} prior, alpha {c['alpha']:g}" for c in choices),
+        r_val, len(panel), int((rows < 0).sum()),
     )  # fmt: skip
 
     cfg = replace(model.cfg, n_genes=len(panel))
@@ -269,7 +293,8 @@ def adapt(
             val_pearson=r_val,
             genes_new=int((rows < 0).sum()),
             genes_kept_pretrained=int(kept_old.sum()),
-            grid=[dict(prior=g[1], alpha=g[2], val_pearson=g[0]) for g in grid],
+            choices=choices,
+            grid=grid,
             seconds=time.perf_counter() - t_start,
         ),
     )
