@@ -23,6 +23,7 @@ from .attention import LocalPlan, local_attention, plan_tiles
 SPOT_CHUNK = 8192  # spots per block of the per-spot layers: bounds the (chunk, D) temporaries
 ATTENTION_MODES = ("auto", "full", "local")
 CONDITIONING_SITES = ("input", "hidden")
+CONTEXT_FIELDS = ("organ", "technology")  # ModelConfig.context_fields: the slide context used
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}  # nonlinearity of the feed-forward and head
 
 
@@ -77,6 +78,13 @@ class ModelConfig:
     activation: str = "gelu"  # feed-forward and head nonlinearity: "gelu" or "relu"
     head_norm: bool = False  # LayerNorm between the head's hidden linear layer and its activation
     cross_output_dropout: bool = True  # dropout on the cancer cross-attention output before its add
+    # Context beyond the cancer type, as STPath conditions on organ and technology: for each field
+    # named here ("organ": metadata column organ, "technology": st_technology), a learned vector
+    # per value added after the projection (zero at the start). Training fills the vocabularies
+    # below from its slides ("Unknown" last, used for values it never saw).
+    context_fields: tuple[str, ...] = ()
+    organs: tuple[str, ...] = ()
+    technologies: tuple[str, ...] = ()
 
     def __post_init__(self):
         # a config.json is user input: sizes must be positive integers (bool is not a size), and
@@ -102,6 +110,13 @@ class ModelConfig:
             raise ValueError(
                 f"conditioning_site must be one of {CONDITIONING_SITES}, "
                 f"got '{self.conditioning_site}'"
+            )
+        for name in ("context_fields", "organs", "technologies"):  # JSON lists -> tuples
+            setattr(self, name, tuple(str(v) for v in getattr(self, name)))
+        unknown = set(self.context_fields) - set(CONTEXT_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"context_fields must be among {CONTEXT_FIELDS}, got {sorted(unknown)}"
             )
         if self.activation not in ACTIVATIONS:
             raise ValueError(
@@ -272,6 +287,10 @@ class HistoPrism(nn.Module):
         self.proj = nn.Linear(d, h)
         self.proj_neighbours = nn.Linear(d, h) if cfg.neighbours > 0 else None
         self.position = SinusoidalPosition(h, cfg.pe_scale_um) if cfg.positional_encoding else None
+        self.organ = _context_embedding(cfg.organs, h) if "organ" in cfg.context_fields else None
+        self.technology = (
+            _context_embedding(cfg.technologies, h) if "technology" in cfg.context_fields else None
+        )
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(h) if cfg.norm_first else nn.Identity()
         # the authors' head: Linear -> LayerNorm -> ReLU -> Dropout; ours has no LayerNorm
@@ -287,12 +306,15 @@ class HistoPrism(nn.Module):
         *,
         coords_um: torch.Tensor | None = None,
         neighbours: torch.Tensor | None = None,
+        organ: torch.Tensor | None = None,
+        technology: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Everything up to the last linear layer: (B, N, D) -> (B, N, H).
 
         condition: (B,) int64 cancer index.  coords_um: (B, N, 2) float µm, needed with positional
         encoding and local attention.  neighbours: (B, N, K) int64 spot indices, needed when
-        ``cfg.neighbours > 0``.
+        ``cfg.neighbours > 0``.  organ, technology: (B,) int64 indices into ``cfg.organs`` and
+        ``cfg.technologies``, needed when ``cfg.context_fields`` names them.
         """
         # per-spot layers in blocks of spots: without autograd, memory holds one (B, chunk, D)
         # temporary of the wide inputs, not several (B, N, D) ones
@@ -303,6 +325,11 @@ class HistoPrism(nn.Module):
             h = h + _gather_mean(torch.cat([n for _, n in parts], dim=1), neighbours)
         if self.position is not None:
             h = h + self.position(coords_um)
+        for field, table, ids in (("organ", self.organ, organ), ("technology", self.technology, technology)):  # fmt: skip
+            if table is not None:
+                if ids is None:
+                    raise ValueError(f"the model conditions on the slide's {field}: give {field}=")
+                h = h + table(ids)[:, None]  # (B, 1, H): one vector per slide
         plans = self.local_plans(coords_um, h.shape[1])
         for block in self.blocks:
             h = block(h, plans)
@@ -352,6 +379,15 @@ class HistoPrism(nn.Module):
         """(B, N, D) embeddings, (B,) cancer index -> (B, N, G) predicted log1p(counts)
         (or (B, N, G_m) for the panel columns ``genes``)."""
         return self.head(self.trunk(features, condition, **spatial), genes)
+
+
+def _context_embedding(vocabulary: tuple[str, ...], hidden: int) -> nn.Embedding:
+    """One learned (H,) vector per value of a context field, zero at the start."""
+    if not vocabulary:
+        raise ValueError("a context field needs its vocabulary (filled by training)")
+    table = nn.Embedding(len(vocabulary), hidden)
+    nn.init.zeros_(table.weight)
+    return table
 
 
 def _gather_mean(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -13,6 +13,12 @@ from .cohort import Slide
 from .errors import InputError
 from .genes import GenePanel, panel_counts
 from .model import ModelConfig
+
+# context field -> (its ModelConfig vocabulary, the metadata column it reads)
+CONTEXT_COLUMNS = {
+    "organ": ("organs", keys.META_ORGAN),
+    "technology": ("technologies", keys.META_TECH),
+}
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class SlideTensors:
     neighbours: torch.Tensor | None
     target: torch.Tensor | None = None
     target_cols: torch.Tensor | None = None
+    context: dict[str, int] = field(default_factory=dict)  # organ/technology index, if used
 
     @property
     def n_spots(self) -> int:
@@ -71,6 +78,7 @@ class SlideTensors:
             condition=torch.tensor([self.condition]),
             coords_um=self.coords_um[None],
             neighbours=nb,
+            **{name: torch.tensor([i]) for name, i in self.context.items()},
         )
 
 
@@ -103,7 +111,33 @@ def slide_targets(slide: Slide, panel: GenePanel) -> tuple[np.ndarray, np.ndarra
 def input_options(cfg: ModelConfig) -> dict:
     """The keyword arguments of ``to_tensors`` that a model's config fixes: training and
     prediction call this, so a model always sees its inputs prepared the same way."""
-    return dict(in_dim=cfg.in_dim, neighbours=cfg.neighbours, centre=cfg.centre_slides)
+    return dict(
+        in_dim=cfg.in_dim,
+        neighbours=cfg.neighbours,
+        centre=cfg.centre_slides,
+        context={
+            name: getattr(cfg, vocabulary)
+            for name, (vocabulary, _) in CONTEXT_COLUMNS.items()
+            if name in cfg.context_fields
+        },
+    )
+
+
+def context_vocabularies(cfg: ModelConfig, slides: list[Slide]) -> ModelConfig:
+    """``cfg`` with the vocabulary of each of its ``context_fields`` taken from the slides'
+    metadata (sorted values, "Unknown" last)."""
+    updates = {
+        vocabulary: CancerVocabulary.from_codes(_context_value(s, column) for s in slides).codes
+        for name, (vocabulary, column) in CONTEXT_COLUMNS.items()
+        if name in cfg.context_fields
+    }
+    return replace(cfg, **updates)
+
+
+def _context_value(slide: Slide, column: str) -> str:
+    value = slide.meta.get(column)
+    text = "" if value is None else str(value).strip()
+    return text if text and text.lower() != "nan" else keys.UNKNOWN_CANCER
 
 
 def centred(features: np.ndarray) -> np.ndarray:
@@ -121,9 +155,11 @@ def to_tensors(
     centre: bool = False,
     panel: GenePanel | None = None,
     unknown_cancer: bool = False,
+    context: dict[str, tuple[str, ...]] | None = None,
 ) -> SlideTensors:
     """Convert a ``Slide``; with a ``panel`` and counts, also the targets. ``centre``: subtract
-    the slide's mean embedding (``ModelConfig.centre_slides``).
+    the slide's mean embedding (``ModelConfig.centre_slides``). ``context``: field -> vocabulary
+    of the model's context fields (``input_options``); a value outside it is "Unknown".
 
     Raises ``InputError`` when the embedding dimension differs from the model's ``in_dim``.
     """
@@ -141,6 +177,12 @@ def to_tensors(
         features=torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)),
         coords_um=torch.from_numpy(slide.coords_um.astype(np.float32)),
         neighbours=nb,
+        context={
+            name: CancerVocabulary(vocabulary).index(
+                _context_value(slide, CONTEXT_COLUMNS[name][1]), fallback=True
+            )
+            for name, vocabulary in (context or {}).items()
+        },
     )
     if panel is not None and slide.counts is not None:
         y, cols = slide_targets(slide, panel)

@@ -48,6 +48,7 @@ from .registry import FitOptions, model_kind
 from .tensors import (
     CancerVocabulary,
     SlideTensors,
+    context_vocabularies,
     feature_stats,
     gene_means,
     input_options,
@@ -352,6 +353,7 @@ def train_histoprism(
         n_conditions=len(data.vocab.codes),
         **(model_overrides or {}),
     )
+    cfg = context_vocabularies(cfg, data.train + data.val)
     conv = dict(vocab=data.vocab, panel=data.panel, **input_options(cfg))
     train_t = [to_tensors(s, **conv) for s in data.train]
     val_t = [to_tensors(s, **conv) for s in data.val]
