@@ -32,6 +32,8 @@ def test_config_checks_fields_and_reads_json_lists():
         ModelConfig(in_dim=8, n_genes=3, context_fields=("tissue",))
     with pytest.raises(ValueError, match="vocabulary"):
         HistoPrism(ModelConfig(in_dim=8, n_genes=3, context_fields=("organ",)))
+    with pytest.raises(ValueError, match="conditioning"):
+        HistoPrism(replace(cfg, conditioning=False))
 
 
 def test_a_fresh_context_vector_changes_nothing_and_is_required():
@@ -39,6 +41,8 @@ def test_a_fresh_context_vector_changes_nothing_and_is_required():
     plain = ModelConfig(in_dim=8, n_genes=5, hidden=16, n_heads=2, dropout=0.0, attn_dropout=0.0)
     ctx = replace(plain, context_fields=("organ",), organs=("Breast", "Lung", "Unknown"))
     a = HistoPrism(plain).eval()
+    with torch.no_grad():  # a trained conditioning branch (a fresh one's output layer is zero)
+        a.condition.out.weight.normal_()
     b = HistoPrism(ctx).eval()
     b.load_state_dict(a.state_dict(), strict=False)  # all but organ.weight, which starts at zero
     x, cond = torch.randn(1, 30, 8), torch.tensor([0])

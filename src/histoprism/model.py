@@ -80,8 +80,9 @@ class ModelConfig:
     cross_output_dropout: bool = True  # dropout on the cancer cross-attention output before its add
     # Context beyond the cancer type, as STPath conditions on organ and technology: for each field
     # named here ("organ": metadata column organ, "technology": st_technology), a learned vector
-    # per value added after the projection (zero at the start). Training fills the vocabularies
-    # below from its slides ("Unknown" last, used for values it never saw).
+    # per value (zero at the start) added to the cancer type's context tokens, so it reaches the
+    # spots through the same conditioning block. Training fills the vocabularies below from its
+    # slides ("Unknown" last, used for values it never saw).
     context_fields: tuple[str, ...] = ()
     organs: tuple[str, ...] = ()
     technologies: tuple[str, ...] = ()
@@ -156,10 +157,14 @@ class CancerConditioning(nn.Module):
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, condition: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, N, D = x.shape
         ids = condition[:, None] * self.t + torch.arange(self.t, device=x.device)  # (B, T)
         ctx = self.tokens(ids)  # (B, T, D)
+        if context is not None:  # the slide's organ/technology vectors join its cancer tokens
+            ctx = ctx + context[:, None]
         p = self.dropout if self.training else 0.0
         if self.t == 1:
             a = self._single_token(ctx, N, p)  # (B, N or 1, D)
@@ -287,9 +292,16 @@ class HistoPrism(nn.Module):
         self.proj = nn.Linear(d, h)
         self.proj_neighbours = nn.Linear(d, h) if cfg.neighbours > 0 else None
         self.position = SinusoidalPosition(h, cfg.pe_scale_um) if cfg.positional_encoding else None
-        self.organ = _context_embedding(cfg.organs, h) if "organ" in cfg.context_fields else None
+        if cfg.context_fields and not cfg.conditioning:
+            raise ValueError("context_fields join the cancer-type conditioning: it must be on")
+        d_ctx = h if cfg.conditioning_site == "hidden" else d
+        self.organ = (
+            _context_embedding(cfg.organs, d_ctx) if "organ" in cfg.context_fields else None
+        )
         self.technology = (
-            _context_embedding(cfg.technologies, h) if "technology" in cfg.context_fields else None
+            _context_embedding(cfg.technologies, d_ctx)
+            if "technology" in cfg.context_fields
+            else None
         )
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(h) if cfg.norm_first else nn.Identity()
@@ -318,33 +330,40 @@ class HistoPrism(nn.Module):
         """
         # per-spot layers in blocks of spots: without autograd, memory holds one (B, chunk, D)
         # temporary of the wide inputs, not several (B, N, D) ones
-        parts = [self._per_spot(f, condition) for f in features.split(SPOT_CHUNK, dim=1)]
+        context = self._context(organ, technology)  # (B, D or H) or None
+        parts = [self._per_spot(f, condition, context) for f in features.split(SPOT_CHUNK, dim=1)]
         h = torch.cat([p for p, _ in parts], dim=1)  # (B, N, H)
         if self.proj_neighbours is not None:
             # the mean over neighbours commutes with the linear projection: gather H columns, not D
             h = h + _gather_mean(torch.cat([n for _, n in parts], dim=1), neighbours)
         if self.position is not None:
             h = h + self.position(coords_um)
-        for field, table, ids in (("organ", self.organ, organ), ("technology", self.technology, technology)):  # fmt: skip
-            if table is not None:
-                if ids is None:
-                    raise ValueError(f"the model conditions on the slide's {field}: give {field}=")
-                h = h + table(ids)[:, None]  # (B, 1, H): one vector per slide
         plans = self.local_plans(coords_um, h.shape[1])
         for block in self.blocks:
             h = block(h, plans)
         return self.head_hidden(self.final_norm(h))  # (B, N, H)
 
-    def _per_spot(self, features: torch.Tensor, condition: torch.Tensor):
+    def _context(self, organ, technology) -> torch.Tensor | None:
+        """Sum of the slide's organ and technology vectors (B, d), None without context fields."""
+        out = None
+        for field, table, ids in (("organ", self.organ, organ), ("technology", self.technology, technology)):  # fmt: skip
+            if table is None:
+                continue
+            if ids is None:
+                raise ValueError(f"the model conditions on the slide's {field}: give {field}=")
+            out = table(ids) if out is None else out + table(ids)
+        return out
+
+    def _per_spot(self, features: torch.Tensor, condition: torch.Tensor, context=None):
         """(B, n, D) -> projection (B, n, H) and neighbour projection (B, n, H) or None."""
         x = (features - self.feature_mean) / self.feature_std  # (B, n, D)
         cond = self.condition
         if cond is not None and not cond.residual:  # the paper: on the patch embedding
-            x = cond(x, condition)  # (B, n, D)
+            x = cond(x, condition, context)  # (B, n, D)
         nb = self.proj_neighbours(x) if self.proj_neighbours is not None else None
         h = self.proj(x)  # (B, n, H)
         if cond is not None and cond.residual:  # in the hidden space, after the projection
-            h = cond(h, condition)
+            h = cond(h, condition, context)
         return h, nb
 
     def uses_local_attention(self, n_spots: int) -> bool:
