@@ -244,6 +244,16 @@ def test_top_patches_cut_from_the_slide_image(setup, cohort_copy, tmp_path):
         assert abs(int(p[half, half, 1]) - y // 4) <= 1
     png = save_top_patches(ex, cohort, tmp_path)
     assert png is not None and png.name.endswith("_top.png") and png.stat().st_size > 1000
+    # the maps are drawn over the same image: its crop spans the spots
+    from histoprism.explain import save_explanation, slide_tissue
+
+    image, extent = slide_tissue(ex, cohort)
+    assert image.ndim == 3 and image.shape[2] == 3
+    x0, x1, y0, y1 = extent
+    lo, hi = ex.coords.min(0), ex.coords.max(0)
+    assert x0 <= lo[0] and hi[0] <= x1 and y0 <= lo[1] and hi[1] <= y1
+    maps, _ = save_explanation(ex, tmp_path / "maps", tissue=(image, extent))
+    assert maps.stat().st_size > 1000
 
 
 def test_attention_rollout_rows_are_distributions_and_match_the_layers(setup, gene_ex):

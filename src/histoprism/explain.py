@@ -450,9 +450,10 @@ def write_explanation(pred_h5ad_path: str | Path, explanation: Explanation) -> P
     return path
 
 
-def plot_explanation(explanation: Explanation):
+def plot_explanation(explanation: Explanation, tissue: tuple[np.ndarray, np.ndarray] | None = None):
     """Three maps over the spot positions: the predicted target, its IG attribution and the
-    neighbourhood part (context) of each spot's prediction. Returns an Agg-backed Figure."""
+    neighbourhood part (context) of each spot's prediction, over the slide image when ``tissue``
+    (``spatial_view.tissue_crop``: image, extent) is given. Returns an Agg-backed Figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -475,9 +476,14 @@ def plot_explanation(explanation: Explanation):
         else:
             lo, hi = (float(q) for q in np.nanpercentile(values, [1, 99]))
             hi = max(hi, lo + 1e-6)
+        if tissue is not None:
+            from .report import draw_tissue
+
+            draw_tissue(ax, tissue[0], tissue[1], ex.coords)
         sc = ax.scatter(x, y, c=values, s=size, cmap=cmap, vmin=lo, vmax=hi, lw=0)
         ax.set_aspect("equal")
-        ax.invert_yaxis()  # image orientation: y grows downwards
+        if tissue is None:
+            ax.invert_yaxis()  # image orientation: y grows downwards (draw_tissue sets it)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(title, fontsize=9)
@@ -486,16 +492,21 @@ def plot_explanation(explanation: Explanation):
     return fig
 
 
-def save_explanation(explanation: Explanation, out: str | Path) -> tuple[Path, Path]:
-    """Write ``out/{id}_{target}.png`` (``plot_explanation``) and ``out/{id}_{target}.csv``
-    (``Explanation.table``), atomically -> their paths."""
+def save_explanation(
+    explanation: Explanation,
+    out: str | Path,
+    *,
+    tissue: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[Path, Path]:
+    """Write ``out/{id}_{target}.png`` (``plot_explanation``, over ``tissue`` when given) and
+    ``out/{id}_{target}.csv`` (``Explanation.table``), atomically -> their paths."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError("--out is a file, not a folder", out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{explanation.sample_id}_{explanation.target.key}"
     png, csv = child(out, stem, ".png"), child(out, stem, ".csv")
-    fig = plot_explanation(explanation)
+    fig = plot_explanation(explanation, tissue)
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
     with atomic_path(csv) as tmp:
@@ -579,6 +590,21 @@ def save_top_patches(explanation: Explanation, cohort: Cohort, out: str | Path) 
     return png
 
 
+def slide_tissue(explanation: Explanation, cohort: Cohort) -> tuple[np.ndarray, np.ndarray] | None:
+    """The slide image under the explained spots (``spatial_view.tissue_crop``: image, extent),
+    or None when the cohort has no readable image of the slide (a warning says why)."""
+    from .spatial_view import spatial_uns, tissue_crop
+
+    try:
+        image = cohort.wsi_path(explanation.sample_id)
+        if image is None:
+            return None
+        return tissue_crop(spatial_uns(explanation.coords, image=image), explanation.coords)
+    except InputError as exc:
+        log.warning("%s: maps drawn without the slide image (%s)", explanation.sample_id, exc)
+        return None
+
+
 def explain_to_files(
     run_dir: str | Path,
     cohort_dir: str | Path,
@@ -599,8 +625,9 @@ def explain_to_files(
     ex = explain(
         run_dir, cohort_dir, encoder, sample_id, target, steps=steps, unknown_cancer=unknown_cancer
     )
-    paths = list(save_explanation(ex, out))
-    top = save_top_patches(ex, Cohort(cohort_dir), out)
+    cohort = Cohort(cohort_dir)
+    paths = list(save_explanation(ex, out, tissue=slide_tissue(ex, cohort)))
+    top = save_top_patches(ex, cohort, out)
     paths += [top] if top is not None else []
     if pred is not None:
         paths.append(write_explanation(child(pred, sample_id, ".h5ad"), ex))

@@ -409,7 +409,7 @@ def _draw_map_pairs(
         ):
             ax = axes[j, col]
             if image is not None:
-                _draw_tissue(ax, image, extent, coords)
+                draw_tissue(ax, image, extent, coords)
             sc = ax.scatter(x, y, c=values, s=size, cmap="viridis", vmin=vmin, vmax=vmax, lw=0)
             ax.set_aspect("equal")
             if image is None:
@@ -420,7 +420,7 @@ def _draw_map_pairs(
         fig.colorbar(sc, ax=list(axes[j]), label=unit, shrink=0.85)
 
 
-def _draw_tissue(ax: Axes, image: np.ndarray, extent: np.ndarray, coords: np.ndarray) -> None:
+def draw_tissue(ax: Axes, image: np.ndarray, extent: np.ndarray, coords: np.ndarray) -> None:
     """The slide image under the spots: pixel (0, 0) at level-0 (x0, y0), y growing downwards.
 
     The view spans the image and every spot (a spot off the image's edge stays in view).
