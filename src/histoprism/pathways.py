@@ -154,7 +154,6 @@ def membership_scores(X: np.ndarray, M: sp.spmatrix) -> tuple[np.ndarray, np.nda
 
 
 @torch.no_grad()
-@torch.no_grad()
 def linear_head_variance(
     hidden: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
