@@ -156,16 +156,31 @@ class PromptHead(nn.Module):
         return torch.sigmoid(self.gain_logit[cols]) * out
 
 
-def _head_prediction(model, hidden: torch.Tensor, cols) -> torch.Tensor:
-    """The image-only model's written prediction: max(h W' + b, 0) of panel columns ``cols``."""
+def _linear(model, hidden: torch.Tensor, cols) -> torch.Tensor:
+    """The image-only model's linear output h W' + b of panel columns ``cols`` (its written
+    prediction is this clipped at 0)."""
     w, b = model.head_out.weight[cols], model.head_out.bias[cols]
-    return torch.addmm(b, hidden, w.T).clamp(min=0)
+    return torch.addmm(b, hidden, w.T)
+
+
+def corrected(
+    head: PromptHead, weights: torch.Tensor, graph: PromptGraph, linear: torch.Tensor,
+    measured_rows: torch.Tensor, truth: torch.Tensor, cols, genes: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The prompted prediction before the clip at 0 that writing applies: the image-only linear
+    output (N, g) plus the correction from the residuals of the measured spots, truth (M, g)
+    minus their written prediction. ``genes`` (g,) bool: the columns the slide measures (the
+    others get no correction; default all). Training and prediction both compute it here."""
+    residual = truth - linear[measured_rows].clamp(min=0)
+    if genes is not None:
+        residual[:, ~genes] = 0
+    return linear + head.correction(weights, graph, residual, cols)
 
 
 @dataclass
 class _PromptSlide:
     hidden: torch.Tensor  # (N, H)
-    base: torch.Tensor  # (N, G_m) image-only prediction of the measured genes
+    linear: torch.Tensor  # (N, G_m) image-only linear output of the measured genes
     target: torch.Tensor  # (N, G_m)
     cols: torch.Tensor  # (G_m,) their panel columns
     coords_um: np.ndarray
@@ -179,10 +194,10 @@ def _prompt_slides(model, slides: list[SlideTensors]) -> list[_PromptSlide]:
     for s in slides:
         h = hidden_features(model, s)
         with torch.no_grad():
-            base = _head_prediction(model, h, s.target_cols)
+            linear = _linear(model, h, s.target_cols)
         out.append(
             _PromptSlide(
-                h, base, s.target, s.target_cols, s.coords_um.numpy().astype(np.float64), s.id
+                h, linear, s.target, s.target_cols, s.coords_um.numpy().astype(np.float64), s.id
             )
         )
     return out
@@ -193,8 +208,7 @@ def _masked_prediction(head: PromptHead, s: _PromptSlide, measured: np.ndarray) 
     graph = prompt_graph(s.coords_um, measured, head.neighbours)
     rows = torch.from_numpy(np.flatnonzero(measured))
     w = head.weights(s.hidden, rows, graph)
-    residual = s.target[rows] - s.base[rows]
-    pred = s.base + head.correction(w, graph, residual, s.cols)
+    pred = corrected(head, w, graph, s.linear, rows, s.target[rows], s.cols).clamp(min=0)
     return pred[torch.from_numpy(~measured)]
 
 
@@ -221,7 +235,7 @@ def unmeasured_pearson(
                 pred = (
                     _masked_prediction(head, s, measured)
                     if gain
-                    else s.base[torch.from_numpy(~measured)]
+                    else s.linear[torch.from_numpy(~measured)].clamp(min=0)
                 )
                 r = pearson_from_sums(moment_sums(pred, truth)[:5], len(truth))
                 total, count = total + float(r.nansum()), count + int((~r.isnan()).sum())
@@ -375,27 +389,23 @@ class PromptedPredictor:
 
     def predict_genes(self, p: PromptedSlide, cols: slice, rows: slice = slice(None), **_):
         """(len(rows), len(cols)) float32 predicted log1p of panel columns ``cols``."""
-        model = self.base.model
         with torch.no_grad():
-            pred = torch.addmm(
-                model.head_out.bias[cols], p.hidden, model.head_out.weight[cols].T
-            ).cpu()  # (N, g)
+            pred = _linear(self.base.model, p.hidden, cols).cpu()  # (N, g)
             if len(p.rows):
-                c = self.col_of_block(p, cols)
-                residual = torch.from_numpy(c) - pred[p.rows].clamp(min=0)
-                residual[:, torch.from_numpy(p.col_of[cols] < 0)] = 0  # unmeasured genes
-                pred += self.head.correction(p.weights, p.graph, residual, cols)
+                truth, measured = self.measured_log1p(p, cols)
+                pred = corrected(self.head, p.weights, p.graph, pred, p.rows, truth, cols, measured)
         return pred[rows].numpy()
 
     @staticmethod
-    def col_of_block(p: PromptedSlide, cols: slice) -> np.ndarray:
-        """(M, g) float32 measured log1p of panel columns ``cols`` (0 where not measured)."""
+    def measured_log1p(p: PromptedSlide, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, g) float32 measured log1p of panel columns ``cols`` at the measured spots, and
+        (g,) bool: whether the slide measures each gene."""
         sel = p.col_of[cols]
         out = np.zeros((len(p.rows), len(sel)), dtype=np.float32)
         have = np.flatnonzero(sel >= 0)
         if len(have):
             out[:, have] = np.log1p(p.counts[:, sel[have]].toarray())
-        return out
+        return torch.from_numpy(out), torch.from_numpy(sel >= 0)
 
 
 def prompted_predictor(run, fraction: float, seed: int = 0) -> PromptedPredictor:
