@@ -46,7 +46,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import keys
 from .checkpoint import check_encoder
 from .cohort import Cohort, Slide
 from .correlation import constant_genes
@@ -545,9 +544,7 @@ def top_patches(
         rows = rows[where >= 0]
         if not len(rows):
             return None
-        with h5py.File(patches.path, "r") as f:
-            img = f[keys.PATCH_IMG]
-            return rows, np.stack([np.asarray(img[i], dtype=np.uint8) for i in where[where >= 0]])
+        return rows, patches.read(where[where >= 0])
     return None
 
 

@@ -64,13 +64,24 @@ class HestPatches:
             img = h5[keys.PATCH_IMG]
             for start in range(0, self.n_patches, batch_size):
                 rows = slice(start, min(start + batch_size, self.n_patches))
-                try:
-                    batch = np.asarray(img[rows], dtype=np.uint8)
-                except Exception as exc:  # h5py: OSError for a corrupt chunk, and others
-                    raise InputError(
-                        f"cannot read patches {rows.start}..{rows.stop - 1} ({exc})", self.path
-                    ) from exc
-                yield rows, batch
+                yield rows, self._read(img, rows, f"{rows.start}..{rows.stop - 1}")
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Patches (k, P, P, 3) uint8 of the file rows ``rows`` (k,), in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        with h5py.File(self.path, "r") as h5:
+            img = h5[keys.PATCH_IMG]
+            return (
+                np.stack([self._read(img, int(i), str(i)) for i in rows])
+                if len(rows)
+                else np.zeros((0, self.patch_px, self.patch_px, 3), np.uint8)
+            )
+
+    def _read(self, img: h5py.Dataset, rows, label: str) -> np.ndarray:
+        try:
+            return np.asarray(img[rows], dtype=np.uint8)
+        except Exception as exc:  # h5py: OSError for a corrupt chunk, and others
+            raise InputError(f"cannot read patches {label} ({exc})", self.path) from exc
 
 
 def read_hest_patches(path: str | Path) -> HestPatches:
