@@ -26,7 +26,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -62,10 +62,19 @@ WORLD_KEYS = (
 
 
 def run_world(
-    seed: int, models: dict[str, dict], work: Path, *, epochs: int | None, held_out: bool
+    seed: int,
+    models: dict[str, dict],
+    work: Path,
+    *,
+    epochs: int | None,
+    held_out: bool,
+    n_slides: int = 20,
+    overrides: dict | None = None,
 ) -> list[dict]:
-    """Draw world ``seed``, fit and score every model and the ceiling -> one record per model."""
-    cfg = draw_world(seed)
+    """Draw world ``seed`` with ``n_slides`` slides (and its parameters ``overrides`` set), fit
+    and score every model and the ceiling -> one record per model."""
+    cfg = draw_world(seed, n_slides=n_slides)
+    cfg = replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in (overrides or {}).items()})
     data = work / "cohort"
     if not (data / "README.txt").exists():  # the last file make_cohort writes
         make_cohort(data, config=cfg)
@@ -103,6 +112,14 @@ def run_world(
         )
         print(_line(records[-1]), flush=True)
     return records
+
+
+def _override(item: str) -> tuple[str, float]:
+    """'spot_noise_sd=0.1' -> ('spot_noise_sd', 0.1): a numeric world parameter."""
+    key, sep, value = item.partition("=")
+    if not sep or key not in WORLD_KEYS or key == "spots":
+        raise SystemExit(f"--set wants KEY=VALUE with KEY among {', '.join(WORLD_KEYS)}: {item!r}")
+    return key, float(value)
 
 
 def _share(r: dict, key: str) -> float:
@@ -161,9 +178,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=HERE / "robustness.json")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
+        "--slides", type=int, default=20, help="slides per world (the same biology, more data)"
+    )
+    ap.add_argument(
         "--keep", type=Path, default=None, help="keep each world's cohort here and reuse it"
     )
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fix a drawn parameter in every world, e.g. spot_noise_sd=0.1",
+    )
     args = ap.parse_args(argv)
+    overrides = dict(_override(kv) for kv in args.set)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     models = {m: VARIANTS[m].train_options() for m in args.models}
@@ -176,12 +204,26 @@ def main(argv: list[str] | None = None) -> None:
     for seed, held in plan:
         with tempfile.TemporaryDirectory(prefix=f"robustness-{seed}-") as tmp:
             work = args.keep / f"world-{seed}" if args.keep else Path(tmp)
-            records += run_world(seed, models, work, epochs=args.epochs, held_out=held)
+            records += run_world(
+                seed,
+                models,
+                work,
+                epochs=args.epochs,
+                held_out=held,
+                n_slides=args.slides,
+                overrides=overrides,
+            )
     table = summary(records)
     print("\n" + table)
     minutes = (time.perf_counter() - t0) / 60
     print(f"\n{len(plan)} worlds, {len(models)} models, {minutes:.1f} min")
-    meta = dict(minutes=round(minutes, 1), threads=args.threads, config=args.config)
+    meta = dict(
+        minutes=round(minutes, 1),
+        threads=args.threads,
+        config=args.config,
+        slides=args.slides,
+        set=overrides,
+    )
     args.out.write_text(json.dumps(dict(meta=meta, records=records), indent=1) + "\n")
 
 

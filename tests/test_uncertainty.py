@@ -36,10 +36,14 @@ from histoprism.uncertainty import (
     MAX_FLOOR,
     MIN_MEAN,
     SHAPES,
+    Z_LEVELS,
     NoiseFit,
     NoiseModel,
     _nb_log1p_moments,
+    calibrate_z,
+    fit_noise,
     noise_variance,
+    slide_offsets,
 )
 
 ENCODER = "synthetic"
@@ -156,17 +160,23 @@ def test_sd_without_model_spread_is_the_count_noise(noise_only_pred, trained_run
     pred = ad.read_h5ad(_files(noise_only_pred)[0])
     X = torch.from_numpy(pred.X)
     v = noise_variance(X, noise.curves(slice(None)), noise.floor).numpy()
-    np.testing.assert_allclose(pred.layers["sd"], np.sqrt(v), rtol=1e-5)
+    # plus the unknown depth of the slide: slide_var (1 - exp(-y))², y at least the floor
+    assert noise.slide_var > 0  # the tiny cohort's slides differ in depth
+    depth = noise.slide_var * (1 - np.exp(-np.maximum(pred.X, noise.floor))) ** 2
+    np.testing.assert_allclose(pred.layers["sd"], np.sqrt(v + depth), rtol=1e-5)
     # a prediction clipped to 0 gets the noise of the run's floor, not a certain 0
     assert MIN_MEAN <= noise.floor <= MAX_FLOOR
     zero = pred.X == 0
     if zero.any():
-        at_floor = noise_variance(
-            torch.full((1, pred.n_vars), noise.floor), noise.curves(slice(None))
+        at_floor = (
+            noise_variance(
+                torch.full((1, pred.n_vars), noise.floor), noise.curves(slice(None))
+            ).numpy()
+            + noise.slide_var * (1 - np.exp(-noise.floor)) ** 2
         )
         np.testing.assert_allclose(
             pred.layers["sd"][zero],
-            np.sqrt(np.broadcast_to(at_floor.numpy(), X.shape)[zero]),
+            np.sqrt(np.broadcast_to(at_floor, X.shape)[zero]),
             rtol=1e-5,
         )
     # ... and that noise is Var[log1p] of the negative binomial with the gene's shape
@@ -177,7 +187,8 @@ def test_sd_without_model_spread_is_the_count_noise(noise_only_pred, trained_run
     assert len(pick) >= 3
     for n, g in zip(rows[pick], cols[pick], strict=True):
         want = _nb_log1p_var_direct(float(pred.X[n, g]), float(noise.shape[g]))
-        assert pred.layers["sd"][n, g] ** 2 == pytest.approx(want, rel=0.03, abs=1e-4)
+        got = pred.layers["sd"][n, g] ** 2 - depth[n, g]
+        assert got == pytest.approx(want, rel=0.03, abs=1e-4)
     # pathway sd: the noise term alone, smaller than with the ensemble's spread added
     assert (pred.obsm[keys.OBSM_PATHWAYS_SD].to_numpy() > 0).all()
 
@@ -263,6 +274,85 @@ def test_noise_fit_recovers_the_shape_of_simulated_counts():
     got = fit.fit().shape
     np.testing.assert_allclose(np.log(got), np.log(shapes), atol=np.log(1.25))
     assert SHAPES[0] <= got.min() and got.max() <= SHAPES[-1]
+
+
+def _nb_slides(rng, n_slides, shapes, *, depth_sd, n_spots=300):
+    """Validation-like blocks (prediction, truth, cols, slide): per slide a depth offset
+    delta_s ~ N(0, depth_sd²) that the prediction (E[log1p Y] at the spot's mean) cannot know,
+    counts NB(mean e^delta_s mu, shape r_g). Returns the blocks and the offsets."""
+    grid = np.geomspace(1e-3, 1e4, 600)
+    expect = {r: _nb_log1p_moments(grid, r)[0] for r in shapes}
+    blocks, deltas = [], {}
+    for s in range(n_slides):
+        deltas[s] = float(rng.normal(0.0, depth_sd))
+        mu = np.exp(rng.uniform(-1.5, 3.5, size=(n_spots, len(shapes))))
+        truth = np.empty_like(mu)
+        pred = np.empty_like(mu)
+        for g, r in enumerate(shapes):
+            m = mu[:, g] * np.exp(deltas[s])
+            truth[:, g] = np.log1p(rng.negative_binomial(r, r / (r + m)))
+            pred[:, g] = np.interp(np.log(mu[:, g]), np.log(grid), expect[r])
+        cols = torch.arange(len(shapes))
+        blocks.append((torch.from_numpy(pred).float(), torch.from_numpy(truth).float(), cols, s))
+    return blocks, deltas
+
+
+def test_slide_offsets_recover_each_slides_depth():
+    rng = np.random.default_rng(5)
+    blocks, deltas = _nb_slides(rng, 6, [2.0, 20.0], depth_sd=0.4, n_spots=2000)
+    got = slide_offsets(blocks)
+    for s, d in deltas.items():  # first order in delta: u(y) = d log1p(mu) / d log mu
+        assert got[s] == pytest.approx(d, abs=0.06 + 0.15 * abs(d))
+
+
+def test_intervals_cover_new_slides_whose_depth_is_unknown():
+    rng = np.random.default_rng(7)
+    shapes = [1.0, 5.0, 50.0]
+    val, _ = _nb_slides(rng, 40, shapes, depth_sd=0.5)
+    noise = fit_noise(lambda: iter(val), len(shapes), "train")
+    assert noise.slide_var == pytest.approx(0.25, rel=0.4)  # 40 draws of N(0, 0.5²)
+    # the shapes are those of the counts within a slide, the depth taken out
+    np.testing.assert_allclose(np.log(noise.shape), np.log(shapes), atol=np.log(1.6))
+    new, _ = _nb_slides(rng, 40, shapes, depth_sd=0.5)
+    z = dict(zip(Z_LEVELS, noise.z, strict=True))
+    for level in (0.5, 0.8, 0.95):
+        hit = n = 0
+        for pred, truth, cols, _ in new:
+            sd = noise.variance(pred, noise.curves(cols.numpy())).sqrt()
+            lo, hi = (pred - z[level] * sd).clamp(min=0), pred + z[level] * sd
+            hit += int(((truth >= lo) & (truth <= hi)).sum())
+            n += truth.numel()
+        assert hit / n == pytest.approx(level, abs=0.04)
+    # slide_var is the mean squared offset of the validation slides (a shared bias counts)
+    offsets = np.array(list(slide_offsets(val).values()))
+    assert noise.slide_var == pytest.approx(float(np.mean(offsets**2)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    deltas=st.lists(st.floats(-1.5, 1.5), min_size=1, max_size=4),
+    y=st.floats(0.2, 6.0),
+)
+def test_calibrated_z_gives_every_pair_every_slides_offset(deltas, y):
+    """Counts that are their prediction moved by the slide's depth and nothing else: the
+    offsets come back exactly, and the multipliers are the quantiles of |delta| u / sd over
+    the 2K signed offsets (each pair takes them all: a new slide is like any of them)."""
+    noise = NoiseModel(np.array([10.0]), np.array([np.nan]), np.array([0.0]))
+    u = 1 - np.exp(-y)
+    blocks = [
+        (torch.full((50, 1), y), torch.full((50, 1), y + d * u), torch.tensor([0]), k)
+        for k, d in enumerate(deltas)
+    ]
+    offsets = slide_offsets(blocks)
+    np.testing.assert_allclose(list(offsets.values()), deltas, atol=2e-5)
+    noise.slide_var = float(np.mean(np.square(deltas)))
+    sd = float(noise.variance(torch.tensor([[y]]), noise.curves(slice(None)))[0, 0].sqrt())
+    z = calibrate_z(noise, blocks, offsets)
+    a = np.sort(np.abs(deltas)) * u / sd  # each |delta| twice (both signs), all pairs alike
+    for level, zl in zip(Z_LEVELS, z, strict=True):
+        inside = np.mean(np.abs(deltas) * u / sd <= zl + 2.5e-3)  # bins of 0.002
+        assert inside >= level - 1e-9  # z reaches the level ...
+        assert zl <= a.max() + 3e-3  # ... and never needs more than the largest offset
 
 
 # --- calibration -----------------------------------------------------------------------------------

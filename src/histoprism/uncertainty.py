@@ -1,7 +1,7 @@
 """Per-spot predictive uncertainty: the distribution of the MEASURED log1p(counts) of each spot
 and gene, not only the spread of the model.
 
-Two sources, added as the variance of a mixture (docs/formats.md, "Uncertainty layers"):
+Three sources, added as the variance of a mixture (docs/formats.md, "Uncertainty layers"):
 
 - model spread: K runs trained with other seeds (``ensemble``), or T forward passes of one run
   with its dropout on (``mc-dropout``). Each member k predicts y_k = max(h_k W_k' + b_k, 0);
@@ -16,13 +16,24 @@ Two sources, added as the variance of a mixture (docs/formats.md, "Uncertainty l
   clipped to (near) 0 is not a certain 0: predictions below the run's ``floor`` (the mean
   measured log1p of the validation pairs predicted below 0.01) get the noise of the floor.
 
-sd = sqrt(var_k y_k + mean_k noise(y_k, g)), and the interval of central level p is
-[max(X - z_p sd, 0), X + z_p sd], clipped at 0 as X is. z_p is calibrated on the validation
-slides (``calibrate_z``): the p-quantile of |y - prediction| / sd there, so that the intervals
-cover the validation pairs at their level (1.28 and 1.96 for a Gaussian; measured counts are
-discrete and skewed, so they differ). Everything is streamed in (spots x genes) tiles into the
-HDF5 file, as ``predict`` streams X; memory holds the members' (N, H) hidden layers and a few
-tiles.
+- slide depth: a slide's sequencing depth (and capture efficiency) shifts all its counts, and
+  no image shows it, so a new slide's measured log1p sits off the prediction by delta_s * u(y)
+  with u(y) = 1 - exp(-y) (d log1p(mu) / d log mu). delta_s is fitted per validation slide by
+  least squares; its variance for a new slide is ``slide_var`` = mean_s delta_s² (a bias shared
+  by the validation slides counts as error too), and the NB shapes are fitted on the residuals
+  with each slide's offset removed: within a slide the count noise, between slides the depth.
+  Pathway scores z-score each gene over the slide's spots, which removes a slide-wide shift:
+  their sd has no depth term.
+
+sd = sqrt(var_k y_k + mean_k [noise(y_k, g) + slide_var u(y_k)²]), and the interval of central
+level p is [max(X - z_p sd, 0), X + z_p sd], clipped at 0 as X is. z_p is calibrated on the
+validation slides (``calibrate_z``): the level-p quantile of |within-slide residual + a slide
+offset| / sd over the validation pairs, each pair taking the offset of every validation slide with
+either sign (a new slide's depth is like any of theirs), so that the intervals cover the spots of
+a new slide at their level (1.28 and 1.96 for a Gaussian; measured counts are discrete and
+skewed, so they differ).
+Everything is streamed in (spots x genes) tiles into the HDF5 file, as ``predict`` streams X;
+memory holds the members' (N, H) hidden layers and a few tiles.
 """
 
 from __future__ import annotations
@@ -65,7 +76,10 @@ DEFAULT_PASSES = 20  # mc-dropout forward passes
 # interval bounds written as layers: name -> (central level, side)
 BOUNDS = {"q025": (0.95, -1), "q10": (0.8, -1), "q90": (0.8, 1), "q975": (0.95, 1)}
 INTERVALS = "X ± z·sd clipped at 0, z of each level calibrated on the validation slides"
-NOISE_MODEL = "Var[log1p Y], Y ~ negative binomial with a per-gene shape fitted on validation"
+NOISE_MODEL = (
+    "Var[log1p Y], Y ~ negative binomial with a per-gene shape fitted on validation, plus "
+    "slide_var * (1 - exp(-y))^2 for the unknown depth of the slide"
+)
 TILE_SPOTS = 1024  # spots per tile: a few (1024 x 4096) float32 temporaries per member
 
 # --- log1p of a negative binomial --------------------------------------------------------------
@@ -144,7 +158,6 @@ def _grid_index(
 # central levels whose interval multiplier is calibrated on the validation slides (the bounds'
 # 0.8 and 0.95 among them, and evaluate's reliability curve)
 Z_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-Z_STEP, Z_BINS = 0.002, 25_000  # histogram of |y - prediction| / sd on [0, 50)
 
 
 @dataclass
@@ -160,6 +173,7 @@ class NoiseModel:
     z: np.ndarray = field(default_factory=lambda: gaussian_z())
     floor: float = MIN_MEAN  # predictions below it get its noise
     source: str = "train"  # "train": noise.safetensors; "cohort": fitted at predict time
+    slide_var: float = 0.0  # variance of a new slide's depth offset (log scale); 0 in old files
 
     def curves(self, cols: slice | np.ndarray) -> torch.Tensor:
         """(k, M_N) float32: noise variance as a function of the prediction, for panel columns
@@ -170,10 +184,19 @@ class NoiseModel:
         table = nb_log1p_variance()
         return torch.from_numpy(((1 - f) * table[i] + f * table[i + 1]).astype(np.float32))
 
+    def variance(self, y: torch.Tensor, curves: torch.Tensor) -> torch.Tensor:
+        """Noise variance (rows, k) of predictions ``y`` (rows, k) >= 0 of the genes whose
+        ``curves(cols)`` are given: count noise plus the slide's unknown depth."""
+        v = noise_variance(y, curves, self.floor)
+        if self.slide_var > 0:
+            v = v.add_(depth_sensitivity(y, self.floor).square_().mul_(self.slide_var))
+        return v
+
     def save(self, path: str | Path) -> None:
         arrays = dict(
             shape=self.shape, residual_var=self.residual_var, n_spots=self.n_spots, z=self.z,
             z_levels=np.asarray(Z_LEVELS), floor=np.array([self.floor]),
+            slide_var=np.array([self.slide_var]),
         )  # fmt: skip
         save_tensors(
             path, {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in arrays.items()}
@@ -188,13 +211,22 @@ class NoiseModel:
         if "z" in t and np.allclose(t["z_levels"].numpy(), Z_LEVELS):
             z = t["z"].double().numpy()
         floor = float(t["floor"][0]) if "floor" in t else MIN_MEAN
+        slide_var = float(t["slide_var"][0]) if "slide_var" in t else 0.0
+        if not (np.isfinite(slide_var) and slide_var >= 0):
+            raise InputError(f"slide_var must be a finite variance >= 0, got {slide_var}", path)
         arrays = (t["shape"].double().numpy(), t["residual_var"].numpy(), t["n_spots"].numpy())
-        return cls(*arrays, z=z, floor=floor)
+        return cls(*arrays, z=z, floor=floor, slide_var=slide_var)
 
 
 def gaussian_z() -> np.ndarray:
     """(len(Z_LEVELS),) the standard normal's central multipliers: 1.2816 at 0.8, ..."""
     return norm.ppf((1 + np.asarray(Z_LEVELS)) / 2)
+
+
+def depth_sensitivity(y: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """u(y) = 1 - exp(-y): how far log1p(mu) moves when log mu moves by 1, at E[log1p] = y
+    (Poisson: exact to first order; 0 for a certain zero, 1 for large counts). (rows, k)."""
+    return torch.expm1(-y.clamp(min=floor)).neg_()
 
 
 def noise_variance(y: torch.Tensor, curves: torch.Tensor, floor: float = MIN_MEAN) -> torch.Tensor:
@@ -271,30 +303,60 @@ def _fit_shape(S: np.ndarray, target: np.ndarray) -> np.ndarray:
     return out
 
 
-def calibrate_z(noise: NoiseModel, blocks: Iterable) -> np.ndarray:
-    """(len(Z_LEVELS),) the interval multipliers: the level's quantile of |y - prediction| / sd
-    over the validation pairs, sd the noise's. A value is inside [max(X - z sd, 0), X + z sd]
-    exactly when |y - X| / sd <= z (y >= 0), so the bounds then cover the validation pairs at
-    their level, the measured values being discrete and skewed (split-conformal calibration of
-    the scale; Kuleshov et al., 2018)."""
+def slide_offsets(blocks: Iterable) -> dict:
+    """Each validation slide's depth offset: the least-squares delta_s of (y - prediction) on
+    u(prediction) over its (spot, gene) pairs; blocks (prediction, truth, cols, slide)."""
+    sums: dict = {}
+    for pred, truth, _, slide in blocks:
+        u = depth_sensitivity(pred)
+        ru, uu = sums.get(slide, (0.0, 0.0))
+        sums[slide] = (ru + float((truth - pred).mul_(u).sum()), uu + float(u.square_().sum()))
+    return {k: ru / uu if uu > 0 else 0.0 for k, (ru, uu) in sums.items()}
+
+
+def _within(blocks: Iterable, offsets: dict) -> Iterable:
+    """(prediction, truth with the slide's depth offset removed, cols) of each block."""
+    for pred, truth, cols, slide in blocks:
+        yield pred, truth - offsets[slide] * depth_sensitivity(pred), cols
+
+
+Z_STEP, Z_BINS = 0.002, 25_000  # histogram of |value - prediction| / sd on [0, 50)
+
+
+def calibrate_z(noise: NoiseModel, blocks: Iterable, offsets: dict | None = None) -> np.ndarray:
+    """(len(Z_LEVELS),) the interval multipliers: for each level, the z at which
+    [max(X - z sd, 0), X + z sd] covers that share of the validation pairs as a slide of unknown
+    depth would show them: each pair keeps its within-slide residual and takes, in turn, the
+    offset of every validation slide with either sign (2K values for K slides). Without
+    offsets this is the level's quantile of |y - prediction| / sd, split-conformal calibration
+    of the scale (Kuleshov et al., 2018); a value is inside exactly when |y - X| / sd <= z
+    (y >= 0). ``blocks``: (prediction, truth, cols, slide); ``offsets``: ``slide_offsets``."""
+    offsets = offsets or {}
+    shifts = [s * d for d in offsets.values() for s in (1.0, -1.0)] or [0.0]  # slides alike
     hist = torch.zeros(Z_BINS, dtype=torch.float64)
-    for pred, truth, cols in blocks:
-        sd = noise_variance(pred, noise.curves(cols.numpy()), noise.floor).sqrt_()
-        a = ((truth - pred).abs_() / sd / Z_STEP).long().clamp_(max=Z_BINS - 1)
-        hist += torch.bincount(a.reshape(-1), minlength=Z_BINS).double()
+    for pred, truth, cols, slide in blocks:
+        u = depth_sensitivity(pred)
+        within = truth - pred - offsets.get(slide, 0.0) * u
+        sd = noise.variance(pred, noise.curves(cols.numpy())).sqrt_()
+        for shift in shifts:
+            a = (within + shift * u).abs_().div_(sd).div_(Z_STEP).long().clamp_(max=Z_BINS - 1)
+            hist += torch.bincount(a.reshape(-1), minlength=Z_BINS).double()
     cdf = hist.cumsum(0).numpy() / max(float(hist.sum()), 1.0)
     edges = np.arange(1, Z_BINS + 1) * Z_STEP  # right edges: cdf[j] = P(a < edges[j])
     return np.interp(Z_LEVELS, np.r_[0.0, cdf], np.r_[0.0, edges])
 
 
 def fit_noise(blocks: Callable[[], Iterable], n_genes: int, source: str) -> NoiseModel:
-    """The floor and per-gene shapes from one pass over the validation ``blocks()``
-    (prediction, truth, cols), then the interval multipliers from a second."""
+    """From passes over the validation ``blocks()`` (prediction, truth, cols, slide): each
+    slide's depth offset, then the floor and per-gene shapes on the residuals without it, then
+    the interval multipliers."""
+    offsets = slide_offsets(blocks())
     fit = NoiseFit(n_genes)
-    for pred, truth, cols in blocks():
+    for pred, truth, cols in _within(blocks(), offsets):
         fit.add(pred, truth, cols)
     noise = fit.fit(source)
-    noise.z = calibrate_z(noise, blocks())
+    noise.slide_var = float(np.mean([d * d for d in offsets.values()])) if offsets else 0.0
+    noise.z = calibrate_z(noise, blocks(), offsets)
     return noise
 
 
@@ -320,7 +382,7 @@ def noise_from_model(model, slides: Sequence[SlideTensors], device=None) -> Nois
                 step = max(1, VAL_BLOCK // len(cols))
                 for i in range(0, s.n_spots, step):
                     pred = model.head(h[i : i + step], cols.to(device)).clamp_(min=0).cpu()
-                    yield pred, s.target[i : i + step, c : c + VAL_COLS], cols
+                    yield pred, s.target[i : i + step, c : c + VAL_COLS], cols, s.id
 
     return fit_noise(blocks, model.cfg.n_genes, "train")
 
@@ -343,11 +405,11 @@ def noise_from_cohort(run: Run, cohort: Cohort, encoder: str) -> NoiseModel:
         slide = cohort.slide(sid, encoder).in_gene_space(space)
         y, cols = slide_targets(slide, run.panel)
         if len(cols):
-            slides.append((run.predictor.prepare(slide), y, cols))
+            slides.append((sid, run.predictor.prepare(slide), y, cols))
 
     def blocks():
         g = len(run.panel)
-        for prepared, y, cols in slides:
+        for sid, prepared, y, cols in slides:
             step = max(1, VAL_BLOCK // g)
             for i in range(0, len(y), step):
                 rows = slice(i, min(i + step, len(y)))
@@ -355,7 +417,7 @@ def noise_from_cohort(run: Run, cohort: Cohort, encoder: str) -> NoiseModel:
                 for c in range(0, len(cols), VAL_COLS):
                     k = cols[c : c + VAL_COLS]
                     truth = torch.from_numpy(y[rows, c : c + VAL_COLS])
-                    yield torch.from_numpy(pred[:, k]), truth, _long(k)
+                    yield torch.from_numpy(pred[:, k]), truth, _long(k), sid
 
     log.info("%s: count noise fitted on %d validation slides of the cohort", run.path, len(ids))
     return fit_noise(blocks, len(run.panel), "cohort")
@@ -405,6 +467,7 @@ class Uncertainty:
             "seed": self.seed,  # of the mc-dropout passes
             "noise": NOISE_MODEL,
             "noise_source": [n.source for n in self.noise],
+            "slide_var": [float(n.slide_var) for n in self.noise],  # per run: depth offset
             "intervals": INTERVALS,
             "z_levels": list(Z_LEVELS),  # central levels ...
             "z": [float(v) for v in self.z],  # ... and their multipliers
@@ -603,7 +666,7 @@ def _mixture(prepared, heads, noise, curves, rs: slice, cs: slice):
     mean = var = nv = None
     for k, (h, (w, b), nm) in enumerate(zip(prepared, heads, noise, strict=True)):
         y = torch.addmm(b[cs], h[rs], w[cs].T).clamp_(min=0)
-        v = noise_variance(y, curves[id(nm)], nm.floor)
+        v = nm.variance(y, curves[id(nm)])
         if mean is None:
             mean, var, nv = y.clone(), torch.zeros_like(y), v
             continue
