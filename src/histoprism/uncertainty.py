@@ -315,9 +315,11 @@ def slide_offsets(blocks: Iterable) -> dict:
 
 
 def _within(blocks: Iterable, offsets: dict) -> Iterable:
-    """(prediction, truth with the slide's depth offset removed, cols) of each block."""
+    """(prediction, truth with the slide's depth offset removed, cols, u(prediction)) of each
+    block; a slide without an offset keeps its truth."""
     for pred, truth, cols, slide in blocks:
-        yield pred, truth - offsets[slide] * depth_sensitivity(pred), cols
+        u = depth_sensitivity(pred)
+        yield pred, truth - offsets.get(slide, 0.0) * u, cols, u
 
 
 Z_STEP, Z_BINS = 0.002, 25_000  # histogram of |value - prediction| / sd on [0, 50)
@@ -334,9 +336,8 @@ def calibrate_z(noise: NoiseModel, blocks: Iterable, offsets: dict | None = None
     offsets = offsets or {}
     shifts = [s * d for d in offsets.values() for s in (1.0, -1.0)] or [0.0]  # slides alike
     hist = torch.zeros(Z_BINS, dtype=torch.float64)
-    for pred, truth, cols, slide in blocks:
-        u = depth_sensitivity(pred)
-        within = truth - pred - offsets.get(slide, 0.0) * u
+    for pred, truth, cols, u in _within(blocks, offsets):
+        within = truth - pred
         sd = noise.variance(pred, noise.curves(cols.numpy())).sqrt_()
         for shift in shifts:
             a = (within + shift * u).abs_().div_(sd).div_(Z_STEP).long().clamp_(max=Z_BINS - 1)
@@ -352,7 +353,7 @@ def fit_noise(blocks: Callable[[], Iterable], n_genes: int, source: str) -> Nois
     the interval multipliers."""
     offsets = slide_offsets(blocks())
     fit = NoiseFit(n_genes)
-    for pred, truth, cols in _within(blocks(), offsets):
+    for pred, truth, cols, _ in _within(blocks(), offsets):
         fit.add(pred, truth, cols)
     noise = fit.fit(source)
     noise.slide_var = float(np.mean([d * d for d in offsets.values()])) if offsets else 0.0
