@@ -1,6 +1,6 @@
 """Small panels: adapting a pretrained HistoPrism (``train --init``) against training from scratch.
 
-One built-in world (``histoprism.synthetic``). HistoPrism is pretrained once on the full panel
+One built-in world (``histoprism.synthetic.world``). HistoPrism is pretrained once on the full panel
 minus 10 genes, on slides disjoint from everything below. A 50-gene panel (40 of the pretrained
 panel, the 10 left out) is then fitted on 1, 2, 4 and 8 other training slides (2 validation
 slides throughout) by: the pretrained run adapted (closed-form head; also with the prior on the pretrained rows
@@ -25,14 +25,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from histoprism.adapt import adapt
-from histoprism.checkpoint import load_run
-from histoprism.cohort import Cohort
-from histoprism.correlation import pearson_per_gene
-from histoprism.predict import load
-from histoprism.synthetic import SyntheticConfig, make_cohort
-from histoprism.tensors import slide_targets
-from histoprism.train import load_training_data, train
+from histoprism.expression.correlation import pearson_per_gene
+from histoprism.inference.predict import load
+from histoprism.io.cohort import Cohort
+from histoprism.io.rundir import load_run
+from histoprism.models.inputs import slide_targets
+from histoprism.synthetic.world import SyntheticConfig, make_cohort
+from histoprism.training.adapt import adapt
+from histoprism.training.api import load_training_data, train
 
 ENCODER = "synthetic"
 WORLD = SyntheticConfig(

@@ -8,8 +8,8 @@ predict the test slides three ways and evaluate them with the library's own ``ev
 - ``mc-dropout``: run 0, T passes with dropout on (dropout spread + count noise);
 - ``noise only``: run 0 twice as an "ensemble" (no model spread: the count noise alone).
 
-Worlds: integers are ``histoprism.synthetic.draw_world(seed)``; ``demo`` is the demo's cohort
-(``histoprism.demo.DEMO_COHORT``). The demo cohort and world 1001 were looked at while building
+Worlds: integers are ``histoprism.synthetic.world.draw_world(seed)``; ``demo`` is the demo's cohort
+(``histoprism.workflows.demo.DEMO_COHORT``). The demo cohort and world 1001 were looked at while building
 the method (1001 showed that predictions clipped to 0 need a noise floor); world 1002 was held out
 until it missed the 80 % and 95 % coverage, and then showed why (a new slide's unknown depth,
 now a term of its own); worlds 1003 and 1004 were not looked at before the numbers were reported.
@@ -34,12 +34,12 @@ from pathlib import Path
 
 import torch
 
-from histoprism.cohort import Cohort
-from histoprism.demo import DEMO_COHORT
-from histoprism.evaluate import evaluate
-from histoprism.predict import predict
-from histoprism.synthetic import draw_world, make_cohort
-from histoprism.train import train
+from histoprism.evaluation.evaluate import evaluate
+from histoprism.inference.predict import predict
+from histoprism.io.cohort import Cohort
+from histoprism.synthetic.world import draw_world, make_cohort
+from histoprism.training.api import train
+from histoprism.workflows.demo import DEMO_COHORT
 
 HERE = Path(__file__).parent
 ENCODER = "synthetic"

@@ -42,12 +42,12 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from histoprism import synthetic as syn
-from histoprism.cohort import Cohort
-from histoprism.explain import Target, explain_slide
-from histoprism.pathways import default_genesets
-from histoprism.predict import load
-from histoprism.train import train
+from histoprism.expression.pathways import default_genesets
+from histoprism.inference.explain import Target, explain_slide
+from histoprism.inference.predict import load
+from histoprism.io.cohort import Cohort
+from histoprism.synthetic import world as syn
+from histoprism.training.api import train
 
 ENCODER = "synthetic"
 OUT = Path(__file__).with_name("explain.json")

@@ -1,6 +1,6 @@
 """Fuzz every reader of histoprism with mutated inputs and count how each one fails.
 
-The contract (``histoprism.errors``): bad input raises ``InputError`` (a ValueError) whose message
+The contract (``histoprism._core.errors``): bad input raises ``InputError`` (a ValueError) whose message
 names the file. This script writes one valid seed of every format with the package's own writers
 (``synthetic.make_cohort``, ``write_embeddings``, ``write_hest_patches``, ``import_checkpoint`` ...),
 mutates copies of it and reads each copy the way a user would:
@@ -165,7 +165,7 @@ def build_seeds(root: Path) -> Seeds:
     """Write one valid input of every format under ``root`` (about 2 s)."""
     import anndata as ad
 
-    from histoprism.synthetic import make_cohort, tiny
+    from histoprism.synthetic.world import make_cohort, tiny
 
     seeds = Seeds(Path(root))
     seeds.root.mkdir(parents=True, exist_ok=True)
@@ -202,7 +202,7 @@ def _seed_torch_embeddings(seeds: Seeds) -> None:
     """The HistoPrism repository's ``.pt``: {barcode: (D,)} and {embeddings, barcodes}."""
     import torch
 
-    from histoprism.readers import read_embeddings
+    from histoprism.io.readers import read_embeddings
 
     emb = read_embeddings(seeds.embeddings_h5[0])
     feats = torch.from_numpy(emb.features)
@@ -261,7 +261,7 @@ def _seed_spaceranger(outs: Path, st, variant: str) -> None:
 
 
 def _seed_hest(seeds: Seeds, st) -> None:
-    from histoprism.readers.hest import write_hest_patches
+    from histoprism.io.readers.hest import write_hest_patches
 
     rng = np.random.default_rng(0)
     n, p = st.n_obs, 16
@@ -288,9 +288,9 @@ def _seed_authors(seeds: Seeds) -> None:
     import torch
     import yaml
 
-    from histoprism.authors import cancer_codes, expected_shapes, import_checkpoint
-    from histoprism.model import ModelConfig
-    from histoprism.train import PRESETS
+    from histoprism.integrations.authors import cancer_codes, expected_shapes, import_checkpoint
+    from histoprism.models.network import ModelConfig
+    from histoprism.training.api import PRESETS
 
     genes = seeds.genes()
     settings = dict(
@@ -1255,8 +1255,8 @@ def _check_run(run) -> list[str]:
     """Every weight finite, and one forward pass of 5 spots gives finite genes x spots."""
     import torch
 
-    from histoprism.checkpoint import load_run
-    from histoprism.cohort import Slide
+    from histoprism.io.cohort import Slide
+    from histoprism.io.rundir import load_run
 
     problems = []
     _, tensors = load_run(run.path)
@@ -1306,7 +1306,7 @@ def _check_cohort(cohort) -> list[str]:
 
 def _read_predict(root: Path, run: Path):
     """Predict the mutated slide of the cohort ``root`` with the (intact) run."""
-    from histoprism.predict import predict
+    from histoprism.inference.predict import predict
 
     out = root.parent / "pred"
     return predict(run, root, ENCODER, out, samples=SAMPLE, images=False, progress=False)
@@ -1331,7 +1331,7 @@ def _check_predict(paths) -> list[str]:
 
 
 def _read_wsi(path: Path):
-    from histoprism.readers.wsi import open_wsi
+    from histoprism.io.readers.wsi import open_wsi
 
     with open_wsi(path, mpp=0.5 if path.suffix == ".png" else None) as wsi:
         region = wsi.read_region(16, 16, 0, 64, 48)
@@ -1355,7 +1355,7 @@ def _check_wsi(result) -> list[str]:
 
 def _read_hest(path: Path):
     """A patch file and all its pixels, or a metadata JSON and the pixel size it gives."""
-    from histoprism.readers.hest import hest_pixel_size, read_hest_metadata, read_hest_patches
+    from histoprism.io.readers.hest import hest_pixel_size, read_hest_metadata, read_hest_patches
 
     if path.suffix == ".json":
         meta = read_hest_metadata(path)
@@ -1405,8 +1405,8 @@ def _check_gmt(sets) -> list[str]:
 
 def _read_authors(log_dir: Path, genes: list[str]):
     """Import the authors' LOG_DIR as a run directory and load that run."""
-    from histoprism.authors import import_checkpoint
-    from histoprism.predict import load
+    from histoprism.inference.predict import load
+    from histoprism.integrations.authors import import_checkpoint
 
     out = log_dir.parent / "imported"
     import_checkpoint(log_dir, out, encoder=ENCODER, genes=genes)
@@ -1414,7 +1414,7 @@ def _read_authors(log_dir: Path, genes: list[str]):
 
 
 def _read_run(run_dir: Path):
-    from histoprism.predict import load
+    from histoprism.inference.predict import load
 
     return load(run_dir, device="cpu")
 
@@ -1427,9 +1427,9 @@ class Reader:
 
 def _readers(seeds: Seeds) -> dict[str, Reader]:
     """Format -> how to read a prepared input, and the invariants of what it returns."""
-    from histoprism.cohort import Cohort
-    from histoprism.genes import read_gmt
-    from histoprism.readers import read_embeddings, read_spaceranger, read_st
+    from histoprism.expression.genes import read_gmt
+    from histoprism.io.cohort import Cohort
+    from histoprism.io.readers import read_embeddings, read_spaceranger, read_st
 
     return {
         "h5ad": Reader(read_st, _check_counts_adata),
@@ -1520,7 +1520,7 @@ def run_case(
 
     ``announce`` is told the mutation before the read (so that a hang can still be described).
     """
-    from histoprism.errors import InputError
+    from histoprism._core.errors import InputError
 
     case.mkdir(parents=True, exist_ok=True)
     prepared = prepare(fmt, seeds, case, rng)
@@ -1583,7 +1583,7 @@ def check_seeds(seeds: Seeds, work: Path, readers: dict[str, Reader]) -> dict[st
     """Read every seed unmutated (a copy: some readers write beside their input). Each must be
     'ok' or the counts would mean nothing; this also imports what readers import lazily, so no
     case pays for it."""
-    from histoprism.errors import InputError
+    from histoprism._core.errors import InputError
 
     bad = {}
     for fmt, targets in seed_targets(seeds).items():

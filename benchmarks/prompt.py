@@ -1,6 +1,6 @@
 """Measured spots as a prompt (``predict --prompt-fraction``): Pearson r on the unmeasured spots.
 
-Four built-in worlds (``histoprism.synthetic``): the built-in generator and three drawn by
+Four built-in worlds (``histoprism.synthetic.world``): the built-in generator and three drawn by
 ``draw_world``, of which 1001 and 1002 were never used to choose anything. Per world: HistoPrism trained with the default recipe, then a prompt head fitted on
 its training slides (``train --init RUN --prompt``). On each held-out test slide, for measured
 fractions 0, 1, 5 and 20 % (3 draws of measured spots each), the unmeasured spots are scored by:
@@ -34,13 +34,13 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from histoprism.cohort import Cohort
-from histoprism.correlation import pearson_per_gene
-from histoprism.predict import load
-from histoprism.prompt import measured_spots, prompted_predictor
-from histoprism.synthetic import SyntheticConfig, draw_world, make_cohort
-from histoprism.tensors import slide_targets
-from histoprism.train import train
+from histoprism.expression.correlation import pearson_per_gene
+from histoprism.inference.predict import load
+from histoprism.io.cohort import Cohort
+from histoprism.models.inputs import slide_targets
+from histoprism.synthetic.world import SyntheticConfig, draw_world, make_cohort
+from histoprism.training.api import train
+from histoprism.training.prompt import measured_spots, prompted_predictor
 
 ENCODER = "synthetic"
 SMALL = dict(spots=(300, 600), targeted_fraction=0.0)
@@ -169,7 +169,7 @@ def run_world(name: str, cfg: SyntheticConfig, root: Path) -> list[dict]:
 
 def _fresh_state(head) -> dict:
     """The state of a head as ``fit_prompt`` starts it (same seed)."""
-    from histoprism.prompt import PromptHead
+    from histoprism.training.prompt import PromptHead
 
     torch.manual_seed(0)
     fresh = PromptHead(head.query.in_features, len(head.gain_logit), head.query.out_features,

@@ -1,7 +1,7 @@
 """Robustness benchmark: every model on many drawn synthetic worlds, as a share of each world's ceiling.
 
 A recipe tuned on one cohort can collapse on another. This script draws worlds whose biology and
-measurement vary (``histoprism.synthetic.draw_world``: cancer-type effect and its visibility,
+measurement vary (``histoprism.synthetic.world.draw_world``: cancer-type effect and its visibility,
 neighbourhood programmes, depth, stain, noise, embedding dimension and nonlinearity, spot counts,
 targeted panels, number of cancer types), and runs the library's own ``train -> predict ->
 evaluate`` for each model on each world's test split, plus the ceiling (what the images can show).
@@ -31,18 +31,23 @@ from pathlib import Path
 
 import torch
 
-from histoprism.cohort import Cohort
-from histoprism.evaluate import evaluate
-from histoprism.predict import predict
-from histoprism.registry import VARIANTS
-from histoprism.synthetic import draw_world, make_cohort
-from histoprism.train import train
+from histoprism.evaluation.evaluate import evaluate
+from histoprism.inference.predict import predict
+from histoprism.io.cohort import Cohort
+from histoprism.models.registry import VARIANTS
+from histoprism.synthetic.world import draw_world, make_cohort
+from histoprism.training.api import train
 
 HERE = Path(__file__).parent
 TUNING_WORLDS = tuple(range(6))
 HELD_OUT_WORLDS = (1001, 1002)  # never looked at while choosing the recipe
 ENCODER = "synthetic"
-MODELS = ("histoprism", "no-conditioning", "mlp", "ridge-knn")  # histoprism.registry.VARIANTS
+MODELS = (
+    "histoprism",
+    "no-conditioning",
+    "mlp",
+    "ridge-knn",
+)  # histoprism.models.registry.VARIANTS
 WORLD_KEYS = (
     "n_slides",
     "n_cancers",

@@ -33,7 +33,7 @@ TIMED_FACTORISED = (
     "scaling entries with output=factorised (--visium-hd): predict_slide with output='factorised' "
     "on an 8 µm grid (pitch_um): trunk (local attention, 400 µm), closed-form pathway scores and "
     "the h5ad (hidden layer float16, head float32); output_mb = file size; read_gene_seconds = "
-    "histoprism.prediction.read_genes of one gene for every bin; read_pathway_seconds = "
+    "histoprism.io.prediction.read_genes of one gene for every bin; read_pathway_seconds = "
     "read_pathways of one Hallmark set (closed form), both from the just-written file"
 )
 TIMED = {
@@ -47,7 +47,7 @@ TIMED = {
     "training": "one optimiser step on one slide: forward, masked MSE on all 38,982 genes, "
     "backward, gradient clipping, AdamW; mean of the steps after 1 warm-up; paper's dropout 0.1 "
     "(attention weights too). seconds_per_epoch_500_slides = 500 x seconds_per_slide (no validation)",
-    "scaling": "histoprism.predict.predict_slide: trunk (auto attention: dense up to 20k spots, "
+    "scaling": "histoprism.inference.predict.predict_slide: trunk (auto attention: dense up to 20k spots, "
     "local 400 µm above), head, pathway scores and the h5ad written to disk (X in float16)",
     "scaling_factorised": TIMED_FACTORISED,
     "reference.dense": "inference: the paper's way, one forward with dense attention, the whole "
@@ -67,7 +67,7 @@ def grid_um(n: int, pitch_um: float = PITCH_UM) -> np.ndarray:
 
 
 def make_slide(n: int, dim: int = 1024, seed: int = 0, pitch_um: float = PITCH_UM):
-    from histoprism.cohort import Slide
+    from histoprism.io.cohort import Slide
 
     rng = np.random.default_rng(seed)
     return Slide(
@@ -81,7 +81,7 @@ def make_slide(n: int, dim: int = 1024, seed: int = 0, pitch_um: float = PITCH_U
 
 
 def make_model(attention: str = "auto", device: str = "cpu"):
-    from histoprism.model import HistoPrism, ModelConfig
+    from histoprism.models.network import HistoPrism, ModelConfig
 
     torch.manual_seed(0)
     return HistoPrism(ModelConfig(n_genes=GENES, attention=attention)).to(device)
@@ -89,10 +89,10 @@ def make_model(attention: str = "auto", device: str = "cpu"):
 
 def make_run(kind: str, device: str = "cpu", attention: str = "auto"):
     """An in-memory ``predict.Run`` over the real 38,982-gene panel (Ensembl ids)."""
-    from histoprism.baselines import RidgeBaseline
-    from histoprism.genes import GenePanel, data_path
-    from histoprism.predict import HistoPrismPredictor, Run
-    from histoprism.tensors import CancerVocabulary
+    from histoprism.expression.genes import GenePanel, data_path
+    from histoprism.inference.predict import HistoPrismPredictor, Run
+    from histoprism.models.baselines import RidgeBaseline
+    from histoprism.models.inputs import CancerVocabulary
 
     genes = tuple(data_path("stpath_gene_panel.ensembl.txt").read_text().split())
     panel, vocab = GenePanel(genes), CancerVocabulary(("IDC", "Unknown"))
@@ -161,7 +161,7 @@ def child_gemm(spec: dict) -> dict:
 def child_inference(spec: dict) -> dict:
     """HistoPrism: the trunk once, then every head tile (what predict_slide computes), best of 3
     passes as for the GEMM; the GEMM ceiling is measured here too, under the same conditions."""
-    from histoprism.predict import TILE_GENES, TILE_SPOTS, tiles
+    from histoprism.inference.predict import TILE_GENES, TILE_SPOTS, tiles
 
     n, dev = spec["spots"], spec["device"]
     p = make_run("histoprism", dev).predictor
@@ -229,7 +229,7 @@ def child_dense(spec: dict) -> dict:
 
 
 def child_ridge(spec: dict) -> dict:
-    from histoprism.predict import tile_shape
+    from histoprism.inference.predict import tile_shape
 
     n = spec["spots"]
     run = make_run("ridge")
@@ -245,8 +245,8 @@ def child_ridge(spec: dict) -> dict:
 
 def child_train(spec: dict) -> dict:
     """One slide per AdamW step, as train.py: measured genes only (here: all of them)."""
-    from histoprism.tensors import SlideTensors
-    from histoprism.train import masked_mse, train_step
+    from histoprism.models.inputs import SlideTensors
+    from histoprism.training.api import masked_mse, train_step
 
     n, dev = spec["spots"], spec["device"]
     model = make_model("full", dev).train()
@@ -285,7 +285,7 @@ def child_train(spec: dict) -> dict:
 
 def child_scaling(spec: dict) -> dict:
     """The real prediction path, to an h5ad file on disk (deleted afterwards)."""
-    from histoprism.predict import predict_slide
+    from histoprism.inference.predict import predict_slide
 
     n, dev = spec["spots"], spec["device"]
     attention = spec.get("attention", "auto")
@@ -310,8 +310,8 @@ def child_scaling(spec: dict) -> dict:
 def _time_reads(path: Path, genes) -> dict:
     """Seconds to read one gene, and one Hallmark set's score, for every spot of a written file
     (cold page cache is not forced: the file was just written)."""
-    from histoprism.genes import gpc_genesets
-    from histoprism.prediction import read_genes, read_pathways
+    from histoprism.expression.genes import gpc_genesets
+    from histoprism.io.prediction import read_genes, read_pathways
 
     t0 = time.perf_counter()
     x = read_genes(path, [genes[len(genes) // 2]])
@@ -335,10 +335,10 @@ CHILDREN = {
 
 def measure(spec: dict, timeout: float) -> dict:
     """Run one child; its result plus wall seconds and peak RSS (MB, the child's own ru_maxrss
-    from ``os.wait4``, via ``histoprism.benchmark.measure_process``), or an error (timeout,
+    from ``os.wait4``, via ``histoprism.workflows.benchmark.measure_process``), or an error (timeout,
     crash, out of memory)."""
     # imported here, not at the top: children must not load it (it would add to their RSS)
-    from histoprism.benchmark import measure_process
+    from histoprism.workflows.benchmark import measure_process
 
     m = measure_process([sys.executable, __file__, "--child", json.dumps(spec)], timeout=timeout)
     if m["timed_out"]:
@@ -727,7 +727,7 @@ def profile(rows: int = 12) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from histoprism.predict import predict_slide
+    from histoprism.inference.predict import predict_slide
 
     spec = {"kind": "train", "device": "cpu", "spots": 5_000, "steps": 2}
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:

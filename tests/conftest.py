@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import torch
 
-from histoprism import keys
-from histoprism.synthetic import make_cohort, tiny
+from histoprism._core import keys
+from histoprism.synthetic.world import make_cohort, tiny
 
 ENCODER = "synthetic"  # embedding folder of the synthetic cohort
 EPOCHS = 3  # training epochs of the tiny HistoPrism and MLP runs
@@ -46,7 +46,7 @@ def tiny_cohort(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_runs(tiny_cohort, tmp_path_factory) -> dict[str, Path]:
     """Run directory per model kind, trained on ``tiny_cohort`` with seed 0."""
-    from histoprism.train import train
+    from histoprism.training.api import train
 
     root = tmp_path_factory.mktemp("runs")
     runs = {}

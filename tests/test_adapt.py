@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from histoprism import keys
-from histoprism.adapt import adapt
-from histoprism.checkpoint import load_run
+from histoprism._core import keys
+from histoprism._core.errors import InputError
 from histoprism.cli import app
-from histoprism.cohort import Cohort
-from histoprism.errors import InputError
-from histoprism.predict import load, predict
-from histoprism.train import TrainingData, load_training_data, train
+from histoprism.inference.predict import load, predict
+from histoprism.io.cohort import Cohort
+from histoprism.io.rundir import load_run
+from histoprism.training.adapt import adapt
+from histoprism.training.api import TrainingData, load_training_data, train
 
 ENCODER = "synthetic"
 
@@ -159,7 +159,7 @@ def test_cancer_classifier_of_an_adapted_run_knows_only_its_codes(
 ):
     """A training slide of a code the pretrained run never saw: the adapted run keeps the
     pretrained vocabulary, and ``--cancer auto`` can only infer codes of that vocabulary."""
-    from histoprism.cancer_type import CLASSIFIER_FILE, CancerTypeClassifier
+    from histoprism.models.cancer_type import CLASSIFIER_FILE, CancerTypeClassifier
 
     c = cohort_copy()
     sid = Cohort(c.root).ids("train")[0]

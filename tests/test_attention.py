@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from histoprism.attention import local_attention, plan_tiles
-from histoprism.model import HistoPrism, ModelConfig
+from histoprism.models.attention import local_attention, plan_tiles
+from histoprism.models.network import HistoPrism, ModelConfig
 
 
 def dense_reference(q, k, v, coords, radius):

@@ -15,19 +15,20 @@ import torch
 import yaml
 from torch import nn
 
-from histoprism import authors, predict
-from histoprism.authors import (
+from histoprism._core.errors import InputError
+from histoprism.expression.genes import stpath_panel
+from histoprism.inference import predict
+from histoprism.integrations import authors
+from histoprism.integrations.authors import (
     authors_parameter_count,
     cancer_codes,
     expected_shapes,
     import_checkpoint,
 )
-from histoprism.checkpoint import save_tensors
-from histoprism.cohort import Slide
-from histoprism.errors import InputError
-from histoprism.genes import stpath_panel
-from histoprism.model import CancerConditioning, HistoPrism, ModelConfig
-from histoprism.train import PRESETS
+from histoprism.io.cohort import Slide
+from histoprism.io.rundir import save_tensors
+from histoprism.models.network import CancerConditioning, HistoPrism, ModelConfig
+from histoprism.training.api import PRESETS
 
 D, H, G, N = 32, 32, 50, 37  # small sizes for the forward tests
 GENES = [f"GENE{i}" for i in range(G)]

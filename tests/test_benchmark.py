@@ -9,12 +9,12 @@ import shutil
 import pandas as pd
 import pytest
 
-from histoprism import keys
-from histoprism.benchmark import benchmark, benchmark_paper
-from histoprism.compare import load_eval
-from histoprism.errors import InputError
-from histoprism.registry import select_variants
-from histoprism.report import regenerate
+from histoprism._core import keys
+from histoprism._core.errors import InputError
+from histoprism.evaluation.compare import load_eval
+from histoprism.models.registry import select_variants
+from histoprism.plotting.report import regenerate
+from histoprism.workflows.benchmark import benchmark, benchmark_paper
 
 ENCODER = "synthetic"  # embedding folder of the synthetic cohort
 

@@ -19,14 +19,10 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from histoprism import checkpoint, keys
-from histoprism import io as hio
-from histoprism import train as train_mod
-from histoprism.checkpoint import load_run, load_tensors, read_json_object
-from histoprism.cli import app
-from histoprism.cohort import Cohort
-from histoprism.errors import InputError
-from histoprism.io import (
+from histoprism._core import files as hio
+from histoprism._core import keys
+from histoprism._core.errors import InputError
+from histoprism._core.files import (
     atomic_directory,
     complete_directory,
     directory_lock,
@@ -34,8 +30,13 @@ from histoprism.io import (
     pid_alive,
     remove_partials,
 )
-from histoprism.synthetic import make_cohort, tiny
-from histoprism.train import train
+from histoprism.cli import app
+from histoprism.io import rundir as checkpoint
+from histoprism.io.cohort import Cohort
+from histoprism.io.rundir import load_run, load_tensors, read_json_object
+from histoprism.synthetic.world import make_cohort, tiny
+from histoprism.training import api as train_mod
+from histoprism.training.api import train
 
 ENCODER = "synthetic"
 # a small network on a small cohort: the kill test resumes a few dozen times
@@ -312,7 +313,7 @@ def test_resume_after_an_exception_in_the_checkpoint_write(fit, tmp_path, monkey
 # --- one process per run directory ---------------------------------------------------------------
 HOLD = """
 import sys
-from histoprism.io import directory_lock
+from histoprism._core.files import directory_lock
 with directory_lock(sys.argv[1], "training"):
     print("locked", flush=True)
     sys.stdin.read()

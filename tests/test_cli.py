@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from histoprism import keys
+from histoprism._core import keys
+from histoprism._core.errors import InputError
+from histoprism._core.files import LOCK_FILE
 from histoprism.cli import app, hoist_global_flags
-from histoprism.cohort import Cohort
-from histoprism.errors import InputError
-from histoprism.io import LOCK_FILE
+from histoprism.io.cohort import Cohort
 
 ENCODER = "synthetic"
 CONSOLE_SCRIPT = Path(sys.executable).parent / "histoprism"

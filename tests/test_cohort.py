@@ -11,9 +11,9 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from histoprism.cohort import Cohort, align_spots
-from histoprism.errors import InputError
-from histoprism.readers import EmbeddingFile, read_embeddings, read_st
+from histoprism._core.errors import InputError
+from histoprism.io.cohort import Cohort, align_spots
+from histoprism.io.readers import EmbeddingFile, read_embeddings, read_st
 
 
 def write_st(path, barcodes, genes, counts, xy):

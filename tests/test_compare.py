@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import binomtest
 
-from histoprism import keys
-from histoprism.compare import (
+from histoprism._core import keys
+from histoprism._core.errors import InputError
+from histoprism.evaluation.compare import (
     COMPARE_JSON,
     COMPARE_MD,
     COMPARE_TABLE,
@@ -28,7 +29,6 @@ from histoprism.compare import (
     win_rate_matrix,
     write_comparison,
 )
-from histoprism.errors import InputError
 
 N_BOOT = 2000  # enough for stable 95% CIs in these small tests, fast
 

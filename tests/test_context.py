@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from histoprism.checkpoint import load_run
-from histoprism.cohort import Cohort
-from histoprism.model import HistoPrism, ModelConfig
-from histoprism.predict import load
-from histoprism.tensors import CancerVocabulary, input_options, to_tensors
-from histoprism.train import train
+from histoprism.inference.predict import load
+from histoprism.io.cohort import Cohort
+from histoprism.io.rundir import load_run
+from histoprism.models.inputs import CancerVocabulary, input_options, to_tensors
+from histoprism.models.network import HistoPrism, ModelConfig
+from histoprism.training.api import train
 
 ENCODER = "synthetic"
 

@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pandas as pd
 
-from histoprism.compare import pipe_table
-from histoprism.demo import DEMO_MODELS, IMAGE_ENCODER, IMAGE_MODELS, run_demo
-from histoprism.synthetic import tiny
+from histoprism.evaluation.compare import pipe_table
+from histoprism.synthetic.world import tiny
+from histoprism.workflows.demo import DEMO_MODELS, IMAGE_ENCODER, IMAGE_MODELS, run_demo
 
 
 def test_demo_table_has_every_model_and_the_ceiling(tmp_path):

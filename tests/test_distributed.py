@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from histoprism.distributed import rank_share, torchrun_env
-from histoprism.progress import progress_bar
+from histoprism._core.distributed import rank_share, torchrun_env
+from histoprism._core.progress import progress_bar
 
 
 def test_plain_process_is_rank_0_of_1(monkeypatch):
@@ -30,7 +30,7 @@ def test_torchrun_variables_reach_every_user(monkeypatch):
 
 def test_cli_and_progress_do_not_load_torch():
     code = (
-        "import sys, histoprism.cli, histoprism.progress, histoprism.distributed; "
+        "import sys, histoprism.cli, histoprism._core.progress, histoprism._core.distributed; "
         "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import typer.main
 
-from histoprism import keys
+from histoprism._core import keys
 from histoprism.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]

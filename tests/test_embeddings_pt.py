@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from histoprism.errors import InputError
-from histoprism.readers import read_embeddings
-from histoprism.readers.embeddings import read_torch_embeddings
+from histoprism._core.errors import InputError
+from histoprism.io.readers import read_embeddings
+from histoprism.io.readers.embeddings import read_torch_embeddings
 
 
 def _rows(n: int = 5, d: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -26,9 +26,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from histoprism import encoders as enc
-from histoprism.encoders import ENCODERS, Encoder, build_architecture, load_encoder
-from histoprism.errors import InputError
+from histoprism._core.errors import InputError
+from histoprism.images import encoders as enc
+from histoprism.images.encoders import ENCODERS, Encoder, build_architecture, load_encoder
 
 REAL_TILE = Path("/work/shared/data/images/tiatoolbox_he_tile_1000px.png")
 
@@ -103,7 +103,7 @@ def test_registry_names_and_dims():
 
 
 def test_import_loads_no_timm():
-    code = "import sys, histoprism.encoders; assert 'timm' not in sys.modules"
+    code = "import sys, histoprism.images.encoders; assert 'timm' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

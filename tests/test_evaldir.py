@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from histoprism import keys
-from histoprism.errors import InputError
-from histoprism.evaldir import load_eval
-from histoprism.report import write_report
+from histoprism._core import keys
+from histoprism._core.errors import InputError
+from histoprism.io.evaldir import load_eval
+from histoprism.plotting.report import write_report
 
 
 def _write_eval(d):

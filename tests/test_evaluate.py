@@ -18,10 +18,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.stats import pearsonr
 
-from histoprism import keys
-from histoprism.cohort import Cohort
-from histoprism.errors import InputError
-from histoprism.evaluate import (
+from histoprism._core import keys
+from histoprism._core.errors import InputError
+from histoprism.evaluation.evaluate import (
     EVALUATOR_VERSION,
     align_by_barcode,
     all_genes_scores,
@@ -40,7 +39,8 @@ from histoprism.evaluate import (
     slide_gene_correlations,
     win_rate,
 )
-from histoprism.genes import bench_hvg, gpc_genesets, read_gmt
+from histoprism.expression.genes import bench_hvg, gpc_genesets, read_gmt
+from histoprism.io.cohort import Cohort
 
 
 def _moments(pred, truth, genes):
@@ -518,7 +518,7 @@ def test_custom_gmt_alone_end_to_end(toy, tmp_path, caplog):
     from typer.testing import CliRunner
 
     from histoprism.cli import app
-    from histoprism.compare import load_eval, write_comparison
+    from histoprism.evaluation.compare import load_eval, write_comparison
 
     root, pred_dir, _ = toy
     gmt = tmp_path / "my_sets.gmt"  # a repeated gene counts once; ZZZ is no panel gene
@@ -529,7 +529,7 @@ def test_custom_gmt_alone_end_to_end(toy, tmp_path, caplog):
     out = tmp_path / "eval"
     args = ["evaluate", "--pred", pred_dir, "--data", root, "--out", out, "--genesets", gmt]
     args += ["--hvg", "bench", "--samples", "A1"]  # one slide, no training slide read: fast
-    with caplog.at_level(logging.WARNING, logger="histoprism.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="histoprism.evaluation.evaluate"):
         result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     summary = result.stdout.strip().splitlines()
@@ -598,8 +598,8 @@ def test_report_of_predictions_tissue_kept_maps_and_slide_facts(
     trained_runs, cohort_copy, tmp_path
 ):
     from histoprism import __version__
-    from histoprism.predict import predict
-    from histoprism.report import load_examples, plot_spatial_example, regenerate
+    from histoprism.inference.predict import predict
+    from histoprism.plotting.report import load_examples, plot_spatial_example, regenerate
 
     cc = cohort_copy()
     cohort = Cohort(cc.root)

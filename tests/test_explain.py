@@ -10,10 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from histoprism._core.errors import InputError
 from histoprism.cli import app
-from histoprism.cohort import Cohort
-from histoprism.errors import InputError
-from histoprism.explain import (
+from histoprism.expression.genes import GenePanel
+from histoprism.expression.pathways import default_genesets
+from histoprism.inference.explain import (
     COLUMNS,
     explain,
     explain_slide,
@@ -22,9 +23,8 @@ from histoprism.explain import (
     save_explanation,
     write_explanation,
 )
-from histoprism.genes import GenePanel
-from histoprism.pathways import default_genesets
-from histoprism.predict import load, predict
+from histoprism.inference.predict import load, predict
+from histoprism.io.cohort import Cohort
 
 ENCODER = "synthetic"
 
@@ -76,7 +76,7 @@ def test_occluded_is_the_slide_with_that_spot_at_the_mean(setup, gene_ex):
     embedding replaced by the slide mean; the other spots are left as they are."""
     run, slide, _, _ = setup
     model = run.predictor.model
-    from histoprism.tensors import input_options, to_tensors
+    from histoprism.models.inputs import input_options, to_tensors
 
     t = to_tensors(slide, vocab=run.vocab, **input_options(model.cfg))
     col = run.panel.index[gene_ex.target.genes[0]]
@@ -94,7 +94,7 @@ def test_occluded_is_the_slide_with_that_spot_at_the_mean(setup, gene_ex):
 
 def test_split_covers_at_most_split_spots(setup, monkeypatch):
     """Above SPLIT_SPOTS spots, a seeded sample is split and the rest is NaN, not guessed."""
-    import histoprism.explain as explain_mod
+    import histoprism.inference.explain as explain_mod
 
     run, slide, _, _ = setup
     monkeypatch.setattr(explain_mod, "SPLIT_SPOTS", 10)
@@ -196,8 +196,8 @@ def _spot_patches(n: int) -> np.ndarray:
 
 
 def test_top_patches_from_hest_patch_file_follow_barcodes(setup, cohort_copy):
-    from histoprism.explain import top_patches, top_spots
-    from histoprism.readers.hest import write_hest_patches
+    from histoprism.inference.explain import top_patches, top_spots
+    from histoprism.io.readers.hest import write_hest_patches
 
     run, slide, _, _ = setup
     ex = explain_slide(run, slide, run.panel.genes[0], steps=4)
@@ -220,7 +220,7 @@ def test_top_patches_cut_from_the_slide_image(setup, cohort_copy, tmp_path):
     The slide is rescaled to 5 µm per pixel (a small image for a test)."""
     import tifffile
 
-    from histoprism.explain import save_top_patches, top_patches
+    from histoprism.inference.explain import save_top_patches, top_patches
 
     run, slide, _, _ = setup
     ex = explain_slide(run, slide, run.panel.genes[0], steps=4)
@@ -245,7 +245,7 @@ def test_top_patches_cut_from_the_slide_image(setup, cohort_copy, tmp_path):
     png = save_top_patches(ex, cohort, tmp_path)
     assert png is not None and png.name.endswith("_top.png") and png.stat().st_size > 1000
     # the maps are drawn over the same image: its crop spans the spots
-    from histoprism.explain import save_explanation, slide_tissue
+    from histoprism.inference.explain import save_explanation, slide_tissue
 
     image, extent = slide_tissue(ex, cohort)
     assert image.ndim == 3 and image.shape[2] == 3
@@ -259,8 +259,8 @@ def test_top_patches_cut_from_the_slide_image(setup, cohort_copy, tmp_path):
 def test_attention_rollout_rows_are_distributions_and_match_the_layers(setup, gene_ex):
     """Rollout rows sum to 1; with one layer it is 0.5 (mean-head attention) + 0.5 I, the
     attention computed from the layer's input as the fused kernel does."""
-    from histoprism.explain import attention_rollout
-    from histoprism.tensors import input_options, to_tensors
+    from histoprism.inference.explain import attention_rollout
+    from histoprism.models.inputs import input_options, to_tensors
 
     run, slide, _, _ = setup
     model = run.predictor.model

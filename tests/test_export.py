@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from histoprism import export as export_mod
-from histoprism import keys
-from histoprism.errors import InputError
-from histoprism.export import export_spatialdata, image_plan
-from histoprism.predict import predict
-from histoprism.prediction import read_prediction
+from histoprism._core import keys
+from histoprism._core.errors import InputError
+from histoprism.inference.predict import predict
+from histoprism.integrations import spatialdata as export_mod
+from histoprism.integrations.spatialdata import export_spatialdata, image_plan
+from histoprism.io.prediction import read_prediction
 
 sd = pytest.importorskip("spatialdata")
 

@@ -14,15 +14,15 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from histoprism import extract as extract_mod
-from histoprism import keys
+from histoprism._core import keys
+from histoprism._core.errors import InputError
 from histoprism.cli import app
-from histoprism.cohort import Cohort
-from histoprism.errors import InputError
-from histoprism.extract import extract
-from histoprism.readers.st import read_st
-from histoprism.readers.wsi import open_wsi
-from histoprism.synthetic import make_cohort, tiny
+from histoprism.images import extract as extract_mod
+from histoprism.images.extract import extract
+from histoprism.io.cohort import Cohort
+from histoprism.io.readers.st import read_st
+from histoprism.io.readers.wsi import open_wsi
+from histoprism.synthetic.world import make_cohort, tiny
 
 ENCODER = "stain-texture"
 

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from histoprism.cohort import Cohort, Slide
-from histoprism.errors import InputError
-from histoprism.genes import GeneIdMap, GenePanel, panel_counts
-from histoprism.tensors import slide_targets
+from histoprism._core.errors import InputError
+from histoprism.expression.genes import GeneIdMap, GenePanel, panel_counts
+from histoprism.io.cohort import Cohort, Slide
+from histoprism.models.inputs import slide_targets
 
 ENCODER = "synthetic"  # embedding folder of the synthetic cohort
 IDMAP = GeneIdMap.from_table(
@@ -113,9 +113,9 @@ def test_tiny_cohort_slide_keeps_its_ensembl_ids(tiny_cohort):
 
 
 def test_train_predict_evaluate_with_an_ensembl_panel_on_symbol_slides(tiny_cohort, tmp_path):
-    from histoprism.evaluate import evaluate
-    from histoprism.predict import predict
-    from histoprism.train import train
+    from histoprism.evaluation.evaluate import evaluate
+    from histoprism.inference.predict import predict
+    from histoprism.training.api import train
 
     st = ad.read_h5ad(tiny_cohort / "st" / f"{Cohort(tiny_cohort).ids('train')[0]}.h5ad")
     assert not st.var_names[0].startswith("ENSG")  # the slides name genes by symbol
@@ -137,9 +137,9 @@ def test_paper_protocol_on_symbol_only_slides_scores_as_in_symbol_space(cohort_c
     """HEST-1k's counts name genes by symbol with no ``var['gene_ids']``; the paper trains an
     Ensembl panel on them. Train, predict and evaluate must map genes the same way, and the same
     predictions renamed to symbols must score the same."""
-    from histoprism.evaluate import evaluate
-    from histoprism.predict import predict
-    from histoprism.train import train
+    from histoprism.evaluation.evaluate import evaluate
+    from histoprism.inference.predict import predict
+    from histoprism.training.api import train
 
     cc = cohort_copy()
     cohort = Cohort(cc.root)

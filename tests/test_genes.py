@@ -10,8 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from histoprism.errors import InputError
-from histoprism.genes import GeneIdMap, GenePanel, harmonise_counts, read_gene_list, read_gmt
+from histoprism._core.errors import InputError
+from histoprism.expression.genes import (
+    GeneIdMap,
+    GenePanel,
+    harmonise_counts,
+    read_gene_list,
+    read_gmt,
+)
 
 A1BG, A2M, ERBB2, TP53 = "ENSG00000121410", "ENSG00000175899", "ENSG00000141736", "ENSG00000141510"
 
@@ -144,7 +150,7 @@ def test_read_gene_list_header_and_comments(tmp_path):
 def test_bundled_gmt_reads_the_same_split_on_any_whitespace(name, ids):
     """decoupler.pp.read_gmt and other readers split GMT lines on any whitespace: the description
     field must hold none, or its words become genes of every set."""
-    from histoprism.genes import data_path
+    from histoprism.expression.genes import data_path
 
     path = data_path("genesets", f"{name}.{ids}.gmt")
     ours = read_gmt(path)

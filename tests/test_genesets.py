@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from histoprism.errors import InputError
-from histoprism.evaluate import check_panel_overlap, geneset_scores, gpc_table
-from histoprism.genes import read_gmt
-from histoprism.pathways import GeneSets, membership, membership_matrix, pathway_scores
-from histoprism.report import PLOT_MAX_SETS, plot_pathways, ranked_sets
+from histoprism._core.errors import InputError
+from histoprism.evaluation.evaluate import check_panel_overlap, geneset_scores, gpc_table
+from histoprism.expression.genes import read_gmt
+from histoprism.expression.pathways import GeneSets, membership, membership_matrix, pathway_scores
+from histoprism.plotting.report import PLOT_MAX_SETS, plot_pathways, ranked_sets
 
 PANEL = [f"G{i}" for i in range(2000)]
 
@@ -81,7 +81,7 @@ def test_gmt_line_numbers_count_blank_lines_and_form_feeds(tmp_path):
 # --- sets against the predicted genes -----------------------------------------------------------
 def test_sets_without_a_predicted_gene_warn_once(caplog):
     sets = {"IN": ["G1", "G2", "X"], "OUT1": ["X", "Y"], "OUT2": ["Z"], "ONE": ["G3"]}
-    with caplog.at_level(logging.WARNING, logger="histoprism.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="histoprism.evaluation.evaluate"):
         n = check_panel_overlap(sets, PANEL)
     assert n.tolist() == [2, 0, 0, 1]
     assert len(caplog.records) == 1 and "2 of 4 gene sets have no predicted gene" in caplog.text

@@ -18,14 +18,14 @@ from conftest import ENCODER
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from histoprism import keys
-from histoprism.cohort import Cohort
-from histoprism.errors import InputError
-from histoprism.io import LOCK_FILE
-from histoprism.names import check_name, child, name_problem
-from histoprism.predict import predict
-from histoprism.readers import read_embeddings, read_st
-from histoprism.storage import OutputError, check_room, output_dir
+from histoprism._core import keys
+from histoprism._core.errors import InputError
+from histoprism._core.files import LOCK_FILE
+from histoprism._core.names import check_name, child, name_problem
+from histoprism._core.storage import OutputError, check_room, output_dir
+from histoprism.inference.predict import predict
+from histoprism.io.cohort import Cohort
+from histoprism.io.readers import read_embeddings, read_st
 
 BAD_IDS = [
     "../../escape/SYN002",
@@ -280,7 +280,7 @@ def test_a_file_that_crashes_hdf5_is_one_line(tmp_path, monkeypatch):
     attribute message gives inside HDF5) is reported, and this process lives on."""
     import signal
 
-    from histoprism.readers import hdf5
+    from histoprism.io.readers import hdf5
 
     path = _write_h5(tmp_path / "e.h5", features=np.ones((3, 4), "f4"), coords=np.zeros((3, 2)))
     monkeypatch.setattr(hdf5, "_walk", lambda p: os.kill(os.getpid(), signal.SIGSEGV))
@@ -292,7 +292,7 @@ def test_a_file_that_crashes_hdf5_is_one_line(tmp_path, monkeypatch):
 def test_a_file_that_hangs_hdf5_is_one_line_after_the_timeout(tmp_path, monkeypatch):
     import time
 
-    from histoprism.readers import hdf5
+    from histoprism.io.readers import hdf5
 
     path = _write_h5(tmp_path / "e.h5", features=np.ones((3, 4), "f4"), coords=np.zeros((3, 2)))
     monkeypatch.setattr(hdf5, "_walk", lambda p: time.sleep(60))

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from histoprism.cohort import Cohort
-from histoprism.errors import InputError
-from histoprism.readers.hest import (
+from histoprism._core.errors import InputError
+from histoprism.io.cohort import Cohort
+from histoprism.io.readers.hest import (
     hest_pixel_size,
     read_hest_metadata,
     read_hest_patches,

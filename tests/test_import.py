@@ -16,12 +16,12 @@ import pytest
 import scipy.sparse as sp
 from typer.testing import CliRunner
 
-from histoprism import keys
+from histoprism._core import keys
+from histoprism._core.errors import InputError
 from histoprism.cli import app
-from histoprism.cohort import Cohort
-from histoprism.errors import InputError
-from histoprism.importer import import_sample
-from histoprism.readers import read_spaceranger, read_st, read_visium_hd
+from histoprism.io.cohort import Cohort
+from histoprism.io.importer import import_sample
+from histoprism.io.readers import read_spaceranger, read_st, read_visium_hd
 
 ENCODER = "uni"
 

@@ -13,19 +13,19 @@ zs = pytest.importorskip("lazyslide")
 
 from wsidata.io import add_features  # noqa: E402  (after the importorskip)
 
-from histoprism import keys  # noqa: E402
-from histoprism.cohort import Cohort  # noqa: E402
-from histoprism.errors import InputError  # noqa: E402
-from histoprism.genes import GeneIdMap  # noqa: E402
-from histoprism.lazyslide import (  # noqa: E402
+from histoprism._core import keys  # noqa: E402
+from histoprism._core.errors import InputError  # noqa: E402
+from histoprism.expression.genes import GeneIdMap  # noqa: E402
+from histoprism.inference.predict import load  # noqa: E402
+from histoprism.integrations.lazyslide import (
     LazySlidePredictor,
     _check_field_of_view,
     slide_from_wsidata,
     write_embeddings_from_wsidata,
 )
-from histoprism.predict import load  # noqa: E402
-from histoprism.readers import read_embeddings  # noqa: E402
-from histoprism.synthetic_images import Rendering, write_pyramid_tiff  # noqa: E402
+from histoprism.io.cohort import Cohort  # noqa: E402
+from histoprism.io.readers import read_embeddings  # noqa: E402
+from histoprism.synthetic.images import Rendering, write_pyramid_tiff  # noqa: E402
 
 MPP = 0.5  # µm per level-0 pixel of the test slide
 TILE = (96, 64)  # tile (width, height) px at 1 µm/px: level-0 boxes of 192 x 128 px
@@ -148,7 +148,7 @@ def test_gene_subset_in_the_order_asked_and_by_another_name(wsi, run_dir, refere
 
 
 def test_blocks_of_far_apart_genes(wsi, run_dir, reference, monkeypatch):
-    import histoprism.lazyslide as bridge
+    import histoprism.integrations.lazyslide as bridge
 
     monkeypatch.setattr(bridge, "BLOCK_GENES", 4)  # columns 0 .. 299: many blocks, no wide one
     genes = list(reference.panel.genes)

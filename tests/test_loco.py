@@ -11,17 +11,17 @@ import pandas as pd
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from histoprism import keys
-from histoprism.cancer_type import (
+from histoprism._core import keys
+from histoprism._core.errors import InputError
+from histoprism.inference.predict import predict
+from histoprism.io.cohort import Cohort
+from histoprism.models.cancer_type import (
     CLASSIFIER_FILE,
     CancerTypeClassifier,
     fit_cancer_classifier,
     slide_descriptor,
 )
-from histoprism.cohort import Cohort
-from histoprism.errors import InputError
-from histoprism.loco import STRATEGIES, loco
-from histoprism.predict import predict
+from histoprism.workflows.loco import STRATEGIES, loco
 
 ENCODER = "synthetic"
 

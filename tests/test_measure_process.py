@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from histoprism.benchmark import measure_process
+from histoprism.workflows.benchmark import measure_process
 
 
 def test_output_exit_code_and_own_peak_memory():

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from histoprism import model as model_mod
-from histoprism.model import CancerConditioning, EncoderBlock, HistoPrism, ModelConfig
+from histoprism.models import network as model_mod
+from histoprism.models.network import CancerConditioning, EncoderBlock, HistoPrism, ModelConfig
 
 CONFIGS = {
     "paper": dict(),

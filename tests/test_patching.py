@@ -13,15 +13,15 @@ from hypothesis import strategies as st
 openslide = pytest.importorskip("openslide")
 tifffile = pytest.importorskip("tifffile")
 
-from histoprism.errors import InputError  # noqa: E402
-from histoprism.patching import (  # noqa: E402
+from histoprism._core.errors import InputError  # noqa: E402
+from histoprism.images.patching import (
     PatchReport,
     iter_patch_batches,
     plan_patches,
     read_patch,
     tissue_fraction,
 )
-from histoprism.readers.wsi import open_wsi  # noqa: E402
+from histoprism.io.readers.wsi import open_wsi  # noqa: E402
 
 CMU = Path("/work/shared/data/images/CMU-1-Small-Region.svs")
 DOTS = (

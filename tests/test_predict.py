@@ -17,17 +17,18 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.stats import pearsonr
 
-from histoprism import __version__, keys
-from histoprism import pathways as pathways_mod
-from histoprism import predict as predict_mod
-from histoprism.cohort import Cohort
-from histoprism.errors import InputError
-from histoprism.evaluate import evaluate
-from histoprism.genes import GENESET_COLLECTIONS, gpc_genesets
-from histoprism.pathways import panel_membership, pathway_scores
-from histoprism.predict import load, predict, predict_slide
-from histoprism.prediction import is_factorised, read_genes, read_pathways, read_prediction
-from histoprism.tensors import centred, knn_index
+from histoprism import __version__
+from histoprism._core import keys
+from histoprism._core.errors import InputError
+from histoprism.evaluation.evaluate import evaluate
+from histoprism.expression import pathways as pathways_mod
+from histoprism.expression.genes import GENESET_COLLECTIONS, gpc_genesets
+from histoprism.expression.pathways import panel_membership, pathway_scores
+from histoprism.inference import predict as predict_mod
+from histoprism.inference.predict import load, predict, predict_slide
+from histoprism.io.cohort import Cohort
+from histoprism.io.prediction import is_factorised, read_genes, read_pathways, read_prediction
+from histoprism.models.inputs import centred, knn_index
 
 ENCODER = "synthetic"
 

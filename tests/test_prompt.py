@@ -15,13 +15,14 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from histoprism import keys
-from histoprism.checkpoint import load_run
+from histoprism._core import keys
+from histoprism._core.errors import InputError
 from histoprism.cli import app
-from histoprism.cohort import Cohort
-from histoprism.errors import InputError
-from histoprism.predict import load, predict
-from histoprism.prompt import (
+from histoprism.inference.predict import load, predict
+from histoprism.io.cohort import Cohort
+from histoprism.io.rundir import load_run
+from histoprism.training.api import load_training_data, train
+from histoprism.training.prompt import (
     PromptConfig,
     PromptHead,
     fit_prompt,
@@ -29,7 +30,6 @@ from histoprism.prompt import (
     prompt_graph,
     prompted_predictor,
 )
-from histoprism.train import load_training_data, train
 
 ENCODER = "synthetic"
 

@@ -13,11 +13,11 @@ import pytest
 from conftest import assert_report_tables
 from matplotlib.figure import Figure
 
-from histoprism import keys
-from histoprism.errors import InputError
-from histoprism.evaluate import spatial_example
-from histoprism.pathways import pathway_scores
-from histoprism.report import (
+from histoprism._core import keys
+from histoprism._core.errors import InputError
+from histoprism.evaluation.evaluate import spatial_example
+from histoprism.expression.pathways import pathway_scores
+from histoprism.plotting.report import (
     PathwayMaps,
     SpatialExample,
     load_examples,
@@ -480,7 +480,7 @@ def test_spots_off_the_image_stay_in_view():
 
 
 def test_tissue_crop_of_a_prediction_library():
-    from histoprism.spatial_view import tissue_crop
+    from histoprism.io.spatial import tissue_crop
 
     # a 2,000 px hires view of a 10,000 px slide: the spots cover 6,000 level-0 px = 1,200 px
     scale = 0.2
@@ -608,7 +608,7 @@ def test_run_table_holds_no_slide_facts(tmp_path):
 
 # --- long gene-set names -------------------------------------------------------------------------
 def _go_table() -> pd.DataFrame:
-    from histoprism.genes import gpc_genesets
+    from histoprism.expression.genes import gpc_genesets
 
     names = list(gpc_genesets("go"))
     rng = np.random.default_rng(5)

@@ -15,9 +15,10 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 from sklearn.linear_model import Ridge
 
-from histoprism import keys, synthetic
-from histoprism.genes import bench_hvg
-from histoprism.synthetic import SyntheticConfig, make_cohort, tiny
+from histoprism._core import keys
+from histoprism.expression.genes import bench_hvg
+from histoprism.synthetic import world as synthetic
+from histoprism.synthetic.world import SyntheticConfig, make_cohort, tiny
 
 META_COLUMNS = [
     "id",

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from skimage.color import rgb2hed
 
-from histoprism import keys, synthetic, synthetic_images
-from histoprism.synthetic_images import NICHE, PATCH_PX, Rendering, SpotLook
+from histoprism._core import keys
+from histoprism.synthetic import images as synthetic_images
+from histoprism.synthetic import world as synthetic
+from histoprism.synthetic.images import NICHE, PATCH_PX, Rendering, SpotLook
 
 openslide = pytest.importorskip("openslide")
 
@@ -189,9 +191,7 @@ def test_pyramid_tiff_round_trip(tmp_path):
 
 def test_images_share_the_geometry_without_importing_the_expression_model():
     # one definition of the lattice and niches (synthetic_geometry), and no import cycle
-    code = (
-        "import sys, histoprism.synthetic_images; assert 'histoprism.synthetic' not in sys.modules"
-    )
+    code = "import sys, histoprism.synthetic.images; assert 'histoprism.synthetic.world' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
     assert synthetic_images.NICHES is synthetic.NICHES
     assert synthetic_images.UM_PER_PX == synthetic.UM_PER_PX

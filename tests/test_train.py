@@ -21,16 +21,17 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
 
-from histoprism import __version__, keys
-from histoprism import train as train_mod
-from histoprism.checkpoint import FORMAT_VERSION, load_tensors
-from histoprism.cohort import Cohort
-from histoprism.distributed import DistContext
-from histoprism.errors import InputError
-from histoprism.model import ModelConfig
-from histoprism.predict import load
-from histoprism.tensors import SlideTensors, knn_index, to_tensors
-from histoprism.train import lr_factor, masked_mse, random_crop, resolve_config, train
+from histoprism import __version__
+from histoprism._core import keys
+from histoprism._core.distributed import DistContext
+from histoprism._core.errors import InputError
+from histoprism.inference.predict import load
+from histoprism.io.cohort import Cohort
+from histoprism.io.rundir import FORMAT_VERSION, load_tensors
+from histoprism.models.inputs import SlideTensors, knn_index, to_tensors
+from histoprism.models.network import ModelConfig
+from histoprism.training import api as train_mod
+from histoprism.training.api import lr_factor, masked_mse, random_crop, resolve_config, train
 
 ENCODER = "synthetic"
 HISTORY_COLUMNS = [

@@ -18,21 +18,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import nbinom, norm, spearmanr
 
-from histoprism import keys
-from histoprism.calibration import (
+from histoprism._core import keys
+from histoprism._core.errors import InputError
+from histoprism._core.files import LOCK_FILE
+from histoprism.evaluation.calibration import (
     LEVELS,
     CalibrationTally,
     central_interval,
     inside,
     plot_reliability,
 )
-from histoprism.cohort import Cohort
-from histoprism.errors import InputError
-from histoprism.evaluate import evaluate
-from histoprism.io import LOCK_FILE
-from histoprism.predict import predict
-from histoprism.train import train
-from histoprism.uncertainty import (
+from histoprism.evaluation.evaluate import evaluate
+from histoprism.inference.predict import predict
+from histoprism.inference.uncertainty import (
     MAX_FLOOR,
     MIN_MEAN,
     SHAPES,
@@ -45,6 +43,8 @@ from histoprism.uncertainty import (
     noise_variance,
     slide_offsets,
 )
+from histoprism.io.cohort import Cohort
+from histoprism.training.api import train
 
 ENCODER = "synthetic"
 LAYERS = ("q025", "q10", "sd", "q90", "q975")

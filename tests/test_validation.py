@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from histoprism.correlation import mse, pearson_per_gene, squared_error
-from histoprism.tensors import SlideTensors
-from histoprism.train import health_message, masked_mse
-from histoprism.validation import (
+from histoprism.expression.correlation import mse, pearson_per_gene, squared_error
+from histoprism.models.inputs import SlideTensors
+from histoprism.training.api import health_message, masked_mse
+from histoprism.training.validation import (
     RidgeReference,
     check_genes,
     mean_pearson,

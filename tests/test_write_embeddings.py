@@ -6,9 +6,9 @@ import h5py
 import numpy as np
 import pytest
 
-from histoprism import keys
-from histoprism.readers import read_embeddings, write_embeddings
-from histoprism.readers.embeddings import COORDS_ARE
+from histoprism._core import keys
+from histoprism.io.readers import read_embeddings, write_embeddings
+from histoprism.io.readers.embeddings import COORDS_ARE
 
 
 def test_round_trip_with_barcodes_and_attrs(tmp_path):

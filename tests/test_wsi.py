@@ -12,8 +12,8 @@ import pytest
 openslide = pytest.importorskip("openslide")
 tifffile = pytest.importorskip("tifffile")
 
-from histoprism.errors import InputError  # noqa: E402
-from histoprism.readers.wsi import open_wsi  # noqa: E402
+from histoprism._core.errors import InputError  # noqa: E402
+from histoprism.io.readers.wsi import open_wsi  # noqa: E402
 
 IMAGES = Path("/work/shared/data/images")
 CMU = IMAGES / "CMU-1-Small-Region.svs"
@@ -123,7 +123,7 @@ def test_non_square_pixels_mean_and_warn(tmp_path, image, caplog):
     tifffile.imwrite(
         path, image, photometric="rgb", resolution=(40000, 20000), resolutionunit="CENTIMETER"
     )
-    with caplog.at_level(logging.WARNING, logger="histoprism.readers.wsi"):
+    with caplog.at_level(logging.WARNING, logger="histoprism.io.readers.wsi"):
         wsi = open_wsi(path)
     assert wsi.mpp == pytest.approx(0.375)
     assert "non-square" in caplog.text

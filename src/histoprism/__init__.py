@@ -1,1 +1,3 @@
-__version__ = "0.1.0"
+"""histoprism."""
+
+from ._core.version import __version__

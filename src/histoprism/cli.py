@@ -13,9 +13,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .errors import InputError, first_line
-from .registry import MODEL_KINDS, VARIANTS
-from .storage import OutputError, is_no_room
+from ._core.errors import InputError, first_line
+from ._core.storage import OutputError, is_no_room
+from .models.registry import MODEL_KINDS, VARIANTS
 
 app = typer.Typer(
     add_completion=False,
@@ -154,7 +154,7 @@ def train(
 ) -> None:
     """Train a model on the cohort's train split (early stopping on val); with --init, adapt a
     pretrained HistoPrism run to the panel --genes."""
-    from . import train as api
+    from .training import api
 
     t0 = time.perf_counter()
     run = _run(
@@ -178,11 +178,11 @@ def train(
         init=init,
         prompt=prompt,
     )
-    from .distributed import torchrun_env
+    from ._core.distributed import torchrun_env
 
     if torchrun_env()[0] != 0:  # under torchrun, one summary from rank 0
         return
-    from .checkpoint import load_run
+    from .io.rundir import load_run
 
     cfg, _ = load_run(run)
     best = (
@@ -278,7 +278,7 @@ def predict(
     prompt_seed: Annotated[int, typer.Option(help="Seed of the measured spots drawn.")] = 0,
 ) -> None:
     """Predict whole slides as AnnData (X = log1p expression, obsm['pathways'])."""
-    from . import predict as api
+    from .inference import predict as api
 
     t0 = time.perf_counter()
     paths = _run(
@@ -304,7 +304,7 @@ def predict(
         prompt_fraction=prompt_fraction,
         prompt_seed=prompt_seed,
     )
-    from .distributed import torchrun_env
+    from ._core.distributed import torchrun_env
 
     rank, world, _ = torchrun_env()
     share = f" (rank {rank} of {world})" if world > 1 else ""
@@ -330,8 +330,8 @@ def evaluate(
     ] = None,
 ) -> None:
     """Score predictions against measured counts: HVG-50, GPC, all genes, pooled Pearson."""
-    from . import evaluate as api
-    from .cohort import Cohort
+    from .evaluation import evaluate as api
+    from .io.cohort import Cohort
 
     cohort = _run(ctx, Cohort, data, split_dir=split)
     ids = [s.strip() for s in samples.split(",")] if samples else None
@@ -382,7 +382,7 @@ def benchmark(
 ) -> None:
     """Train, predict and evaluate every model on the same split; write comparison.md/.csv/.json
     (bootstrap CIs, sign tests, win rates, time and memory) and report.html."""
-    from . import benchmark as api
+    from .workflows import benchmark as api
 
     t0 = time.perf_counter()
     names = [m.strip() for m in models.split(",")] if models else None
@@ -404,7 +404,7 @@ def benchmark(
             seed=seed,
         )
     elif protocol == "loco":
-        from .loco import loco, summary
+        from .workflows.loco import loco, summary
 
         table = _run(ctx, loco, data, encoder, out, split=split, epochs=epochs, seed=seed)
         _print_table(summary(table), title="leave one cancer out: mean over held-out types")
@@ -425,7 +425,7 @@ def report(
     ],
 ) -> None:
     """Regenerate report.html of an evaluation or a benchmark folder."""
-    from .report import regenerate
+    from .plotting.report import regenerate
 
     typer.echo(f"wrote {_run(ctx, regenerate, path)}")
 
@@ -466,7 +466,7 @@ def extract(
     """Embed the spots of every slide (HEST patches, or patches cut from the whole-slide image at
     the encoder's µm/px) -> embeddings/{ENCODER}/{id}.h5. Finished slides are skipped; under
     torchrun each rank takes its share of slides."""
-    from .extract import extract as api
+    from .images.extract import extract as api
 
     t0 = time.perf_counter()
     records = _run(
@@ -502,7 +502,7 @@ def import_sample(
 ) -> None:
     """Import one sample (Space Ranger / Visium HD outs, or HEST h5ad) into a cohort directory:
     writes st/{ID}.h5ad (raw counts, HEST format) and its metadata.csv row."""
-    from . import importer as api
+    from .io import importer as api
 
     t0 = time.perf_counter()
     path = _run(
@@ -516,7 +516,7 @@ def import_sample(
         image=image,
         bin_um=bin_um,
     )
-    from .readers.st import read_h5ad
+    from .io.readers.st import read_h5ad
 
     adata = _run(ctx, read_h5ad, path, backed="r")
     n_obs, n_vars = adata.n_obs, adata.n_vars
@@ -546,7 +546,7 @@ def export(
     t0 = time.perf_counter()
     if fmt != "spatialdata":
         _run(ctx, _bad, f"unknown --format '{fmt}' (spatialdata)")
-    from .export import export_spatialdata
+    from .integrations.spatialdata import export_spatialdata
 
     names = [g.strip() for g in genes.split(",") if g.strip()] if genes else None
     paths = _run(
@@ -571,7 +571,7 @@ def import_checkpoint(
 ) -> None:
     """Import a checkpoint of the authors' HistoPrism code as a run directory for predict,
     evaluate and benchmark."""
-    from . import authors as api
+    from .integrations import authors as api
 
     t0 = time.perf_counter()
     s = _run(ctx, api.import_checkpoint, log_dir, out, encoder=encoder)
@@ -607,7 +607,7 @@ def demo(
     """Built-in cohort -> train HistoPrism, its no-conditioning ablation and ridge baselines
     -> predict -> evaluate -> one table with the attainable ceiling. With --from-images:
     images -> extract (stain-texture) -> train -> predict -> evaluate."""
-    from .demo import run_demo
+    from .workflows.demo import run_demo
 
     t0 = time.perf_counter()
     table = _run(ctx, run_demo, out, epochs=epochs, from_images=from_images)
@@ -649,7 +649,7 @@ def explain(
 ) -> None:
     """Per-spot attribution of a gene or gene set on one slide: integrated gradients w.r.t. the
     embeddings, and each spot's prediction split into its own and its neighbourhood's part."""
-    from .explain import explain_to_files
+    from .inference.explain import explain_to_files
 
     t0 = time.perf_counter()
     ex, paths = _run(
@@ -676,7 +676,7 @@ def explain(
 
 def _print_table(table, *, title: str) -> None:
     """Plain pipe table: readable in a terminal of any width and in CI logs."""
-    from .compare import pipe_table
+    from .evaluation.compare import pipe_table
 
     typer.echo(f"\n{title}\n\n{pipe_table(table)}")
 

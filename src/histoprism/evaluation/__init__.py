@@ -1,0 +1,1 @@
+"""Layer 4: PRED + cohort -> EVAL folder; judges any method, imports no model."""

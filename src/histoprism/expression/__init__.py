@@ -1,0 +1,1 @@
+"""Layer 1: gene panels and gene sets, pathway scores, per-gene correlation: pure numerics on tables."""

@@ -1,0 +1,1 @@
+"""Layer 4: run folder + cohort -> PRED folder (prediction, uncertainty, attribution)."""

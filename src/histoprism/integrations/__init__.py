@@ -1,0 +1,1 @@
+"""Layer 5: the ecosystem: SpatialData export, LazySlide, checkpoints of the authors code."""

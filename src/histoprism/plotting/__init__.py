@@ -1,0 +1,1 @@
+"""Layer 3: figures (tables in, matplotlib Figure out) and the HTML report."""

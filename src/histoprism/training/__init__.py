@@ -1,0 +1,1 @@
+"""Layer 4: cohort -> run folder (the one train entry, the loop, recipes, adapt, prompt)."""
