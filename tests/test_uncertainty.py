@@ -29,6 +29,7 @@ from histoprism.evaluation.calibration import (
     plot_reliability,
 )
 from histoprism.evaluation.evaluate import evaluate
+from histoprism.expression.negbin import nb_log1p_moments
 from histoprism.inference.predict import predict
 from histoprism.inference.uncertainty import (
     MAX_FLOOR,
@@ -37,7 +38,6 @@ from histoprism.inference.uncertainty import (
     Z_LEVELS,
     NoiseFit,
     NoiseModel,
-    _nb_log1p_moments,
     calibrate_z,
     fit_noise,
     noise_variance,
@@ -265,7 +265,7 @@ def test_noise_fit_recovers_the_shape_of_simulated_counts():
     for g, r in enumerate(shapes):
         counts = rng.negative_binomial(r, r / (r + mu[:, 0]))
         # the exact E[log1p Y] of each spot's mean (interpolated on a fine grid of means)
-        expect = np.interp(np.log(mu[:, 0]), np.log(grid), _nb_log1p_moments(grid, r)[0])
+        expect = np.interp(np.log(mu[:, 0]), np.log(grid), nb_log1p_moments(grid, r)[0])
         fit.add(
             torch.from_numpy(expect[:, None]).float(),
             torch.from_numpy(np.log1p(counts)[:, None]).float(),
@@ -281,7 +281,7 @@ def _nb_slides(rng, n_slides, shapes, *, depth_sd, n_spots=300):
     delta_s ~ N(0, depth_sd²) that the prediction (E[log1p Y] at the spot's mean) cannot know,
     counts NB(mean e^delta_s mu, shape r_g). Returns the blocks and the offsets."""
     grid = np.geomspace(1e-3, 1e4, 600)
-    expect = {r: _nb_log1p_moments(grid, r)[0] for r in shapes}
+    expect = {r: nb_log1p_moments(grid, r)[0] for r in shapes}
     blocks, deltas = [], {}
     for s in range(n_slides):
         deltas[s] = float(rng.normal(0.0, depth_sd))

@@ -47,12 +47,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from scipy.special import betainc, digamma, gammaln, polygamma
 from scipy.stats import norm
 
 from .._core import keys
 from .._core.errors import InputError
 from ..expression.genes import looks_like_ensembl
+from ..expression.negbin import nb_log1p_moments
 from ..expression.pathways import linear_head_scores, linear_head_variance
 from ..io.cohort import Cohort
 from ..io.rundir import check_encoder, load_tensors, save_tensors
@@ -94,38 +94,6 @@ MIN_MEAN = 1e-3  # the least mean the noise is ever evaluated at
 LOW, MAX_FLOOR = 0.01, 0.5
 FIT_EVERY = 5  # the fit bins predictions on every 5th node of the grid (0.05 in log1p)
 MIN_FIT_SPOTS = 20  # genes measured on fewer validation spots get the pooled shape
-_EXACT_TERMS = 4096  # pmf summed exactly over 0..4095, then over log-spaced bins of the cdf
-_ASYMPTOTE_MU, _ASYMPTOTE_SHAPE = 2000.0, 1.5  # gamma asymptote above this mean and shape
-
-
-def _nb_log1p_moments(mu: np.ndarray, r: float) -> tuple[np.ndarray, np.ndarray]:
-    """E and Var of log1p(Y), Y ~ NB(mean mu, shape r): (M,) -> (M,), (M,) float64.
-
-    Exact pmf sums up to ``_EXACT_TERMS``, then cdf differences over log-spaced bins (their
-    log1p taken at the bin's middle, plus the within-bin variance of a uniform); large means of
-    a not-too-dispersed gene use the gamma-Poisson asymptote (log lambda with lambda ~ Gamma).
-    """
-    p = r / (r + mu)  # scipy's NB(n=r, p): mean r (1-p) / p = mu
-    y = np.arange(_EXACT_TERMS, dtype=np.float64)
-    logpmf = (gammaln(y + r) - gammaln(r) - gammaln(y + 1))[None] + (
-        r * np.log(p)[:, None] + y[None] * np.log1p(-p)[:, None]
-    )
-    pmf, f = np.exp(logpmf), np.log1p(y)
-    e1, e2 = pmf @ f, pmf @ (f * f)
-    edges = np.unique(np.round(np.geomspace(_EXACT_TERMS, 1e15, 400)))
-    mass = np.diff(betainc(r, edges[None], p[:, None]), axis=1)  # P(lo <= Y < hi)
-    lo, hi = np.log1p(edges[:-1]), np.log1p(edges[1:] - 1)
-    mid = (lo + hi) / 2
-    e1 += mass @ mid
-    e2 += mass @ (mid * mid + (hi - lo) ** 2 / 12)
-    var = np.maximum(e2 - e1 * e1, 0.0)
-    big = (mu > _ASYMPTOTE_MU) & (r > _ASYMPTOTE_SHAPE)
-    inv = r / (mu[big] * (r - 1))  # E[1 / lambda]
-    e1[big] = np.log(mu[big]) + digamma(r) - np.log(r) + inv / 2
-    var[big] = polygamma(1, r) + inv
-    return e1, var
-
-
 @cache
 def nb_log1p_variance() -> np.ndarray:
     """(len(SHAPES), M_N) float32: Var[log1p Y] where E[log1p Y] = m, m = 0, M_STEP, ..., M_MAX,
@@ -134,7 +102,7 @@ def nb_log1p_variance() -> np.ndarray:
     m = np.arange(M_N) * M_STEP
     out = np.empty((len(SHAPES), M_N), dtype=np.float32)
     for i, r in enumerate(SHAPES):
-        e1, var = _nb_log1p_moments(mu, float(r))  # E increases with mu
+        e1, var = nb_log1p_moments(mu, float(r))  # E increases with mu
         out[i] = np.interp(m, np.r_[0.0, e1], np.r_[0.0, var])
     return out
 
