@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from histoprism._core import keys
-from histoprism.synthetic.world import make_cohort, tiny
+from histoprism.synthetic.cohort import make_cohort, tiny
 
 ENCODER = "synthetic"  # embedding folder of the synthetic cohort
 EPOCHS = 3  # training epochs of the tiny HistoPrism and MLP runs

@@ -13,11 +13,13 @@ from typer.testing import CliRunner
 from histoprism._core import keys
 from histoprism._core.errors import InputError
 from histoprism.cli import app
-from histoprism.inference.predict import load, predict
+from histoprism.inference.predict import predict
 from histoprism.io.cohort import Cohort
 from histoprism.io.rundir import load_run
+from histoprism.models.run import load
 from histoprism.training.adapt import adapt
-from histoprism.training.api import TrainingData, load_training_data, train
+from histoprism.training.api import train
+from histoprism.training.data import TrainingData, load_training_data
 
 ENCODER = "synthetic"
 

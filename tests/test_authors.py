@@ -28,7 +28,7 @@ from histoprism.integrations.authors import (
 from histoprism.io.cohort import Slide
 from histoprism.io.rundir import save_tensors
 from histoprism.models.network import CancerConditioning, HistoPrism, ModelConfig
-from histoprism.training.api import PRESETS
+from histoprism.training.recipes import PRESETS
 
 D, H, G, N = 32, 32, 50, 37  # small sizes for the forward tests
 GENES = [f"GENE{i}" for i in range(G)]

@@ -34,8 +34,9 @@ from histoprism.cli import app
 from histoprism.io import rundir as checkpoint
 from histoprism.io.cohort import Cohort
 from histoprism.io.rundir import load_run, load_tensors, read_json_object
-from histoprism.synthetic.world import make_cohort, tiny
+from histoprism.synthetic.cohort import make_cohort, tiny
 from histoprism.training import api as train_mod
+from histoprism.training import loop as loop_mod
 from histoprism.training.api import train
 
 ENCODER = "synthetic"
@@ -180,7 +181,7 @@ def killed_checkpoints(fit, tmp_path_factory):
     (``digest``). Returns (the run, {(epoch, k): copy}, {epoch: operations})."""
     root = tmp_path_factory.mktemp("killed")
     run, snaps, seen, ops = root / "run", {}, set(), {}
-    real_save = train_mod._save_last
+    real_save = loop_mod._save_last
     with pytest.MonkeyPatch.context() as mp:
         epoch = {"now": 0}
 
@@ -201,7 +202,7 @@ def killed_checkpoints(fit, tmp_path_factory):
             killer.armed, ops[state.epoch] = False, killer.count
             at_each(killer.count + 1)  # after the checkpoint's last operation
 
-        mp.setattr(train_mod, "_save_last", save_last)
+        mp.setattr(loop_mod, "_save_last", save_last)
         fit(run, epochs=2)
     return run, snaps, ops
 
@@ -280,7 +281,7 @@ def test_resume_after_an_exception_in_the_checkpoint_write(fit, tmp_path, monkey
     """An exception (Ctrl-C) at either rename of epoch 2's swap, then resume in place: the
     exception's clean-up leaves a resumable run, and the weights of the uninterrupted one."""
     want = load_tensors(fit(tmp_path / "ref", epochs=2) / keys.RUN_WEIGHTS)
-    real_replace, real_save = os.replace, train_mod._save_last
+    real_replace, real_save = os.replace, loop_mod._save_last
     for nth in (1, 2):  # last -> .last.old, then the new checkpoint -> last
         swaps = []
 
@@ -299,7 +300,7 @@ def test_resume_after_an_exception_in_the_checkpoint_write(fit, tmp_path, monkey
 
         out = tmp_path / f"run{nth}"
         with monkeypatch.context() as mp:
-            mp.setattr(train_mod, "_save_last", save_last)
+            mp.setattr(loop_mod, "_save_last", save_last)
             with pytest.raises(KeyboardInterrupt):
                 fit(out, epochs=2)
         assert len(swaps) == nth

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from histoprism.inference.predict import load
 from histoprism.io.cohort import Cohort
 from histoprism.io.rundir import load_run
 from histoprism.models.inputs import CancerVocabulary, input_options, to_tensors
 from histoprism.models.network import HistoPrism, ModelConfig
+from histoprism.models.run import load
 from histoprism.training.api import train
 
 ENCODER = "synthetic"

@@ -23,8 +23,9 @@ from histoprism.inference.explain import (
     save_explanation,
     write_explanation,
 )
-from histoprism.inference.predict import load, predict
+from histoprism.inference.predict import predict
 from histoprism.io.cohort import Cohort
+from histoprism.models.run import load
 
 ENCODER = "synthetic"
 

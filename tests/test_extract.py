@@ -22,7 +22,7 @@ from histoprism.images.extract import extract
 from histoprism.io.cohort import Cohort
 from histoprism.io.readers.st import read_st
 from histoprism.io.readers.wsi import open_wsi
-from histoprism.synthetic.world import make_cohort, tiny
+from histoprism.synthetic.cohort import make_cohort, tiny
 
 ENCODER = "stain-texture"
 

@@ -14,7 +14,7 @@ openslide = pytest.importorskip("openslide")
 tifffile = pytest.importorskip("tifffile")
 
 from histoprism._core.errors import InputError  # noqa: E402
-from histoprism.images.patching import (
+from histoprism.images.patching import (  # noqa: E402
     PatchReport,
     iter_patch_batches,
     plan_patches,

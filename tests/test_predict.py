@@ -25,10 +25,13 @@ from histoprism.expression import pathways as pathways_mod
 from histoprism.expression.genes import GENESET_COLLECTIONS, gpc_genesets
 from histoprism.expression.pathways import panel_membership, pathway_scores
 from histoprism.inference import predict as predict_mod
-from histoprism.inference.predict import load, predict, predict_slide
+from histoprism.inference import writer as writer_mod
+from histoprism.models import run as run_mod
+from histoprism.inference.predict import predict, predict_slide
 from histoprism.io.cohort import Cohort
 from histoprism.io.prediction import is_factorised, read_genes, read_pathways, read_prediction
 from histoprism.models.inputs import centred, knn_index
+from histoprism.models.run import load
 
 ENCODER = "synthetic"
 
@@ -113,11 +116,11 @@ def test_tiled_head_equals_single_block(
     run = load(trained_runs[kind])
     slide = Cohort(tiny_cohort).slide(sid, ENCODER)
     n, g = slide.n_spots, len(run.panel)
-    assert predict_mod.tile_shape(n, g, whole_columns=kind != "histoprism") == (n, g)  # one block
+    assert writer_mod.tile_shape(n, g, whole_columns=kind != "histoprism") == (n, g)  # one block
     full = ad.read_h5ad(predict_slide(run, slide, tmp_path / "full.h5ad"))
     for name, value in tiles.items():
-        monkeypatch.setattr(predict_mod, name, 4 * n * 7 if value == "7 genes" else value)
-    assert predict_mod.tile_shape(n, g, whole_columns=kind != "histoprism") != (n, g)
+        monkeypatch.setattr(writer_mod, name, 4 * n * 7 if value == "7 genes" else value)
+    assert writer_mod.tile_shape(n, g, whole_columns=kind != "histoprism") != (n, g)
     tiled = ad.read_h5ad(predict_slide(run, slide, tmp_path / "tiled.h5ad"))
     np.testing.assert_allclose(tiled.X, full.X, atol=1e-5, rtol=0)
     np.testing.assert_allclose(
@@ -143,8 +146,8 @@ def test_head_blocks_stay_within_chunk_bytes_for_any_slide_size(trained_runs, mo
     """Each head block is at most CHUNK_BYTES of float32 and the blocks tile X exactly once."""
     run = load(trained_runs["histoprism"])
     g = len(run.panel)
-    monkeypatch.setattr(predict_mod, "TILE_SPOTS", 64)
-    monkeypatch.setattr(predict_mod, "TILE_GENES", 128)
+    monkeypatch.setattr(writer_mod, "TILE_SPOTS", 64)
+    monkeypatch.setattr(writer_mod, "TILE_GENES", 128)
     for n in (1, 100, 5000):
 
         class Sink:  # stands in for the h5py dataset: counts the writes of every entry
@@ -153,11 +156,11 @@ def test_head_blocks_stay_within_chunk_bytes_for_any_slide_size(trained_runs, mo
 
             def __setitem__(self, key, block):
                 self.seen[key] += 1
-                assert block.nbytes <= predict_mod.CHUNK_BYTES and block.shape[0] <= 64
+                assert block.nbytes <= writer_mod.CHUNK_BYTES and block.shape[0] <= 64
 
         prepared = torch.zeros(n, run.predictor.model.cfg.hidden)
-        rows, cols = predict_mod.tile_shape(n, g, whole_columns=False)
-        predict_mod._write_tiles(run.predictor, prepared, sink := Sink(), rows, cols)
+        rows, cols = writer_mod.tile_shape(n, g, whole_columns=False)
+        writer_mod._write_tiles(run.predictor, prepared, sink := Sink(), rows, cols)
         assert (sink.seen == 1).all()
 
 
@@ -360,7 +363,7 @@ def test_failure_mid_write_leaves_no_partial_file(
     target = tmp_path / f"{sid}.h5ad"
     target.write_bytes(b"previous complete file")
     calls = []
-    real = predict_mod.HistoPrismPredictor.predict_genes
+    real = run_mod.HistoPrismPredictor.predict_genes
 
     def failing(*args, **kw):
         calls.append(1)
@@ -368,8 +371,8 @@ def test_failure_mid_write_leaves_no_partial_file(
             raise RuntimeError("disk full")
         return real(*args, **kw)
 
-    monkeypatch.setattr(predict_mod, "TILE_GENES", 50)
-    monkeypatch.setattr(predict_mod.HistoPrismPredictor, "predict_genes", failing)
+    monkeypatch.setattr(writer_mod, "TILE_GENES", 50)
+    monkeypatch.setattr(run_mod.HistoPrismPredictor, "predict_genes", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         predict_slide(run, slide, target)
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
@@ -567,7 +570,7 @@ def test_output_mode_auto_switches_on_size_and_refuses_nonlinear_models(
     sid = split_test_ids[0]
     run, slide = load(trained_runs["histoprism"]), Cohort(tiny_cohort).slide(sid, ENCODER)
     assert not is_factorised(predict_slide(run, slide, tmp_path / "small.h5ad"))
-    monkeypatch.setattr(predict_mod, "DENSE_MAX_BYTES", slide.n_spots * len(run.panel) * 4 - 1)
+    monkeypatch.setattr(writer_mod, "DENSE_MAX_BYTES", slide.n_spots * len(run.panel) * 4 - 1)
     assert is_factorised(predict_slide(run, slide, tmp_path / "large.h5ad"))
     ridge = load(trained_runs["ridge"])  # no linear head over a hidden layer: always dense
     assert not is_factorised(predict_slide(ridge, slide, tmp_path / "ridge.h5ad"))

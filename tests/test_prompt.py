@@ -18,18 +18,20 @@ from typer.testing import CliRunner
 from histoprism._core import keys
 from histoprism._core.errors import InputError
 from histoprism.cli import app
-from histoprism.inference.predict import load, predict
+from histoprism.inference.predict import predict
 from histoprism.io.cohort import Cohort
 from histoprism.io.rundir import load_run
-from histoprism.training.api import load_training_data, train
-from histoprism.training.prompt import (
+from histoprism.models.prompt import (
     PromptConfig,
     PromptHead,
-    fit_prompt,
     measured_spots,
     prompt_graph,
     prompted_predictor,
 )
+from histoprism.models.run import load
+from histoprism.training.api import train
+from histoprism.training.data import load_training_data
+from histoprism.training.prompt import fit_prompt
 
 ENCODER = "synthetic"
 

@@ -17,8 +17,13 @@ from sklearn.linear_model import Ridge
 
 from histoprism._core import keys
 from histoprism.expression.genes import bench_hvg
-from histoprism.synthetic import world as synthetic
-from histoprism.synthetic.world import SyntheticConfig, make_cohort, tiny
+from histoprism.synthetic import cohort as syn_cohort
+from histoprism.synthetic import slide as syn_slide
+from histoprism.synthetic import world as syn_world
+from histoprism.synthetic.ceiling import ceiling_at, ceiling_table
+from histoprism.synthetic.cohort import SyntheticConfig, make_cohort, tiny
+from histoprism.synthetic.tissue import draw_tissue, frame_shape
+from histoprism.synthetic.world import DISPERSIONS, make_world
 
 META_COLUMNS = [
     "id",
@@ -162,7 +167,7 @@ def test_splits_partition_slides_by_patient(cohort: Path) -> None:
 @pytest.mark.parametrize("seed", range(25))
 def test_tiny_guarantees_every_split_per_cancer(seed: int) -> None:
     cfg = tiny(seed)
-    table = synthetic._slide_table(cfg, np.random.default_rng(seed))
+    table = syn_cohort._slide_table(cfg, np.random.default_rng(seed))
     counts = table.groupby(["cancer", "split"]).size().unstack(fill_value=0)
     assert (counts[0] >= 2).all() and (counts[1] >= 1).all() and (counts[2] >= 1).all()
     assert table.groupby("patient")["split"].nunique().max() == 1
@@ -228,18 +233,18 @@ def test_ceiling_beats_a_mean_predictor(cohort: Path) -> None:
 def test_ceiling_is_the_expectation_over_hidden_draws() -> None:
     """Ceiling == Monte-Carlo mean of log1p(counts) over fresh draws of everything hidden."""
     cfg, rng = tiny(), np.random.default_rng(3)
-    world, shape = synthetic._make_world(cfg, rng), synthetic._frame_shape(cfg)
-    tissue = synthetic._tissue(rng, shape, 60, 0, cfg)
-    log_mu = synthetic._visible_log_mean(world, tissue, 0, targeted=False)
+    world, shape = make_world(cfg, rng), frame_shape(cfg)
+    tissue = draw_tissue(rng, shape, 60, 0, cfg)
+    log_mu = syn_slide._visible_log_mean(world, tissue, 0, targeted=False)
     hidden = np.stack(
-        [synthetic._hidden_log_term(world, cfg, rng, shape, tissue.spots) for _ in range(300)]
+        [syn_slide._hidden_log_term(world, cfg, rng, shape, tissue.spots) for _ in range(300)]
     )
     # the ceiling assumes the hidden term is N(0, hidden_sd^2) at every spot
     ratio = hidden.std(axis=0).mean(axis=0) / world.hidden_sd
     assert 0.95 < np.median(ratio) < 1.05 and np.abs(hidden.mean(axis=0)).mean() < 0.1
-    counts = synthetic._draw_counts(rng, log_mu + hidden, world.dispersion)  # (300, N, G)
+    counts = syn_slide._draw_counts(rng, log_mu + hidden, world.dispersion)  # (300, N, G)
     monte_carlo = np.log1p(counts).mean(axis=0)
-    ceiling = synthetic._ceiling(world.ceiling, log_mu)
+    ceiling = ceiling_at(world.ceiling, log_mu)
     assert np.abs(monte_carlo - ceiling).mean() < 0.04
     assert np.corrcoef(monte_carlo.ravel(), ceiling.ravel())[0, 1] > 0.995
 
@@ -248,11 +253,11 @@ def test_ceiling_table_integrates_noise_exactly() -> None:
     """Gauss-Hermite over N(0, sd^2) and the exact NB sum agree with a large sample."""
     rng = np.random.default_rng(0)
     dispersion, sd = np.array([0, 4, 8]), np.array([0.3, 0.6, 1.0])
-    table = synthetic._ceiling_table(dispersion, sd, 16)
+    table = ceiling_table(DISPERSIONS[dispersion], sd, 16)
     log_mu = np.array([[-2.0, 0.5, 3.0], [1.0, 5.0, -0.5]], dtype=np.float32)  # (2 spots, 3 genes)
-    ceiling = synthetic._ceiling(table, log_mu)
+    ceiling = ceiling_at(table, log_mu)
     z = rng.standard_normal((200_000, 1, 3)) * sd
-    sample = np.log1p(synthetic._draw_counts(rng, log_mu + z, dispersion)).mean(axis=0)
+    sample = np.log1p(syn_slide._draw_counts(rng, log_mu + z, dispersion)).mean(axis=0)
     np.testing.assert_allclose(ceiling, sample, atol=0.01)
 
 
@@ -273,7 +278,7 @@ def _niche_table(root: Path) -> pd.DataFrame:
 def test_conditioning_on_cancer_type_matters(cohort: Path) -> None:
     table = _niche_table(cohort)
     means = table.groupby(["niche", "code"], observed=True).mean(numeric_only=True)
-    in_sets = {g for genes in synthetic._gpc_sets().values() for g in genes}
+    in_sets = {g for genes in syn_world._gpc_sets().values() for g in genes}
     programme_genes = [g for g in means.columns if g in in_sets]
     assert len(programme_genes) > 50
     tumour = means.loc["tumour", programme_genes]
@@ -308,11 +313,11 @@ def test_ridge_on_embeddings_beats_the_train_mean(cohort: Path) -> None:
 
 
 def test_draw_world_is_deterministic_and_spans_its_ranges() -> None:
-    worlds = [synthetic.draw_world(s) for s in range(40)]
-    assert synthetic.draw_world(3) == worlds[3]
+    worlds = [syn_world.draw_world(s) for s in range(40)]
+    assert syn_world.draw_world(3) == worlds[3]
     for w in worlds:
         assert 2 <= w.n_cancers <= 6 and w.n_slides >= 4 * w.n_cancers
-        assert w.embed_dim in synthetic.EMBED_DIMS and w.spots[0] <= w.spots[1]
+        assert w.embed_dim in syn_world.EMBED_DIMS and w.spots[0] <= w.spots[1]
         assert 0.2 <= w.cancer_effect <= 3.0 and 0.0 <= w.cancer_tell <= 0.6
         assert 0.3 <= w.embed_nonlinearity <= 3.0 and 0.0 <= w.targeted_fraction <= 0.35
     # the draws really vary: both ends of the cancer effect and many embedding sizes
@@ -326,22 +331,18 @@ def test_world_knobs_act_where_they_say() -> None:
     """cancer_effect 0: no gene differs by cancer type; context_strength 0: no neighbourhood or
     slide-level programme; the default knobs reproduce the built-in world exactly."""
     base = dataclasses.replace(tiny(), n_cancers=3)
-    flat = synthetic._make_world(
-        dataclasses.replace(base, cancer_effect=0.0), np.random.default_rng(0)
-    )
+    flat = make_world(dataclasses.replace(base, cancer_effect=0.0), np.random.default_rng(0))
     assert np.all(flat.offset == 0) and np.allclose(flat.effect[0], flat.effect[1:])
-    no_context = synthetic._make_world(
+    no_context = make_world(
         dataclasses.replace(base, context_strength=0.0), np.random.default_rng(0)
     )
-    assert np.all(no_context.effect[:, synthetic.N_SPOT_DRIVERS :] == 0)
-    assert np.any(no_context.effect[:, : synthetic.N_SPOT_DRIVERS] != 0)
-    default = synthetic._make_world(base, np.random.default_rng(0))
-    strong = synthetic._make_world(
-        dataclasses.replace(base, cancer_effect=2.0), np.random.default_rng(0)
-    )
+    assert np.all(no_context.effect[:, syn_world.N_SPOT_DRIVERS :] == 0)
+    assert np.any(no_context.effect[:, : syn_world.N_SPOT_DRIVERS] != 0)
+    default = make_world(base, np.random.default_rng(0))
+    strong = make_world(dataclasses.replace(base, cancer_effect=2.0), np.random.default_rng(0))
     spread = lambda w: np.abs(w.offset).mean()  # noqa: E731
     assert spread(strong) == pytest.approx(2 * spread(default))
-    assert synthetic._tanh_rescale(1.0) == pytest.approx(1.0)
+    assert syn_world._tanh_rescale(1.0) == pytest.approx(1.0)
 
 
 def test_embedding_nonlinearity_keeps_the_signal_scale() -> None:
@@ -350,15 +351,15 @@ def test_embedding_nonlinearity_keeps_the_signal_scale() -> None:
         cfg = dataclasses.replace(tiny(), embed_nonlinearity=gain, spot_noise_sd=0.0)
         cfg = dataclasses.replace(cfg, stain_shift_sd=0.0, stain_scale_sd=0.0)
         rng = np.random.default_rng(0)
-        world, shape = synthetic._make_world(cfg, rng), synthetic._frame_shape(cfg)
-        tissue = synthetic._tissue(rng, shape, 150, 0, cfg)
-        sds.append(synthetic._embed(world, rng, tissue, cfg).std())
+        world, shape = make_world(cfg, rng), frame_shape(cfg)
+        tissue = draw_tissue(rng, shape, 150, 0, cfg)
+        sds.append(syn_slide._embed(world, rng, tissue, cfg).std())
     assert max(sds) / min(sds) < 2.0  # without the rescale, gain 0.3 shrinks it ~4x
 
 
 def test_a_drawn_world_writes_a_cohort_whose_ceiling_beats_the_mean(tmp_path: Path) -> None:
     cfg = dataclasses.replace(
-        synthetic.draw_world(5, n_slides=8, n_genes=200), spots=(60, 90), n_cancers=2
+        syn_world.draw_world(5, n_slides=8, n_genes=200), spots=(60, 90), n_cancers=2
     )
     out = make_cohort(tmp_path / "w", config=cfg)
     sid = pd.read_csv(out / "metadata.csv")["id"].iloc[0]

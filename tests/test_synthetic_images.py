@@ -16,9 +16,11 @@ import pytest
 from skimage.color import rgb2hed
 
 from histoprism._core import keys
+from histoprism.synthetic import cohort as synthetic
 from histoprism.synthetic import images as synthetic_images
-from histoprism.synthetic import world as synthetic
+from histoprism.synthetic.geometry import NUCLEAR_BY_NICHE
 from histoprism.synthetic.images import NICHE, PATCH_PX, Rendering, SpotLook
+from histoprism.synthetic.tissue import frame_px, frame_shape
 
 openslide = pytest.importorskip("openslide")
 
@@ -77,7 +79,7 @@ def test_hest_patch_files(imaged):
 
 def test_wsi_is_a_pyramid_openslide_reads(imaged):
     root, _ = imaged
-    frame = synthetic._frame_px(synthetic._frame_shape(synthetic.tiny()))
+    frame = frame_px(frame_shape(synthetic.tiny()))
     for sid in _ids(root):
         with openslide.OpenSlide(root / keys.WSI_DIR / f"{sid}.tif") as slide:
             assert slide.properties["openslide.vendor"] == "generic-tiff"
@@ -155,7 +157,7 @@ def _look(n_side: int = 5, niche: str = "stroma") -> SpotLook:
     comp[:, NICHE[niche]] = 0.9
     zeros = np.zeros(rows.size)
     xy = np.column_stack([x.ravel(), y.ravel()]).astype(np.int64)
-    nuclear = comp @ synthetic.NUCLEAR_BY_NICHE
+    nuclear = comp @ NUCLEAR_BY_NICHE
     return SpotLook(xy, comp, nuclear, zeros, zeros)
 
 
@@ -190,8 +192,11 @@ def test_pyramid_tiff_round_trip(tmp_path):
 
 
 def test_images_share_the_geometry_without_importing_the_expression_model():
-    # one definition of the lattice and niches (synthetic_geometry), and no import cycle
-    code = "import sys, histoprism.synthetic.images; assert 'histoprism.synthetic.world' not in sys.modules"
+    # one definition of the lattice and niches (synthetic.geometry), and no import cycle
+    code = (
+        "import sys, histoprism.synthetic.images; "
+        "assert not {'histoprism.synthetic.world', 'histoprism.synthetic.cohort'} & set(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert synthetic_images.NICHES is synthetic.NICHES
     assert synthetic_images.UM_PER_PX == synthetic.UM_PER_PX

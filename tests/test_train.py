@@ -25,13 +25,17 @@ from histoprism import __version__
 from histoprism._core import keys
 from histoprism._core.distributed import DistContext
 from histoprism._core.errors import InputError
-from histoprism.inference.predict import load
 from histoprism.io.cohort import Cohort
 from histoprism.io.rundir import FORMAT_VERSION, load_tensors
 from histoprism.models.inputs import SlideTensors, knn_index, to_tensors
 from histoprism.models.network import ModelConfig
+from histoprism.models.run import load
 from histoprism.training import api as train_mod
-from histoprism.training.api import lr_factor, masked_mse, random_crop, resolve_config, train
+from histoprism.training import loop as loop_mod
+from histoprism.training.api import train
+from histoprism.training.data import random_crop
+from histoprism.training.loop import lr_factor, masked_mse
+from histoprism.training.recipes import resolve_config
 
 ENCODER = "synthetic"
 HISTORY_COLUMNS = [
@@ -91,7 +95,7 @@ def test_history_one_row_per_epoch_and_resumable_state(trained_runs):
     assert cfg["best_val_loss"] == pytest.approx(hist["val_loss"][best])
     health = cfg["health"]
     assert health["ridge_val_pearson"] == pytest.approx(hist["ridge_val_pearson"][0])
-    below = health["val_pearson_checked"] < health["ridge_val_pearson"] - train_mod.HEALTH_MARGIN
+    below = health["val_pearson_checked"] < health["ridge_val_pearson"] - loop_mod.HEALTH_MARGIN
     assert health["below_ridge"] == below
     state = json.loads((run / keys.RUN_LAST / "state.json").read_text())["state"]
     assert state["epoch"] == 3
@@ -203,7 +207,7 @@ def test_crops_larger_than_every_slide_reproduce_uncropped_training(
     trained_runs, tiny_cohort, tmp_path
 ):
     """trained_runs used the default crop size (above the tiny slides' 80-200 spots)."""
-    assert train_mod.TrainConfig().crop_spots >= 200
+    assert loop_mod.TrainConfig().crop_spots >= 200
     config = tmp_path / "no_crop.yaml"
     config.write_text("train:\n  crop_spots: 0\n")
     run = train(
@@ -224,7 +228,7 @@ def test_training_on_crops_with_local_attention(tiny_cohort, tmp_path, monkeypat
         seen.append((slide.n_spots, random_crop(slide, k, rng)))
         return seen[-1][1]
 
-    monkeypatch.setattr(train_mod, "random_crop", spy)
+    monkeypatch.setattr(loop_mod, "random_crop", spy)
     config = tmp_path / "local.yaml"  # attention from a recipe file, crops from the API
     config.write_text("model:\n  attention: local\n  attention_radius_um: 300\n")
     kw = dict(epochs=1, config=config, progress=False)
@@ -261,7 +265,7 @@ def fresh_model(tiny_cohort):
     conv = dict(vocab=data.vocab, in_dim=cfg.in_dim, neighbours=cfg.neighbours, panel=data.panel)
     slides = [to_tensors(s, **conv) for s in data.train]
     torch.manual_seed(0)
-    model = train_mod._init_model(cfg, slides).eval()
+    model = loop_mod._init_model(cfg, slides).eval()
     expected = _reference_gene_means(
         tiny_cohort, [s.id for s in data.train], list(data.panel.genes)
     )
@@ -280,7 +284,7 @@ def test_epochs_zero_is_not_silently_the_recipe_default(tiny_cohort, tmp_path, m
         seen["epochs"] = config.epochs
         return Path(out)
 
-    monkeypatch.setattr(train_mod, "train_histoprism", fake)
+    monkeypatch.setattr(loop_mod, "train_histoprism", fake)
     try:
         train(tiny_cohort, ENCODER, tmp_path / "run", epochs=0, progress=False)
     except InputError:
@@ -309,14 +313,14 @@ def resume_runs(tiny_cohort, tmp_path_factory):
 def resume_runs_same_dropout(tiny_cohort, tmp_path_factory):
     """The same pair with torch reseeded at the start of every epoch, so that both runs draw the
     same dropout masks; what is left to differ is what the checkpoint restores."""
-    real = train_mod._train_epoch
+    real = loop_mod._train_epoch
 
     def reseeded(net, opt, slides, state, cfg_t, *args):
         torch.manual_seed(cfg_t.seed + state.epoch)
         return real(net, opt, slides, state, cfg_t, *args)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_mod, "_train_epoch", reseeded)
+        mp.setattr(loop_mod, "_train_epoch", reseeded)
         return _resume_pair(tiny_cohort, tmp_path_factory.mktemp("resume_same_dropout"))
 
 

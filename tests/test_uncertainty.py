@@ -31,7 +31,8 @@ from histoprism.evaluation.calibration import (
 from histoprism.evaluation.evaluate import evaluate
 from histoprism.expression.negbin import nb_log1p_moments
 from histoprism.inference.predict import predict
-from histoprism.inference.uncertainty import (
+from histoprism.io.cohort import Cohort
+from histoprism.models.noise import (
     MAX_FLOOR,
     MIN_MEAN,
     SHAPES,
@@ -43,7 +44,6 @@ from histoprism.inference.uncertainty import (
     noise_variance,
     slide_offsets,
 )
-from histoprism.io.cohort import Cohort
 from histoprism.training.api import train
 
 ENCODER = "synthetic"

@@ -13,7 +13,7 @@ from hypothesis.extra.numpy import arrays
 
 from histoprism.expression.correlation import mse, pearson_per_gene, squared_error
 from histoprism.models.inputs import SlideTensors
-from histoprism.training.api import health_message, masked_mse
+from histoprism.training.loop import health_message, masked_mse
 from histoprism.training.validation import (
     RidgeReference,
     check_genes,

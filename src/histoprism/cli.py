@@ -330,12 +330,12 @@ def evaluate(
     ] = None,
 ) -> None:
     """Score predictions against measured counts: HVG-50, GPC, all genes, pooled Pearson."""
-    from .evaluation import evaluate as api
-    from .io.cohort import Cohort
+    from . import verbs
 
-    cohort = _run(ctx, Cohort, data, split_dir=split)
-    ids = [s.strip() for s in samples.split(",")] if samples else None
-    m = _run(ctx, api.evaluate, pred, cohort, out, hvg=hvg, genesets=genesets, samples=ids)
+    m = _run(
+        ctx, verbs.evaluate, pred, data, out, split=split, hvg=hvg, genesets=genesets,
+        samples=samples,
+    )  # fmt: skip
     # only what was scored: every collection evaluated (metrics.json "gene_sets", in --genesets
     # order) gets its GPC number, named after it; a collection without a score says n/a
     h = {k: _score(v) for k, v in m["headline"].items()}
@@ -382,35 +382,19 @@ def benchmark(
 ) -> None:
     """Train, predict and evaluate every model on the same split; write comparison.md/.csv/.json
     (bootstrap CIs, sign tests, win rates, time and memory) and report.html."""
-    from .workflows import benchmark as api
+    from . import verbs
 
     t0 = time.perf_counter()
-    names = [m.strip() for m in models.split(",")] if models else None
-    if protocol == "paper":
-        paths = _run(
-            ctx, api.benchmark_paper, data, encoder, out, models=names, epochs=epochs, seed=seed
-        )
-    elif protocol == "split":
-        paths = _run(
-            ctx,
-            api.benchmark,
-            data,
-            encoder,
-            out,
-            models=names,
-            split=split,
-            hvg=hvg,
-            epochs=epochs,
-            seed=seed,
-        )
-    elif protocol == "loco":
-        from .workflows.loco import loco, summary
+    paths = _run(
+        ctx, verbs.benchmark, data, encoder, out, protocol=protocol, split=split, models=models,
+        hvg=hvg, epochs=epochs, seed=seed,
+    )  # fmt: skip
+    if protocol == "loco":
+        from .workflows.loco import summary
 
-        table = _run(ctx, loco, data, encoder, out, split=split, epochs=epochs, seed=seed)
-        _print_table(summary(table), title="leave one cancer out: mean over held-out types")
-        paths = {"md": out / "loco.md"}
-    else:
-        _run(ctx, _bad, f"unknown --protocol '{protocol}' (split | paper | loco)")
+        _print_table(
+            summary(paths["table"]), title="leave one cancer out: mean over held-out types"
+        )
     typer.echo(f"benchmark finished in {time.perf_counter() - t0:.0f}s -> {paths['md']}")
 
 

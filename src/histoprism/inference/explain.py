@@ -55,7 +55,7 @@ from ..expression.pathways import default_genesets
 from ..io.cohort import Cohort, Slide
 from ..io.rundir import check_encoder
 from ..models.inputs import input_options, to_tensors
-from .predict import HistoPrismPredictor, Run, load
+from ..models.run import HistoPrismPredictor, Run, load
 
 log = logging.getLogger(__name__)
 STEPS = 32  # integrated-gradient steps (midpoint rule)

@@ -46,7 +46,7 @@ from ..expression.genes import GenePanel, data_path, stpath_panel
 from ..images.encoders import ENCODERS
 from ..io.rundir import save_run
 from ..models.network import HistoPrism, ModelConfig
-from ..training.api import PRESETS
+from ..training.recipes import PRESETS
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from ..io.cohort import Slide
 from ..io.readers.embeddings import check_features
 
 if TYPE_CHECKING:
-    from ..inference.predict import Run
+    from ..models.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class LazySlidePredictor:
         attention_radius_um: float | None = None,
         device: str | None = None,
     ) -> None:
-        from ..inference.predict import load
+        from ..models.run import load
 
         if isinstance(run, (str, Path)):
             run = load(
@@ -141,7 +141,7 @@ class LazySlidePredictor:
         """Move a HistoPrism network to ``device`` (the baselines run on the CPU)."""
         import torch
 
-        from ..inference.predict import HistoPrismPredictor
+        from ..models.run import HistoPrismPredictor
 
         if isinstance(self.model, HistoPrismPredictor):
             self.model.device = torch.device(device)

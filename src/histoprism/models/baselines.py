@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +26,6 @@ from torch import nn
 from ..expression.correlation import mse
 from ..expression.genes import GenePanel
 from ..io.cohort import Slide
-from ..training.api import TrainingData, save_baseline
 from .inputs import (
     CancerVocabulary,
     feature_stats,
@@ -36,7 +34,7 @@ from .inputs import (
     slide_targets,
     to_tensors,
 )
-from .registry import FitOptions
+from .registry import PredictorDefaults
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +55,7 @@ def measured_patterns(slides: list[Slide], panel: GenePanel) -> tuple[np.ndarray
 
 
 @dataclass
-class RidgeBaseline:
+class RidgeBaseline(PredictorDefaults):
     """HEST-bench ridge (``knn=0``) or ridge + kNN smoothing (``knn=8``)."""
 
     panel: GenePanel
@@ -173,7 +171,7 @@ class SpotMLP(nn.Module):
 
 
 @dataclass
-class MLPBaseline:
+class MLPBaseline(PredictorDefaults):
     """Fit ``SpotMLP`` with AdamW on mini-batches of spots, early stopping on validation MSE."""
 
     panel: GenePanel
@@ -258,20 +256,6 @@ class MLPBaseline:
         self.net = SpotMLP(in_dim, len(vocab.codes), len(panel), hidden)
         self.net.load_state_dict(t)
         return self
-
-
-def fit_ridge(data: TrainingData, out: Path, options: FitOptions, *, knn: int) -> Path:
-    """The registry's fit for ``ridge`` (knn 0) and ``ridge-knn`` (knn 8): a run directory."""
-    ridge = RidgeBaseline(panel=data.panel, knn=knn, seed=options.seed).fit(data.train)
-    return save_baseline(data, out, options, {"knn": knn}, ridge.tensors())
-
-
-def fit_mlp(data: TrainingData, out: Path, options: FitOptions) -> Path:
-    """The registry's fit for ``mlp`` (60 epochs unless ``options.epochs``): a run directory."""
-    epochs = 60 if options.epochs is None else options.epochs
-    mlp = MLPBaseline(panel=data.panel, vocab=data.vocab, seed=options.seed, epochs=epochs)
-    mlp.fit(data.train, data.val)
-    return save_baseline(data, out, options, {"hidden": mlp.hidden}, mlp.tensors())
 
 
 def load_ridge(config: dict, tensors: dict, *, panel: GenePanel, **_) -> RidgeBaseline:

@@ -44,6 +44,25 @@ class Predictor(Protocol):
         """(N, S) mean z-scored prediction of each set's genes; membership (G, S) 0/1."""
         ...
 
+    def spot_columns(self, prepared: Any) -> dict[str, np.ndarray]:
+        """Per-spot ``obs`` columns a prediction carries besides the genes, (N,) each (a
+        prompted predictor: which spots were measured); {} for most."""
+        ...
+
+    def uns_info(self) -> dict:
+        """What ``uns['histoprism']`` records of the predictor beyond its run; {} for most."""
+        ...
+
+
+class PredictorDefaults:
+    """The optional parts of ``Predictor``, for the predictors that have none."""
+
+    def spot_columns(self, prepared: Any) -> dict[str, np.ndarray]:
+        return {}
+
+    def uns_info(self) -> dict:
+        return {}
+
 
 @dataclass(frozen=True)
 class FitOptions:
@@ -93,27 +112,27 @@ MODEL_KINDS: dict[str, ModelKind] = {
         ModelKind(
             "histoprism",
             "cancer-conditioned transformer over all spots of a slide (the method)",
-            "histoprism.training.api:fit_histoprism",
-            "histoprism.inference.predict:load_histoprism",
+            "histoprism.training.loop:fit_histoprism",
+            "histoprism.models.run:load_histoprism",
         ),
         ModelKind(
             "ridge",
             "HEST-bench ridge on PCA(256) of each spot's embedding",
-            "histoprism.models.baselines:fit_ridge",
+            "histoprism.training.baselines:fit_ridge",
             "histoprism.models.baselines:load_ridge",
             {"knn": 0},
         ),
         ModelKind(
             "ridge-knn",
             "ridge, then each spot blended with its 8 nearest spots",
-            "histoprism.models.baselines:fit_ridge",
+            "histoprism.training.baselines:fit_ridge",
             "histoprism.models.baselines:load_ridge",
             {"knn": 8},
         ),
         ModelKind(
             "mlp",
             "per-spot MLP on the embedding + cancer one-hot (HistoPrism's per-spot ablation)",
-            "histoprism.models.baselines:fit_mlp",
+            "histoprism.training.baselines:fit_mlp",
             "histoprism.models.baselines:load_mlp",
         ),
     )

@@ -1,7 +1,8 @@
-"""Constants of the synthetic tissue shared by ``synthetic`` (expression, embeddings) and
-``synthetic_images`` (H&E-like pictures): the Visium spot lattice in level-0 pixels, the niches
-and their nuclear density. Both import them from here, so neither imports the other at load
-time (``synthetic`` loads ``synthetic_images`` lazily, only when images are asked for)."""
+"""Constants of the synthetic tissue shared by the cohort (``world``, ``tissue``, ``cohort``:
+expression, embeddings) and ``images`` (H&E-like pictures): the Visium spot lattice in level-0
+pixels, the niches and their nuclear density. Both sides import them from here, so neither
+imports the other at load time (``cohort`` loads ``images`` lazily, only when images are asked
+for)."""
 
 from __future__ import annotations
 

@@ -29,11 +29,14 @@ import torch
 from .._core import keys
 from .._core.errors import InputError
 from ..expression.genes import GeneIdMap, GenePanel, looks_like_ensembl
-from ..inference.uncertainty import noise_from_model
-from ..io.rundir import check_encoder, load_run, save_run
+from ..io.rundir import save_run
 from ..models.inputs import SlideTensors, input_options, to_tensors
-from ..models.network import HistoPrism, ModelConfig
-from .api import TrainConfig, TrainingData, train_step, write_history
+from ..models.network import HistoPrism
+from ..models.noise import noise_from_model
+from ..models.run import load_network, trunk_output
+from .data import TrainingData
+from .loop import train_step, write_history
+from .recipes import TrainConfig
 from .validation import moment_sums, pearson_from_sums
 
 log = logging.getLogger(__name__)
@@ -58,14 +61,6 @@ class HeadStats:
     sy: np.ndarray
     sxy: np.ndarray
     groups: list[tuple[np.ndarray, np.ndarray, float, np.ndarray]]
-
-
-def hidden_features(model: HistoPrism, slide: SlideTensors) -> torch.Tensor:
-    """The frozen trunk's last hidden layer of one whole slide: (N, H) float32, no dropout."""
-    model.eval()
-    inputs = {k: v for k, v in slide.model_inputs().items() if v is not None}
-    with torch.no_grad():
-        return model.trunk(**inputs)[0]
 
 
 def head_stats(hidden: list[torch.Tensor], slides: list[SlideTensors], n_genes: int) -> HeadStats:
@@ -159,21 +154,6 @@ def pretrained_rows(init_panel: GenePanel, panel: GenePanel) -> np.ndarray:
     return np.array([lookup.get(g, -1) for g in panel.genes], dtype=np.int64)
 
 
-def load_init(init: str | Path, encoder: str) -> tuple[dict, HistoPrism]:
-    """The pretrained run's config and model; InputError unless it is a HistoPrism run trained
-    on ``encoder``."""
-    config, tensors = load_run(init)
-    if config.get("model") != "histoprism":
-        raise InputError(
-            f"--init needs a HistoPrism run, this one is '{config.get('model')}'",
-            Path(init) / keys.RUN_CONFIG,
-        )
-    check_encoder(config, encoder, run_dir=init)
-    model = HistoPrism(ModelConfig(**config["model_config"]))
-    model.load_state_dict(tensors)
-    return config, model.eval()
-
-
 def adapt(
     init: str | Path,
     data: TrainingData,
@@ -190,7 +170,7 @@ def adapt(
     fine-tuning epochs of the head and LayerNorms after the closed form. Returns ``out``."""
     t_start = time.perf_counter()
     out = Path(out)
-    init_config, model = load_init(init, data.encoder)
+    init_config, model = load_network(init, data.encoder)
     vocab = type(data.vocab)(tuple(init_config["cancers"]))
     unknown = sorted({s.cancer for s in data.train + data.val} - set(vocab.codes))
     if unknown:  # the conditioning tokens are frozen: a new type can only be 'Unknown'
@@ -207,8 +187,8 @@ def adapt(
     train_t = [to_tensors(s, **conv) for s in data.train]
     val_t = [to_tensors(s, **conv) for s in data.val]
     torch.manual_seed(seed)
-    hidden_train = [hidden_features(model, s) for s in train_t]
-    hidden_val = [hidden_features(model, s) for s in val_t]
+    hidden_train = [trunk_output(model.eval(), s) for s in train_t]
+    hidden_val = [trunk_output(model.eval(), s) for s in val_t]
 
     rows = pretrained_rows(GenePanel(tuple(init_config["genes"])), panel)
     old_w = model.head_out.weight.detach().double().numpy()  # (G_old, H)
@@ -340,7 +320,7 @@ def _fine_tune(
         total = 0.0
         for i in rng.permutation(len(train_t)):
             total += train_step(model, opt, train_t[i].model_inputs(), train_t[i])
-        hidden = [hidden_features(model, s) for s in val_t]
+        hidden = [trunk_output(model.eval(), s) for s in val_t]
         w = model.head_out.weight.detach().double().numpy()
         r = val_pearson(hidden, val_t, w, model.head_out.bias.detach().double().numpy())
         history.append(

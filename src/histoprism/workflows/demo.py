@@ -21,7 +21,7 @@ from ..io.cohort import Cohort, align_by_barcode, file_gene_ids, truth_counts
 from ..io.prediction import read_prediction
 from ..io.readers.st import read_st
 from ..models.registry import VARIANTS, Variant
-from ..synthetic.world import SyntheticConfig, make_cohort
+from ..synthetic.cohort import SyntheticConfig, make_cohort
 from ..training.api import train
 
 log = logging.getLogger(__name__)

@@ -142,7 +142,8 @@ def _told(slide: Slide, strategy: str, clf: CancerTypeClassifier) -> Slide:
 
 def _predict_fold(run_dir, cohort, encoder, ids, pred_dir, strategy, clf) -> list[str]:
     """Predict the held-out slides into ``pred_dir``; returns the codes the model was told."""
-    from ..inference.predict import load, predict_slide
+    from ..inference.predict import predict_slide
+    from ..models.run import load
 
     run = load(run_dir)
     told = []
