@@ -26,13 +26,14 @@ import pandas as pd
 import torch
 
 from histoprism.expression.correlation import pearson_per_gene
-from histoprism.inference.predict import load
 from histoprism.io.cohort import Cohort
 from histoprism.io.rundir import load_run
 from histoprism.models.inputs import slide_targets
-from histoprism.synthetic.world import SyntheticConfig, make_cohort
+from histoprism.models.run import load
+from histoprism.synthetic.cohort import SyntheticConfig, make_cohort
 from histoprism.training.adapt import adapt
-from histoprism.training.api import load_training_data, train
+from histoprism.training.api import train
+from histoprism.training.data import load_training_data
 
 ENCODER = "synthetic"
 WORLD = SyntheticConfig(

@@ -37,7 +37,7 @@ import torch
 from histoprism.evaluation.evaluate import evaluate
 from histoprism.inference.predict import predict
 from histoprism.io.cohort import Cohort
-from histoprism.synthetic.world import draw_world, make_cohort
+from histoprism.synthetic.cohort import draw_world, make_cohort
 from histoprism.training.api import train
 from histoprism.workflows.demo import DEMO_COHORT
 

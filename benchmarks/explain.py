@@ -44,8 +44,10 @@ from scipy.stats import spearmanr
 
 from histoprism.expression.pathways import default_genesets
 from histoprism.inference.explain import Target, explain_slide
-from histoprism.inference.predict import load
 from histoprism.io.cohort import Cohort
+from histoprism.models.run import load
+from histoprism.synthetic import cohort as syn_cohort
+from histoprism.synthetic import tissue as syn_tissue
 from histoprism.synthetic import world as syn
 from histoprism.training.api import train
 
@@ -72,12 +74,12 @@ def world_config(slides: int, seed: int, spot_noise: float | None = None) -> syn
 
 
 def programme_drivers(cfg: syn.SyntheticConfig) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Replay the start of ``synthetic._make_world``: programme names, visible (C, Kd, P) and
+    """Replay the start of ``synthetic.world.make_world``: programme names, visible (C, Kd, P) and
     hidden (N_HIDDEN, P) driver -> activity maps."""
     world_seq = np.random.SeedSequence(cfg.seed).spawn(2 + cfg.n_slides)[0]
     rng = np.random.default_rng(world_seq)
     genes = syn._gene_universe(cfg, rng)
-    syn._loadings(genes, rng)  # consumes its draws, as _make_world does
+    syn._loadings(genes, rng)  # consumes its draws, as make_world does
     names = list(genes.sets)
     visible, hidden = syn._programme_drivers(names, cfg, rng)
     return names, visible, hidden
@@ -118,16 +120,16 @@ def choose(
 
 
 def slide_tissues(cfg: syn.SyntheticConfig) -> dict[str, tuple[int, object]]:
-    """Replay every slide's tissue (the first draws of its stream): id -> (cancer, _Tissue)."""
+    """Replay every slide's tissue (the first draws of its stream): id -> (cancer, Tissue)."""
     _, table_seq, *slide_seqs = np.random.SeedSequence(cfg.seed).spawn(2 + cfg.n_slides)
-    table = syn._slide_table(cfg, np.random.default_rng(table_seq))
-    shape = syn._frame_shape(cfg)
+    table = syn_cohort._slide_table(cfg, np.random.default_rng(table_seq))
+    shape = syn_tissue.frame_shape(cfg)
     out = {}
     for row, seq in zip(table.to_dict("records"), slide_seqs, strict=True):
         rng = np.random.default_rng(seq)
         out[row["id"]] = (
             int(row["cancer"]),
-            syn._tissue(rng, shape, int(row["n_spots"]), int(row["cancer"]), cfg),
+            syn_tissue.draw_tissue(rng, shape, int(row["n_spots"]), int(row["cancer"]), cfg),
         )
     return out
 
@@ -179,7 +181,7 @@ def main() -> None:
     tissues = slide_tissues(cfg)
     chosen = choose(names, visible, hidden, args.per_group, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        cohort_dir = syn.make_cohort(Path(tmp) / "cohort", config=cfg)
+        cohort_dir = syn_cohort.make_cohort(Path(tmp) / "cohort", config=cfg)
         run_dir = train(
             cohort_dir, ENCODER, Path(tmp) / "run", epochs=args.epochs, seed=0, progress=False,
             config=args.config,

@@ -165,7 +165,7 @@ def build_seeds(root: Path) -> Seeds:
     """Write one valid input of every format under ``root`` (about 2 s)."""
     import anndata as ad
 
-    from histoprism.synthetic.world import make_cohort, tiny
+    from histoprism.synthetic.cohort import make_cohort, tiny
 
     seeds = Seeds(Path(root))
     seeds.root.mkdir(parents=True, exist_ok=True)
@@ -290,7 +290,7 @@ def _seed_authors(seeds: Seeds) -> None:
 
     from histoprism.integrations.authors import cancer_codes, expected_shapes, import_checkpoint
     from histoprism.models.network import ModelConfig
-    from histoprism.training.api import PRESETS
+    from histoprism.training.recipes import PRESETS
 
     genes = seeds.genes()
     settings = dict(
@@ -1405,8 +1405,8 @@ def _check_gmt(sets) -> list[str]:
 
 def _read_authors(log_dir: Path, genes: list[str]):
     """Import the authors' LOG_DIR as a run directory and load that run."""
-    from histoprism.inference.predict import load
     from histoprism.integrations.authors import import_checkpoint
+    from histoprism.models.run import load
 
     out = log_dir.parent / "imported"
     import_checkpoint(log_dir, out, encoder=ENCODER, genes=genes)
@@ -1414,7 +1414,7 @@ def _read_authors(log_dir: Path, genes: list[str]):
 
 
 def _read_run(run_dir: Path):
-    from histoprism.inference.predict import load
+    from histoprism.models.run import load
 
     return load(run_dir, device="cpu")
 

@@ -35,12 +35,12 @@ import torch
 from scipy.spatial import cKDTree
 
 from histoprism.expression.correlation import pearson_per_gene
-from histoprism.inference.predict import load
 from histoprism.io.cohort import Cohort
 from histoprism.models.inputs import slide_targets
-from histoprism.synthetic.world import SyntheticConfig, draw_world, make_cohort
+from histoprism.models.prompt import measured_spots, prompted_predictor
+from histoprism.models.run import load
+from histoprism.synthetic.cohort import SyntheticConfig, draw_world, make_cohort
 from histoprism.training.api import train
-from histoprism.training.prompt import measured_spots, prompted_predictor
 
 ENCODER = "synthetic"
 SMALL = dict(spots=(300, 600), targeted_fraction=0.0)
@@ -169,7 +169,7 @@ def run_world(name: str, cfg: SyntheticConfig, root: Path) -> list[dict]:
 
 def _fresh_state(head) -> dict:
     """The state of a head as ``fit_prompt`` starts it (same seed)."""
-    from histoprism.training.prompt import PromptHead
+    from histoprism.models.prompt import PromptHead
 
     torch.manual_seed(0)
     fresh = PromptHead(head.query.in_features, len(head.gain_logit), head.query.out_features,

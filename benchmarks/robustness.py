@@ -35,7 +35,7 @@ from histoprism.evaluation.evaluate import evaluate
 from histoprism.inference.predict import predict
 from histoprism.io.cohort import Cohort
 from histoprism.models.registry import VARIANTS
-from histoprism.synthetic.world import draw_world, make_cohort
+from histoprism.synthetic.cohort import draw_world, make_cohort
 from histoprism.training.api import train
 
 HERE = Path(__file__).parent

@@ -90,9 +90,9 @@ def make_model(attention: str = "auto", device: str = "cpu"):
 def make_run(kind: str, device: str = "cpu", attention: str = "auto"):
     """An in-memory ``predict.Run`` over the real 38,982-gene panel (Ensembl ids)."""
     from histoprism.expression.genes import GenePanel, data_path
-    from histoprism.inference.predict import HistoPrismPredictor, Run
     from histoprism.models.baselines import RidgeBaseline
     from histoprism.models.inputs import CancerVocabulary
+    from histoprism.models.run import HistoPrismPredictor, Run
 
     genes = tuple(data_path("stpath_gene_panel.ensembl.txt").read_text().split())
     panel, vocab = GenePanel(genes), CancerVocabulary(("IDC", "Unknown"))
@@ -161,7 +161,7 @@ def child_gemm(spec: dict) -> dict:
 def child_inference(spec: dict) -> dict:
     """HistoPrism: the trunk once, then every head tile (what predict_slide computes), best of 3
     passes as for the GEMM; the GEMM ceiling is measured here too, under the same conditions."""
-    from histoprism.inference.predict import TILE_GENES, TILE_SPOTS, tiles
+    from histoprism.inference.writer import TILE_GENES, TILE_SPOTS, tiles
 
     n, dev = spec["spots"], spec["device"]
     p = make_run("histoprism", dev).predictor
@@ -229,7 +229,7 @@ def child_dense(spec: dict) -> dict:
 
 
 def child_ridge(spec: dict) -> dict:
-    from histoprism.inference.predict import tile_shape
+    from histoprism.inference.writer import tile_shape
 
     n = spec["spots"]
     run = make_run("ridge")
@@ -246,7 +246,7 @@ def child_ridge(spec: dict) -> dict:
 def child_train(spec: dict) -> dict:
     """One slide per AdamW step, as train.py: measured genes only (here: all of them)."""
     from histoprism.models.inputs import SlideTensors
-    from histoprism.training.api import masked_mse, train_step
+    from histoprism.training.loop import masked_mse, train_step
 
     n, dev = spec["spots"], spec["device"]
     model = make_model("full", dev).train()

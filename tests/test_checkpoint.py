@@ -246,7 +246,7 @@ def test_resume_after_a_kill_at_any_point_of_the_checkpoint_is_the_uninterrupted
         history = pd.read_csv(copy / keys.RUN_HISTORY).drop(columns="seconds")
         pd.testing.assert_frame_equal(history, want_history)
         left = sorted(p.name for p in copy.iterdir() if p.name.startswith("."))
-        assert left == [hio.LOCK_FILE], (epoch, k, left)  # no partials, no parked checkpoint
+        assert left == [], (epoch, k, left)  # no partials, no parked checkpoint, no lock
     # kills before the first checkpoint, between the two, after the second, and between the
     # renames of a swap (last/ gone, the previous checkpoint parked) were among them
     assert {epoch for epoch, _ in resumed_from} == {0, 1, 2}

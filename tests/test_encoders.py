@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from histoprism._core.errors import InputError
 from histoprism.images import encoders as enc
+from histoprism.images import stain_texture as stx
 from histoprism.images.encoders import ENCODERS, Encoder, build_architecture, load_encoder
 
 REAL_TILE = Path("/work/shared/data/images/tiatoolbox_he_tile_1000px.png")
@@ -104,6 +105,8 @@ def test_registry_names_and_dims():
 
 def test_import_loads_no_timm():
     code = "import sys, histoprism.images.encoders; assert 'timm' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    code = "import sys, histoprism.images.stain_texture; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -434,21 +437,21 @@ def test_stain_texture_shape_finite_deterministic():
     ])  # fmt: skip
     encoder = load_encoder("stain-texture")
     out = encoder.embed(patches)
-    assert out.shape == (5, 64) == (5, len(enc.STAIN_TEXTURE_FEATURES)) and out.dtype == np.float32
+    assert out.shape == (5, 64) == (5, len(stx.STAIN_TEXTURE_FEATURES)) and out.dtype == np.float32
     assert np.isfinite(out).all()
     np.testing.assert_array_equal(out, encoder.embed(patches))
     np.testing.assert_array_equal(out[1:2], encoder.embed(patches[1:2]))  # batch-independent
-    odd = enc.stain_texture_features(patches[:, :150, :150])  # resized, not block-averaged
+    odd = stx.stain_texture_features(patches[:, :150, :150])  # resized, not block-averaged
     assert odd.shape == (5, 64) and np.isfinite(odd).all()
-    named = dict(zip(enc.STAIN_TEXTURE_FEATURES, out[3], strict=True))
+    named = dict(zip(stx.STAIN_TEXTURE_FEATURES, out[3], strict=True))
     assert named["tissue_frac"] == 0 and named["nuc_log_count"] == 0  # glass has no tissue
 
 
 def test_stain_texture_counts_nuclei():
     rng = np.random.default_rng(1)
     counts = np.repeat(np.arange(0, 31, 3), 2)  # 0, 0, 3, 3, ..., 30, 30
-    features = enc.stain_texture_features(np.stack([_he_patch(k, rng) for k in counts]))
-    named = dict(zip(enc.STAIN_TEXTURE_FEATURES, features.T, strict=True))
+    features = stx.stain_texture_features(np.stack([_he_patch(k, rng) for k in counts]))
+    named = dict(zip(stx.STAIN_TEXTURE_FEATURES, features.T, strict=True))
     found = np.expm1(named["nuc_log_count"])
     assert np.corrcoef(found, counts)[0, 1] > 0.95
     assert np.corrcoef(named["nuc_area_frac"], counts)[0, 1] > 0.95
@@ -462,20 +465,20 @@ def test_stain_texture_blocks_match_skimage():
     from skimage.filters import threshold_otsu
 
     rng = np.random.default_rng(2)
-    rgb = enc._to_work_size(np.stack([_he_patch(k, rng) for k in (2, 12, 25)]))  # (3, 3, h, w)
+    rgb = stx._to_work_size(np.stack([_he_patch(k, rng) for k in (2, 12, 25)]))  # (3, 3, h, w)
     grey = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
-    props = enc.glcm_props(grey)
-    codes = enc.lbp_codes(np.round(grey * 255))
+    props = stx.glcm_props(grey)
+    codes = stx.lbp_codes(np.round(grey * 255))
     hem = rgb2hed(rgb.transpose(0, 2, 3, 1))[..., 0]
     for i in range(3):
         q = np.minimum(grey[i] * 32, 31).astype(np.uint8)
-        glcm = graycomatrix(q, (1, 2), enc.GLCM_ANGLES, levels=32, symmetric=True, normed=True)
+        glcm = graycomatrix(q, (1, 2), stx.GLCM_ANGLES, levels=32, symmetric=True, normed=True)
         names = ("contrast", "homogeneity", "energy", "correlation")
         expected = np.stack([graycoprops(glcm, p).mean(1) for p in names], 1).ravel()
         np.testing.assert_allclose(props[i], expected, rtol=1e-9, atol=1e-12)
         ref = local_binary_pattern(np.round(grey[i] * 255).astype(np.uint8), 8, 1, "uniform")
         assert (codes[i] == ref).mean() > 0.99
-        assert enc._otsu(hem[i : i + 1])[0] == pytest.approx(threshold_otsu(hem[i]))
+        assert stx._otsu(hem[i : i + 1])[0] == pytest.approx(threshold_otsu(hem[i]))
 
 
 @pytest.mark.skipif(not REAL_TILE.exists(), reason="real H&E tile not available")
@@ -487,12 +490,12 @@ def test_stain_texture_on_real_he_tile():
         [tile[y : y + 224, x : x + 224] for y in range(0, 776, 112) for x in range(0, 776, 112)]
     )
     start = time.perf_counter()
-    features = enc.stain_texture_features(crops)
+    features = stx.stain_texture_features(crops)
     ms = (time.perf_counter() - start) / len(crops) * 1e3
     print(f"stain-texture: {ms:.2f} ms per 224 px patch ({len(crops)} patches)")
     assert ms < 25  # ~3 ms on one core; a per-pixel Python loop would be far slower
     assert np.isfinite(features).all()
     varying = features.std(0) > 1e-4 * (np.abs(features).mean(0) + 1e-6)
     assert varying.mean() > 0.9
-    named = dict(zip(enc.STAIN_TEXTURE_FEATURES, features.T, strict=True))
+    named = dict(zip(stx.STAIN_TEXTURE_FEATURES, features.T, strict=True))
     assert (named["nuc_log_count"] > 0).all() and (named["tissue_frac"] > 0.5).all()

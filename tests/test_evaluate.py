@@ -20,27 +20,25 @@ from scipy.stats import pearsonr
 
 from histoprism._core import keys
 from histoprism._core.errors import InputError
-from histoprism.evaluation.evaluate import (
-    EVALUATOR_VERSION,
-    align_by_barcode,
+from histoprism.evaluation.evaluate import EVALUATOR_VERSION, evaluate, read_hvg_file, score_slide
+from histoprism.evaluation.scores import (
     all_genes_scores,
-    comoments,
-    evaluate,
     geneset_scores,
     gpc_table,
     hvg_scores,
     macro,
-    merge_moments,
     micro,
-    pearson_per_gene,
-    pooled_pearson,
-    read_hvg_file,
-    score_slide,
     slide_gene_correlations,
     win_rate,
 )
+from histoprism.expression.correlation import (
+    comoments,
+    merge_moments,
+    pearson_per_gene,
+    pooled_pearson,
+)
 from histoprism.expression.genes import bench_hvg, gpc_genesets, read_gmt
-from histoprism.io.cohort import Cohort
+from histoprism.io.cohort import Cohort, align_by_barcode
 
 
 def _moments(pred, truth, genes):
@@ -599,7 +597,9 @@ def test_report_of_predictions_tissue_kept_maps_and_slide_facts(
 ):
     from histoprism import __version__
     from histoprism.inference.predict import predict
-    from histoprism.plotting.report import load_examples, plot_spatial_example, regenerate
+    from histoprism.io.evaldir import load_examples
+    from histoprism.plotting.figures import spatial_maps
+    from histoprism.plotting.report import regenerate
 
     cc = cohort_copy()
     cohort = Cohort(cc.root)
@@ -651,7 +651,7 @@ def test_report_of_predictions_tissue_kept_maps_and_slide_facts(
         np.testing.assert_allclose(ex.image[row, col], expected, atol=2)
         checked += 1
     assert checked > len(ex.coords) // 2
-    maps = [a for a in plot_spatial_example(ex).axes if a.get_label() != "<colorbar>"]
+    maps = [a for a in spatial_maps(ex).axes if a.get_label() != "<colorbar>"]
     assert maps and all(len(a.images) == 1 for a in maps)
 
     # `histoprism report EVAL` draws every map evaluate drew

@@ -19,10 +19,11 @@ import pandas as pd
 import pytest
 
 from histoprism._core.errors import InputError
-from histoprism.evaluation.evaluate import check_panel_overlap, geneset_scores, gpc_table
+from histoprism.evaluation.evaluate import check_panel_overlap
+from histoprism.evaluation.scores import geneset_scores, gpc_table
 from histoprism.expression.genes import read_gmt
 from histoprism.expression.pathways import GeneSets, membership, membership_matrix, pathway_scores
-from histoprism.plotting.report import PLOT_MAX_SETS, plot_pathways, ranked_sets
+from histoprism.plotting.figures import PLOT_MAX_SETS, pathway_ranking, ranked_sets
 
 PANEL = [f"G{i}" for i in range(2000)]
 
@@ -170,7 +171,7 @@ def test_twenty_thousand_sets_are_scored(tmp_path):
 
     shown, hidden = ranked_sets(table)
     assert len(shown) == PLOT_MAX_SETS and hidden == int(table["s_micro"].notna().sum()) - 100
-    fig = plot_pathways(table, collection="big")
+    fig = pathway_ranking(table, collection="big")
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert len(labels) == PLOT_MAX_SETS and fig.get_figheight() < 25  # not 20,000 labels
     assert "the 50 best and 50 worst of" in fig.axes[0].get_title()

@@ -16,7 +16,7 @@ from wsidata.io import add_features  # noqa: E402  (after the importorskip)
 from histoprism._core import keys  # noqa: E402
 from histoprism._core.errors import InputError  # noqa: E402
 from histoprism.expression.genes import GeneIdMap  # noqa: E402
-from histoprism.integrations.lazyslide import (
+from histoprism.integrations.lazyslide import (  # noqa: E402
     LazySlidePredictor,
     _check_field_of_view,
     slide_from_wsidata,
@@ -24,7 +24,7 @@ from histoprism.integrations.lazyslide import (
 )
 from histoprism.io.cohort import Cohort  # noqa: E402
 from histoprism.io.readers import read_embeddings  # noqa: E402
-from histoprism.models.run import load
+from histoprism.models.run import load  # noqa: E402
 from histoprism.synthetic.images import Rendering, write_pyramid_tiff  # noqa: E402
 
 MPP = 0.5  # µm per level-0 pixel of the test slide

@@ -26,10 +26,10 @@ from histoprism.expression.genes import GENESET_COLLECTIONS, gpc_genesets
 from histoprism.expression.pathways import panel_membership, pathway_scores
 from histoprism.inference import predict as predict_mod
 from histoprism.inference import writer as writer_mod
-from histoprism.models import run as run_mod
 from histoprism.inference.predict import predict, predict_slide
 from histoprism.io.cohort import Cohort
 from histoprism.io.prediction import is_factorised, read_genes, read_pathways, read_prediction
+from histoprism.models import run as run_mod
 from histoprism.models.inputs import centred, knn_index
 from histoprism.models.run import load
 

@@ -17,23 +17,9 @@ from histoprism._core import keys
 from histoprism._core.errors import InputError
 from histoprism.evaluation.evaluate import spatial_example
 from histoprism.expression.pathways import pathway_scores
-from histoprism.plotting.report import (
-    PathwayMaps,
-    SpatialExample,
-    load_examples,
-    plot_gene_r_hist,
-    plot_model_bars,
-    plot_models_per_cancer,
-    plot_pathway_maps,
-    plot_pathway_scatter,
-    plot_pathways,
-    plot_per_cancer,
-    plot_spatial_example,
-    regenerate,
-    save_examples,
-    write_benchmark_report,
-    write_report,
-)
+from histoprism.io.evaldir import PathwayMaps, SpatialExample, load_examples, save_examples
+from histoprism.plotting import figures as pl
+from histoprism.plotting.report import regenerate, write_benchmark_report, write_report
 
 PER_CANCER = pd.DataFrame(
     {
@@ -79,9 +65,9 @@ def _example(n: int = 40) -> SpatialExample:
 
 def test_plots_return_labelled_figures_without_pyplot():
     figs = [
-        plot_per_cancer(PER_CANCER),
-        plot_pathways(PER_PATHWAY, collection="hallmark"),
-        plot_gene_r_hist(PER_GENE),
+        pl.per_cancer_bars(PER_CANCER),
+        pl.pathway_ranking(PER_PATHWAY, collection="hallmark"),
+        pl.gene_pcc_hist(PER_GENE),
     ]
     for fig in figs:
         assert isinstance(fig, Figure)
@@ -91,8 +77,8 @@ def test_plots_return_labelled_figures_without_pyplot():
     assert plt.get_fignums() == []  # nothing registered with pyplot, nothing to leak
 
 
-def test_plot_pathways_ranks_scored_sets():
-    fig = plot_pathways(PER_PATHWAY, collection="hallmark")
+def test_pathway_ranking_ranks_scored_sets():
+    fig = pl.pathway_ranking(PER_PATHWAY, collection="hallmark")
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert labels == ["B", "A"]  # ascending from the bottom: best on top, NaN set left out
@@ -102,15 +88,15 @@ def test_plot_pathways_ranks_scored_sets():
 def test_plots_draw_into_given_axes():
     fig = Figure()
     ax = fig.add_subplot()
-    assert plot_gene_r_hist(PER_GENE, ax=ax) is fig
+    assert pl.gene_pcc_hist(PER_GENE, ax=ax) is fig
     assert len(ax.patches) > 0
     fig2 = Figure()
     axes = fig2.subplots(2, 2)
-    assert plot_spatial_example(_example(), axes=axes) is fig2
+    assert pl.spatial_maps(_example(), ax=axes) is fig2
 
 
 def test_spatial_maps_share_colour_scale_per_gene():
-    fig = plot_spatial_example(_example())
+    fig = pl.spatial_maps(_example())
     maps = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     assert len(maps) == 4
     for row in range(2):
@@ -240,13 +226,13 @@ def _example_with_pathways() -> SpatialExample:
 
 
 def test_pathway_maps_share_scale_and_show_r():
-    fig = plot_pathway_maps(_example_with_pathways())
+    fig = pl.pathway_maps(_example_with_pathways())
     maps = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     assert len(maps) == 4
     assert maps[0].collections[0].get_clim() == maps[1].collections[0].get_clim()
     assert "HYPOXIA" in maps[0].get_title() and "r = 1.00" in maps[1].get_title()
     with pytest.raises(ValueError, match="no pathway"):
-        plot_pathway_maps(_example())
+        pl.pathway_maps(_example())
 
 
 def test_report_pathway_maps_section(tmp_path):
@@ -307,7 +293,7 @@ PER_PATHWAY_BY_MODEL = {"histoprism": _per_pathway(0.0), "ridge": _per_pathway(-
 def test_pathway_scatter_diagonal_points_and_share():
     a = pd.Series([0.1, 0.2, 0.3, 0.4, np.nan], index=list("ABCDE"))
     b = pd.Series([0.0, 0.1, 0.5, 0.35, 0.2, 0.9], index=list("ABCDEF"))  # F not in A
-    fig = plot_pathway_scatter(a, b, name_a="HP", name_b="ridge", collection="hallmark")
+    fig = pl.pathway_scatter(a, b, name_a="HP", name_b="ridge", collection="hallmark")
     ax = fig.axes[0]
     assert len(ax.collections[0].get_offsets()) == 4  # one point per set scored by both
     line = ax.lines[0]
@@ -318,11 +304,11 @@ def test_pathway_scatter_diagonal_points_and_share():
 
 
 def test_models_per_cancer_and_model_bars():
-    fig = plot_models_per_cancer(BENCH_PER_CANCER, metric="hvg")
+    fig = pl.per_cancer_model_bars(BENCH_PER_CANCER, metric="hvg")
     ax = fig.axes[0]
     assert len(ax.patches) == len(MODELS) * 4
     assert [t.get_text() for t in ax.get_xticklabels()] == ["IDC", "MESO", "PAAD", "SKCM"]
-    fig = plot_model_bars(TABLE)
+    fig = pl.headline_bars(TABLE)
     ax = fig.axes[0]
     assert len(ax.patches) == 3 * len(MODELS)
     assert "0.700" in [t.get_text() for t in ax.texts]  # value labels
@@ -435,7 +421,7 @@ def _maps(fig) -> list:
 
 def test_tissue_drawn_under_the_spots_at_their_place():
     ex = _example_on_tissue()
-    fig = plot_spatial_example(ex)
+    fig = pl.spatial_maps(ex)
     maps = _maps(fig)
     assert len(maps) == 4
     for ax in maps:
@@ -460,13 +446,13 @@ def test_tissue_drawn_under_the_spots_at_their_place():
             px, py = ax.transData.transform((x, y))
             pixel = rgba[int(round(rgba.shape[0] - py)), int(round(px)), :3]
             np.testing.assert_allclose(pixel, colour, atol=3)
-    pathway_maps = _maps(plot_pathway_maps(ex))
-    assert all(len(ax.images) == 1 for ax in pathway_maps)
+    pathway_axes = _maps(pl.pathway_maps(ex))
+    assert all(len(ax.images) == 1 for ax in pathway_axes)
     assert plt.get_fignums() == []
 
 
 def test_no_image_no_tissue():
-    for fig in (plot_spatial_example(_example()), plot_pathway_maps(_example_with_pathways())):
+    for fig in (pl.spatial_maps(_example()), pl.pathway_maps(_example_with_pathways())):
         maps = _maps(fig)
         assert maps and all(not ax.images and ax.yaxis_inverted() for ax in maps)
 
@@ -474,7 +460,7 @@ def test_no_image_no_tissue():
 def test_spots_off_the_image_stay_in_view():
     ex = _example_on_tissue()
     ex.coords[3] = [1400, 800]  # beyond the image's right and bottom edges
-    ax = _maps(plot_spatial_example(ex))[0]
+    ax = _maps(pl.spatial_maps(ex))[0]
     (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
     assert left <= 0 and right >= 1400 and bottom >= 800 and top <= 0
 
@@ -637,7 +623,7 @@ def _clipped_labels(fig) -> list[str]:
 
 def test_go_chart_labels_whole_and_inside_the_figure():
     table = _go_table()
-    fig = plot_pathways(table, collection="go")
+    fig = pl.pathway_ranking(table, collection="go")
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert len(labels) == 87 and len(set(labels)) == 87
     assert max(map(len, labels)) >= 60 and not any("…" in v for v in labels)  # not cut short
@@ -658,8 +644,32 @@ def test_very_long_set_names_stay_apart_and_inside():
             "s_macro": [0.1, 0.2, 0.3, 0.4],
         }
     )
-    fig = plot_pathways(table, collection="mine")
+    fig = pl.pathway_ranking(table, collection="mine")
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert len(set(labels)) == 4  # GOBP_X and GOMF_X keep their prefixes: they would read alike
     assert "GOBP_X" in labels and all(len(v) <= 80 for v in labels)
     assert _clipped_labels(fig) == []
+
+
+def _tables_outside_scroll(page: str) -> int:
+    """Tables not inside a sideways-scrolling container (each container holds one table)."""
+    tables = len(re.findall(r"<table\b", page))
+    wrapped = len(re.findall(r'<div class="table-scroll">\s*<table\b', page))
+    return tables - wrapped
+
+
+def test_every_report_table_scrolls_inside_the_page(tmp_path):
+    """A wide per-slide table must not run off the page's right edge."""
+    (tmp_path / "eval").mkdir()
+    eval_page = write_report(_eval_dir(tmp_path / "eval"), examples=[_example()]).read_text()
+    bench_page = write_benchmark_report(
+        tmp_path / "bench",
+        table=TABLE,
+        per_cancer=BENCH_PER_CANCER,
+        per_pathway=PER_PATHWAY_BY_MODEL,
+        tests=TESTS,
+        reference="histoprism",
+    ).read_text()
+    for page in (eval_page, bench_page):
+        assert "<table" in page and _tables_outside_scroll(page) == 0
+        assert re.search(r"div\.table-scroll\s*\{[^}]*overflow-x:\s*auto", page)

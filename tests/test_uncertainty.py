@@ -26,7 +26,6 @@ from histoprism.evaluation.calibration import (
     CalibrationTally,
     central_interval,
     inside,
-    plot_reliability,
 )
 from histoprism.evaluation.evaluate import evaluate
 from histoprism.expression.negbin import nb_log1p_moments
@@ -44,6 +43,7 @@ from histoprism.models.noise import (
     noise_variance,
     slide_offsets,
 )
+from histoprism.plotting.figures import reliability_diagram
 from histoprism.training.api import train
 
 ENCODER = "synthetic"
@@ -453,7 +453,7 @@ def test_evaluate_writes_the_calibration_block(ensemble_pred, plain_pred, tiny_c
     table = pd.read_csv(tmp_path / "eval" / keys.EVAL_CALIBRATION)
     assert list(table["nominal"]) == list(LEVELS)
     assert table["coverage"].is_monotonic_increasing
-    fig = plot_reliability(cal)
+    fig = reliability_diagram(cal)
     assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 2
     page = (tmp_path / "eval" / keys.EVAL_REPORT).read_text()
     assert '<h2 id="calibration">' in page and "coverage_80" in page  # the diagram and numbers

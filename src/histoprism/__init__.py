@@ -36,7 +36,7 @@ _EXPORTS = {
     "load_run": "histoprism.models.run:load",
     "read_prediction": "histoprism.io.prediction:read_prediction",
     "load_eval": "histoprism.io.evaldir:load_eval",
-    "make_cohort": "histoprism.synthetic:make_cohort",
+    "make_cohort": "histoprism.synthetic.cohort:make_cohort",
     "list_models": "histoprism.verbs:list_models",
     "list_encoders": "histoprism.verbs:list_encoders",
     "InputError": "histoprism._core.errors:InputError",
@@ -79,7 +79,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .models.run import load as load_run
     from .plotting import figures as pl
     from .plotting.report import regenerate as report
-    from .synthetic import make_cohort
+    from .synthetic.cohort import make_cohort
     from .training.api import train
     from .verbs import benchmark, evaluate, list_encoders, list_models
     from .workflows.demo import run_demo as demo

@@ -17,7 +17,27 @@ from ._core.errors import InputError, first_line
 from ._core.storage import OutputError, is_no_room
 from .models.registry import MODEL_KINDS, VARIANTS
 
+
+class _UntypedHelp:
+    """typer labels the help flag "<bool>"; like every flag here it takes no value."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Group(_UntypedHelp, typer.core.TyperGroup):
+    pass
+
+
+class _Command(_UntypedHelp, typer.core.TyperCommand):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     help="Predict spatial gene expression from H&E embeddings (HistoPrism) and score it (HVG, GPC).",
@@ -99,7 +119,7 @@ def _run(ctx: typer.Context, fn, *args, **kwargs):
         raise typer.Exit(130) from None
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     ctx: typer.Context,
     data: Data,
@@ -210,7 +230,7 @@ def train(
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def predict(
     ctx: typer.Context,
     model: Annotated[
@@ -311,7 +331,7 @@ def predict(
     typer.echo(f"predicted {len(paths)} slides{share} -> {out} [{time.perf_counter() - t0:.0f}s]")
 
 
-@app.command()
+@app.command(cls=_Command)
 def evaluate(
     ctx: typer.Context,
     pred: Annotated[Path, typer.Option("--pred", help="Folder of PRED/{id}.h5ad.")],
@@ -354,7 +374,7 @@ def _score(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-@app.command()
+@app.command(cls=_Command)
 def benchmark(
     ctx: typer.Context,
     data: Data,
@@ -398,7 +418,7 @@ def benchmark(
     typer.echo(f"benchmark finished in {time.perf_counter() - t0:.0f}s -> {paths['md']}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def report(
     ctx: typer.Context,
     path: Annotated[
@@ -414,7 +434,7 @@ def report(
     typer.echo(f"wrote {_run(ctx, regenerate, path)}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def extract(
     ctx: typer.Context,
     data: Data,
@@ -465,7 +485,7 @@ def extract(
     )
 
 
-@app.command("import")
+@app.command("import", cls=_Command)
 def import_sample(
     ctx: typer.Context,
     fmt: Annotated[
@@ -510,7 +530,7 @@ def import_sample(
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
     ctx: typer.Context,
     fmt: Annotated[str, typer.Option("--format", help="Output format: spatialdata.")],
@@ -542,7 +562,7 @@ def export(
     )
 
 
-@app.command("import-checkpoint")
+@app.command("import-checkpoint", cls=_Command)
 def import_checkpoint(
     ctx: typer.Context,
     log_dir: Annotated[
@@ -571,7 +591,7 @@ def _bad(message: str) -> None:
     raise InputError(message)
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     ctx: typer.Context,
     out: Annotated[
@@ -601,7 +621,7 @@ def demo(
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def explain(
     ctx: typer.Context,
     model: Annotated[Path, typer.Option("--model", help="HistoPrism run directory.")],

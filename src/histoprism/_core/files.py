@@ -179,31 +179,60 @@ def directory_lock(directory: str | Path, what: str = "") -> Iterator[Path]:
     "training"), with the pid, goes into the message of a process that finds the directory locked.
 
     ``flock`` on ``{directory}/.lock``, non-blocking: a second process (or a second lock in this
-    one: the lock belongs to the open file) gets an InputError naming the holder's pid. The kernel
-    drops the lock when the holder dies, so a killed run never leaves the directory locked; the
-    file stays (removing it would let two processes lock two different files of one name).
+    one: the lock belongs to the open file) gets an InputError naming the holder's pid. The holder
+    removes the file when it is done (and the directory it created, if a failed command leaves it
+    empty); a killed one leaves the file, and the kernel drops its lock.
     Without fcntl (Windows) or where the file system refuses locks, nothing is locked.
     """
     directory = Path(directory)
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
         yield directory
         return
     path = directory / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd, locked = _open_locked(path, directory)
+    failed = False
     try:
-        locked = _try_lock(fd, directory)
         if locked:  # who holds it, for the message of whoever comes second
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {what}".strip().encode() + b"\n", 0)
-        try:
-            yield directory
-        finally:
-            if locked:
-                os.ftruncate(fd, 0)
-                fcntl.flock(fd, fcntl.LOCK_UN)
+        yield directory
+    except BaseException:
+        failed = True
+        raise
     finally:
+        if locked:  # unlinked while still held: a process that opened it finds it stale
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+        if locked and failed and created:  # a failed command leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
+def _open_locked(path: Path, directory: Path) -> tuple[int, bool]:
+    """Open and lock ``path``; retried when the file locked was unlinked meanwhile by a holder
+    that just finished (its lock then guards nothing)."""
+    for _ in range(10):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            locked = _try_lock(fd, directory)
+            if not locked or _same_file(fd, path):
+                return fd, locked
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise InputError("the directory lock keeps being replaced; retry", directory)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _try_lock(fd: int, directory: Path) -> bool:

@@ -7,7 +7,7 @@ log1p(raw counts), spots aligned by barcode and genes by name as in ``evaluate``
 reliability curve (nominal vs empirical coverage at ``LEVELS``), the mean squared z-score, and the
 Spearman correlation between the predicted sd and the absolute error per gene (over the spots of
 a slide) and per spot (over its genes). ``evaluate`` writes them to metrics.json ``calibration``
-and ``calibration.csv``; ``plot_reliability`` draws the curve.
+and ``calibration.csv``; ``plotting.figures.reliability_diagram`` draws the curve.
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from scipy.stats import norm, rankdata
 
 from .._core import keys
@@ -194,41 +191,3 @@ class CalibrationTally:
             with atomic_path(Path(out_dir) / keys.EVAL_CALIBRATION) as tmp:
                 self.reliability().to_csv(tmp, index=False)
         return block
-
-
-# --- figure ---------------------------------------------------------------------------------------
-def plot_reliability(calibration: Mapping | pd.DataFrame, *, ax: Axes | None = None) -> Figure:
-    """Reliability diagram: empirical against nominal coverage of the central intervals, the
-    diagonal being perfect calibration. ``calibration``: metrics.json ``calibration`` (or its
-    ``reliability`` list), or the rows of calibration.csv."""
-    if isinstance(calibration, pd.DataFrame):
-        table, block = calibration, {}
-    else:
-        block = calibration if isinstance(calibration, Mapping) else {}
-        rows = block.get("reliability", calibration) if block else calibration
-        table = pd.DataFrame(list(rows))
-    if ax is None:
-        fig = Figure(figsize=(4.2, 4.0), layout="constrained")
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-    fig = ax.figure
-    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfect calibration")
-    ax.plot(table["nominal"], table["coverage"], "o-", color="C0", label="predictions")
-    for level in (0.8, 0.95):
-        hit = table.loc[np.isclose(table["nominal"], level), "coverage"]
-        if len(hit):
-            ax.annotate(
-                f"{hit.iloc[0]:.1%}",
-                (level, hit.iloc[0]),
-                textcoords="offset points",
-                xytext=(-30, 6),
-                fontsize=8,
-            )
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="nominal coverage", ylabel="empirical coverage")
-    ax.set_aspect("equal")
-    title = "Calibration of the central intervals"
-    if "mean_squared_z" in block:
-        title += f"\nmean z² {block['mean_squared_z']:.2f}"
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left", fontsize=8, frameon=False)
-    return fig

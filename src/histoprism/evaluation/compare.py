@@ -11,19 +11,18 @@ and ``write_comparison`` are pure.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binomtest
 
 from .._core import keys
 from .._core.errors import InputError
 from .._core.files import atomic_path, write_text_atomic
 from ..io.evaldir import EvalResult, load_eval
-from .evaluate import jsonable, win_rate
+from .evaluate import jsonable
+from .scores import paired_bootstrap, sign_test, win_rate
 
 # output files of ``write_comparison`` (candidates for keys.py)
 COMPARE_TABLE, COMPARE_JSON, COMPARE_MD = keys.COMPARE_TABLE, keys.COMPARE_JSON, keys.COMPARE_MD
@@ -43,50 +42,6 @@ __all__ = [
     "win_rate_matrix",
     "write_comparison",
 ]
-
-
-# --- statistics ---------------------------------------------------------------------------------
-def paired_bootstrap(
-    a: pd.Series, b: pd.Series, *, n_boot: int = 10_000, seed: int = 0
-) -> dict[str, float]:
-    """Bootstrap CI of mean(a - b) over slides, resampling slides with replacement.
-
-    a, b: per-slide scores indexed by sample_id; aligned on the common ids, pairs with a NaN
-    dropped. Returns {"diff": mean(a - b), "ci_low", "ci_high" (2.5 / 97.5 percentiles of the
-    (n_boot,) resampled means), "n": slides used}; NaN diff and CI when no pair is left.
-    Memory: one (n_boot, n) index matrix.
-    """
-    a, b = a.astype(np.float64).align(b.astype(np.float64), join="inner")
-    d = (a - b).dropna().to_numpy()  # (n,)
-    n = len(d)
-    if n == 0:
-        return {"diff": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0}
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)  # (n_boot,)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return {"diff": float(d.mean()), "ci_low": float(low), "ci_high": float(high), "n": n}
-
-
-def sign_test(s_a: pd.Series, s_b: pd.Series) -> dict[str, float]:
-    """Two-sided sign test of model A vs B over gene sets.
-
-    s_a, s_b: (n_sets,) scores indexed by gene set (or (collection, gene_set)); sets NaN in either
-    are ignored. Returns wins (A > B), losses, ties, p (exact binomial test of wins among
-    wins + losses, ties dropped; NaN when all tie) and win_rate (``evaluate.win_rate``: ties count
-    as non-wins).
-    """
-    a, b = s_a.astype(np.float64).align(s_b.astype(np.float64), join="inner")
-    ok = a.notna() & b.notna()
-    a, b = a[ok], b[ok]
-    wins, losses = int((a > b).sum()), int((a < b).sum())
-    p = binomtest(wins, wins + losses, 0.5).pvalue if wins + losses else math.nan
-    return {
-        "wins": wins,
-        "losses": losses,
-        "ties": int(ok.sum()) - wins - losses,
-        "p": float(p),
-        "win_rate": win_rate(a, b),
-    }
 
 
 # --- tables -------------------------------------------------------------------------------------
@@ -146,7 +101,7 @@ def per_cancer_table(results: Sequence[EvalResult]) -> pd.DataFrame:
 
 def win_rate_matrix(results: Sequence[EvalResult], *, collection: str) -> pd.DataFrame:
     """(n_models, n_models) share of ``collection``'s gene sets where row model A's s_micro
-    beats column model B's (``evaluate.win_rate``); diagonal NaN. W[A, B] + W[B, A] + ties = 1."""
+    beats column model B's (``scores.win_rate``); diagonal NaN. W[A, B] + W[B, A] + ties = 1."""
     names = _names(results)
     scores = [r.set_scores(collection) for r in results]
     W = np.full((len(names), len(names)), np.nan)

@@ -44,13 +44,24 @@ from ..expression.genes import (
     read_gene_list,
     read_gmt,
 )
-from ..expression.pathways import GeneSets, membership_matrix, membership_scores, pathway_scores
+from ..expression.pathways import GeneSets, membership_matrix, membership_scores
 from ..io.cohort import Cohort, align_by_barcode, file_gene_ids, truth_counts
+from ..io.evaldir import PathwayMaps, SpatialExample, save_examples
 from ..io.prediction import peek, read_prediction
 from ..io.readers import read_st
 from ..io.spatial import spatial_library, tissue_crop
-from ..plotting.report import PathwayMaps, SpatialExample, save_examples, write_report
+from ..plotting.report import write_report
 from .calibration import CalibrationTally
+from .scores import (
+    all_genes_scores,
+    geneset_scores,
+    gpc_table,
+    headline_scores,
+    hvg_scores,
+    per_cancer_scores,
+    per_gene_table,
+    slide_gene_correlations,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,33 +81,15 @@ _BLOCK = 2**24  # float64 elements per (spots x genes) block: ~128 MB, bounds me
 __all__ = [
     "EVALUATOR_VERSION",
     "SlideScore",
-    "align_by_barcode",
-    "all_genes_scores",
     "check_panel_overlap",
-    "comoments",
     "evaluate",
-    "geneset_scores",
-    "gpc_table",
-    "hvg_scores",
-    "macro",
-    "merge_moments",
-    "micro",
-    "pearson_from_moments",
-    "pathway_scores",
-    "pearson_per_gene",
-    "per_cancer_mean",
-    "pooled_pearson",
     "read_hvg_file",
-    "read_prediction",
     "resolve_genesets",
     "resolve_hvg",
     "score_slide",
-    "slide_gene_correlations",
     "spatial_example",
     "top_variance_genes",
     "train_hvg",
-    "truth_counts",
-    "win_rate",
 ]
 
 
@@ -197,7 +190,7 @@ def spatial_example(
     genesets: the sets of ``collection``; if given, ``pathways`` holds the scores of the
     ``n_sets`` sets best predicted on this slide (see ``pathway_scores``). When the prediction
     carries its slide image (``uns['spatial'][sample_id]``), ``image`` holds the part under the
-    spots (``spatial_view.tissue_crop``).
+    spots (``spatial.tissue_crop``).
     """
     pool, source = r.reindex(list(dict.fromkeys(hvg or []))).dropna(), "HVG"
     if pool.empty:
@@ -235,110 +228,6 @@ def spatial_example(
             n_sets=n_sets,
         )
     return ex
-
-
-# --- slides x genes -> scores -------------------------------------------------------------------
-def slide_gene_correlations(r_by_slide: Mapping[str, pd.Series]) -> pd.DataFrame:
-    """(n_slides, G) matrix R of r(i, g) over the union of predicted genes (first-seen order).
-
-    NaN where slide i did not measure, or the model did not predict, gene g.
-    """
-    if not r_by_slide:
-        return pd.DataFrame(dtype=np.float64)
-    R = pd.concat(
-        list(r_by_slide.values()), axis=1, keys=list(r_by_slide), join="outer", sort=False
-    )
-    return R.T.astype(np.float64)
-
-
-def micro(values: pd.Series) -> float:
-    """Mean over slides (NaN left out)."""
-    return float(pd.Series(values, dtype=np.float64).mean())
-
-
-def macro(values: pd.Series, cancers: pd.Series) -> float:
-    """Mean over cancer types of the mean over their slides (NaN left out at both levels)."""
-    return float(per_cancer_mean(values, cancers).mean())
-
-
-def per_cancer_mean(values: pd.Series, cancers: pd.Series) -> pd.Series:
-    """Mean over the slides of each cancer type; ``values`` and ``cancers`` indexed by slide."""
-    return pd.Series(values, dtype=np.float64).groupby(cancers.reindex(values.index)).mean()
-
-
-def hvg_scores(
-    R: pd.DataFrame, cancers: pd.Series, hvg: Mapping[str, Sequence[str] | None]
-) -> pd.DataFrame:
-    """Per slide: mean r over the HVG list of its cancer type (genes with NaN r left out).
-
-    Returns (n_slides, 2): ``hvg`` (NaN without a list) and ``n_hvg`` (genes that had a finite r).
-    """
-    out = pd.DataFrame({"hvg": np.nan, "n_hvg": 0}, index=R.index)
-    slide_cancer = cancers.reindex(R.index)
-    for cancer, ids in slide_cancer.groupby(slide_cancer).groups.items():
-        genes = list(dict.fromkeys(hvg.get(cancer) or []))
-        if genes:
-            sub = R.loc[ids].reindex(columns=genes)
-            out.loc[ids, "hvg"] = sub.mean(axis=1)
-            out.loc[ids, "n_hvg"] = sub.count(axis=1)
-    return out
-
-
-def all_genes_scores(R: pd.DataFrame) -> pd.DataFrame:
-    """Per slide: mean r over all its genes with a finite r (``all_genes``) and their number."""
-    return pd.DataFrame({"n_genes": R.count(axis=1), "all_genes": R.mean(axis=1)})
-
-
-def geneset_scores(R: pd.DataFrame, genesets: Mapping[str, Sequence[str]]) -> pd.DataFrame:
-    """(n_slides, n_sets): mean r(i, g) over the genes g of each set with a finite r on slide i.
-
-    One sparse product with the (sets x genes) ``membership_matrix``: work and memory grow with
-    the sets' total size, not sets x genes (20,000 sets over a 38,982-gene panel are 3 GB dense).
-    NaN where no gene of the set has a finite r on the slide.
-    """
-    M = membership_matrix(R.columns, genesets)  # (S, G) sparse
-    V = R.to_numpy(dtype=np.float64)  # (n_slides, G)
-    ok = np.isfinite(V)
-    sums = (M @ np.where(ok, V, 0.0).T).T  # (n_slides, S)
-    counts = (M @ ok.T.astype(np.float64)).T
-    with np.errstate(invalid="ignore", divide="ignore"):
-        scores = np.where(counts > 0, sums / counts, np.nan)
-    return pd.DataFrame(scores, index=R.index, columns=list(genesets))
-
-
-def gpc_table(
-    scores: pd.DataFrame,
-    cancers: pd.Series,
-    genesets: Mapping[str, Sequence[str]],
-    *,
-    panel: pd.Index,
-    collection: str,
-) -> pd.DataFrame:
-    """Tidy GPC table, one row per gene set: collection, gene_set, n_genes_in_panel, s_micro
-    (mean over slides of ``scores``), s_macro (mean over cancer types)."""
-    by_cancer = scores.groupby(cancers.reindex(scores.index)).mean()
-    return pd.DataFrame(
-        {
-            "collection": collection,
-            "gene_set": list(genesets),
-            "n_genes_in_panel": membership_matrix(panel, genesets).getnnz(axis=1),
-            "s_micro": scores.mean(axis=0).to_numpy(),
-            "s_macro": by_cancer.mean(axis=0).to_numpy(),
-        }
-    )
-
-
-def win_rate(s_a: pd.Series | np.ndarray, s_b: pd.Series | np.ndarray) -> float:
-    """Share of gene sets where model A has the higher s_m than model B.
-
-    Series are aligned by gene-set name, arrays by position; sets NaN in either are ignored, a tie
-    is not a win. NaN when no set is comparable.
-    """
-    if isinstance(s_a, pd.Series) and isinstance(s_b, pd.Series):
-        s_a, s_b = s_a.align(s_b, join="inner")
-    a, b = np.asarray(s_a, dtype=np.float64), np.asarray(s_b, dtype=np.float64)
-    ok = np.isfinite(a) & np.isfinite(b)
-    return float(np.mean(a[ok] > b[ok])) if ok.any() else float("nan")
 
 
 # --- HVG lists and gene sets --------------------------------------------------------------------
@@ -688,56 +577,12 @@ def _tables(run: _Run, s: _Setup) -> _Tables:
     per_slide = per_slide[cols + [f"gpc_{c}" for c in s.collections]]
     return _Tables(
         per_slide,
-        _per_gene(R, pooled),
+        per_gene_table(R, pooled),
         pd.concat(pathways),
         gpc_by_cancer,
         pooled_by_cancer,
         model=_run_model(run.facts),
     )
-
-
-def _per_gene(R: pd.DataFrame, pooled: pd.Series) -> pd.DataFrame:
-    """gene, mean_r over slides, n_slides with a finite r, pooled_r; genes with no score dropped."""
-    out = pd.DataFrame(
-        {
-            "mean_r": R.mean(axis=0),
-            "n_slides": R.count(axis=0),
-            "pooled_r": pooled.reindex(R.columns),
-        }
-    )
-    out = out[(out["n_slides"] > 0) | out["pooled_r"].notna()]
-    return out.rename_axis("gene").reset_index()
-
-
-def _headline(t: _Tables, cancers: pd.Series) -> dict[str, float]:
-    s = t.per_slide
-    head = {"hvg_micro": micro(s["hvg"]), "hvg_macro": macro(s["hvg"], cancers)}
-    for name, table in t.per_pathway.groupby("collection", sort=False):
-        head[f"gpc_{name}_micro"] = float(table["s_micro"].mean())
-        head[f"gpc_{name}_macro"] = float(table["s_macro"].mean())
-    head["all_genes_micro"] = micro(s["all_genes"])
-    head["all_genes_macro"] = macro(s["all_genes"], cancers)
-    head["pooled_pearson"] = float(t.per_gene["pooled_r"].mean())
-    head["n_genes_pooled"] = int(t.per_gene["pooled_r"].notna().sum())
-    return head
-
-
-def _per_cancer(t: _Tables, cancers: pd.Series, hvg: Mapping) -> dict[str, dict]:
-    hvg_mean = per_cancer_mean(t.per_slide["hvg"], cancers)
-    all_mean = per_cancer_mean(t.per_slide["all_genes"], cancers)
-    out = {}
-    for c in dict.fromkeys(cancers):
-        pooled = t.pooled_by_cancer[c]
-        out[c] = {
-            "n_slides": int((cancers == c).sum()),
-            "hvg": hvg_mean[c],
-            **{f"gpc_{k}": v.get(c, np.nan) for k, v in t.gpc_by_cancer.items()},
-            "all_genes": all_mean[c],
-            "pooled_pearson": float(pooled.mean()),
-            # HEST-bench's number for a task: pooled r over the task's HVG list
-            "pooled_hvg": float(pooled.reindex(hvg.get(c) or []).mean()),
-        }
-    return out
 
 
 def _metrics(s: _Setup, t: _Tables) -> dict:
@@ -753,8 +598,14 @@ def _metrics(s: _Setup, t: _Tables) -> dict:
             "gene_sets": {name: len(sets) for name, sets in s.collections.items()},
             "n_spots": int(t.per_slide["n_spots"].sum()),
             "n_spots_matched": int(t.per_slide["n_spots_matched"].sum()),
-            "headline": _headline(t, s.cancers),
-            "per_cancer": _per_cancer(t, s.cancers, s.hvg),
+            "headline": headline_scores(t.per_slide, t.per_pathway, t.per_gene, s.cancers),
+            "per_cancer": per_cancer_scores(
+                t.per_slide,
+                s.cancers,
+                s.hvg,
+                gpc_by_cancer=t.gpc_by_cancer,
+                pooled_by_cancer=t.pooled_by_cancer,
+            ),
             "hvg_genes": s.hvg,
             "model": t.model,
         }

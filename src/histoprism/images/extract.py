@@ -74,7 +74,7 @@ def extract(
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
     cohort = Cohort(data)
-    ids = _sample_ids(cohort, samples, source)
+    ids = cohort.select(samples, among=_extractable(cohort, source))
     mine = rank_share(ids)
     out_dir = cohort.root / keys.EMBEDDINGS_DIR / encoder
     todo = [i for i in mine if overwrite or not (out_dir / f"{i}.h5").exists()]
@@ -243,9 +243,8 @@ def tissue_grid(
     return xy[cover[i, j] >= min_tissue]
 
 
-def _sample_ids(cohort: Cohort, samples: str, source: str) -> list[str]:
-    if samples != "all":
-        return cohort.listed_ids(samples)
+def _extractable(cohort: Cohort, source: str) -> list[str]:
+    """The slides with something to extract from: patches, a slide image, or either."""
     ids = [
         i
         for i in cohort.metadata.index

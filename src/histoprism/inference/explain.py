@@ -55,7 +55,7 @@ from ..expression.pathways import default_genesets
 from ..io.cohort import Cohort, Slide
 from ..io.rundir import check_encoder
 from ..models.inputs import input_options, to_tensors
-from ..models.run import HistoPrismPredictor, Run, load
+from ..models.run import HistoPrismPredictor, Run, check_hidden, load, slide_inputs, trunk_output
 
 log = logging.getLogger(__name__)
 STEPS = 32  # integrated-gradient steps (midpoint rule)
@@ -245,17 +245,11 @@ def explain_slide(
     t = to_tensors(
         slide, vocab=run.vocab, unknown_cancer=unknown_cancer, **input_options(model.cfg)
     )
-    inputs = {k: v.to(device) for k, v in t.model_inputs().items() if v is not None}
+    inputs = slide_inputs(t, device)
     n = t.n_spots
     mask = _spot_mask(spots, n)
-    with torch.no_grad():
-        hidden = model.trunk(**inputs)[0]  # (N, H)
-    if not torch.isfinite(hidden).all():
-        raise InputError(
-            "the model's last hidden layer is not finite on this slide: its embeddings lie far "
-            "outside what the model was trained on",
-            slide.id,
-        )
+    hidden = trunk_output(model, t, device)  # (N, H)
+    check_hidden(hidden, slide.id)
     a, beta = _functional(model, run.panel, tgt, hidden)
     whole = (hidden.double() @ a + beta).cpu().numpy()  # (N,)
     split = np.sort(np.random.default_rng(0).permutation(n)[:SPLIT_SPOTS])
@@ -452,7 +446,7 @@ def write_explanation(pred_h5ad_path: str | Path, explanation: Explanation) -> P
 def plot_explanation(explanation: Explanation, tissue: tuple[np.ndarray, np.ndarray] | None = None):
     """Three maps over the spot positions: the predicted target, its IG attribution and the
     neighbourhood part (context) of each spot's prediction, over the slide image when ``tissue``
-    (``spatial_view.tissue_crop``: image, extent) is given. Returns an Agg-backed Figure."""
+    (``spatial.tissue_crop``: image, extent) is given. Returns an Agg-backed Figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -476,7 +470,7 @@ def plot_explanation(explanation: Explanation, tissue: tuple[np.ndarray, np.ndar
             lo, hi = (float(q) for q in np.nanpercentile(values, [1, 99]))
             hi = max(hi, lo + 1e-6)
         if tissue is not None:
-            from ..plotting.report import draw_tissue
+            from ..plotting.figures import draw_tissue
 
             draw_tissue(ax, tissue[0], tissue[1], ex.coords)
         sc = ax.scatter(x, y, c=values, s=size, cmap=cmap, vmin=lo, vmax=hi, lw=0)
@@ -588,7 +582,7 @@ def save_top_patches(explanation: Explanation, cohort: Cohort, out: str | Path) 
 
 
 def slide_tissue(explanation: Explanation, cohort: Cohort) -> tuple[np.ndarray, np.ndarray] | None:
-    """The slide image under the explained spots (``spatial_view.tissue_crop``: image, extent),
+    """The slide image under the explained spots (``spatial.tissue_crop``: image, extent),
     or None when the cohort has no readable image of the slide (a warning says why)."""
     from ..io.spatial import spatial_uns, tissue_crop
 

@@ -40,6 +40,7 @@ from ..io.rundir import check_encoder
 from ..io.spatial import spatial_uns
 from ..models.cancer_type import CLASSIFIER_FILE, CancerTypeClassifier
 from ..models.run import Run, check_hidden, load
+from .uncertainty import load_uncertainty
 from .writer import output_bytes, wants_factors, write_x
 
 if TYPE_CHECKING:
@@ -239,14 +240,12 @@ def predict(
         run = replace(run, predictor=prompted_predictor(run, prompt_fraction, prompt_seed))
     cohort = Cohort(data, split_dir=split)
     if uncertainty is not None:
-        from .uncertainty import load_uncertainty  # (it imports this module)
-
         unc = load_uncertainty(
             model, uncertainty, encoder=encoder, cohort=cohort, members=members, passes=passes,
             seed=seed, attention=attention, attention_radius_um=attention_radius_um,
         )  # fmt: skip
         run = unc.runs[0]
-    ids = rank_share(_sample_ids(cohort, samples))
+    ids = rank_share(cohort.select(samples))
     told = _cancer_rule(run, cancer)
     genesets = default_genesets(run.panel)
     out = output_dir(out)
@@ -296,11 +295,3 @@ def _cancer_rule(run: Run, cancer: str | None):
         return code
 
     return infer
-
-
-def _sample_ids(cohort: Cohort, samples: str) -> list[str]:
-    if samples in ("test", "train", "val"):
-        return cohort.ids(samples)
-    if samples == "all":
-        return cohort.ids()
-    return cohort.listed_ids(samples)

@@ -2,7 +2,7 @@
 
 Their training writes ``LOG_DIR/config.yml`` and ``LOG_DIR/ckpt/best_model.pt``, a ``torch.save``
 dict whose ``model_state`` is the state dict of their ``HistoPrism`` module. ``import_checkpoint``
-moves those weights onto our network as the "paper" preset builds it (``train.PRESETS``), which
+moves those weights onto our network as the "paper" preset builds it (``training.recipes.PRESETS``), which
 computes the same function, and writes an ordinary run directory: ``predict``, ``evaluate`` and
 ``benchmark`` use it like a trained one. The file is read with ``weights_only=True``, so loading
 it runs no code.
@@ -438,7 +438,7 @@ def authors_parameter_count(model: HistoPrism) -> int:
     parameter of their module) less the graph convolution (``img_conv``) that their released
     configuration never runs: 17,210,438 at UNI size (1,024-d), 38,982 genes, 29 cancer codes.
 
-    Ours has D² + 4D fewer (``model.CancerConditioning``): their cross-attention's query
+    Ours has D² + 4D fewer (``network.CancerConditioning``): their cross-attention's query
     projection (D² + D, dead with one key), the bias of their one-hot Linear (D, folded into our
     embedding rows) and ``img_norm`` (2D, applied only inside the graph convolution).
     """

@@ -59,7 +59,7 @@ class LazySlidePredictor:
         N x G x 4 bytes here and again in LazySlide's table, 3 GB each for 20,000 tiles: pass a
         list when only some genes are wanted.
     name : the model's name; LazySlide's default output key is ``f"{name}_{tile_key}"``.
-    attention, attention_radius_um, device : passed to ``predict.load`` when ``run`` is a path.
+    attention, attention_radius_um, device : passed to ``models.run.load`` when ``run`` is a path.
     """
 
     needs_coords = True  # LazySlide passes the tiles' top-left corners

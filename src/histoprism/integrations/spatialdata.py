@@ -102,7 +102,7 @@ def export_spatialdata(
         if not genes:
             raise InputError("no gene given to export")
     cohort = Cohort(data)
-    ids = _sample_ids(pred, cohort, samples)
+    ids = _predicted_ids(pred, cohort, samples)
     paths = {sid: pred / f"{sid}.h5ad" for sid in ids}
     for path in paths.values():  # every slide is checked before the first is written
         _check_prediction(path, genes)
@@ -394,18 +394,14 @@ def _one_line(exc: Exception) -> str:
 # --- samples and checks ------------------------------------------------------------------------
 
 
-def _sample_ids(pred: Path, cohort: Cohort, samples: str) -> list[str]:
+def _predicted_ids(pred: Path, cohort: Cohort, samples: str) -> list[str]:
+    """``cohort.select(samples)`` among the slides with a prediction in ``pred``."""
     if not pred.is_dir():
         raise InputError("predictions folder not found", pred)
     have = sorted(p.stem for p in pred.glob("*.h5ad") if not p.name.startswith("."))
     if not have:
         raise InputError("no predictions (*.h5ad) in this folder", pred)
-    if samples == "all":
-        return have
-    if samples in keys.SPLIT_NAMES:
-        ids = cohort.ids(samples)
-    else:
-        ids = list(dict.fromkeys(s.strip() for s in samples.split(",") if s.strip()))
+    ids = cohort.select(samples, among=have)
     if not ids:
         raise InputError(f"no sample in '{samples}'", pred)
     missing = sorted(set(ids) - set(have), key=ids.index)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -234,6 +235,16 @@ class Cohort:
         have |= {p.stem for p in emb.glob("*/*.h5") if not p.name.startswith(".")}  # not partials
         have |= {p.name.removesuffix(keys.TORCH_EMBEDDINGS_SUFFIX) for p in emb.glob("*/*.pt")}
         return [i for i in self.metadata.index if i in have]
+
+    def select(self, samples: str, *, among: Sequence[str] | None = None) -> list[str]:
+        """The ids ``--samples`` names, one rule for every command: 'all' (the ids in ``among``,
+        else every available id), a split ('train', 'val', 'test'), or comma-separated ids, each
+        checked against the metadata."""
+        if samples == "all":
+            return list(among) if among is not None else self.ids()
+        if samples in keys.SPLIT_NAMES:
+            return self.ids(samples)
+        return self.listed_ids(samples)
 
     def listed_ids(self, samples: str) -> list[str]:
         """Comma-separated sample ids (``--samples A,B``), each checked against the metadata."""

@@ -161,7 +161,7 @@ class SpatialExample:
     float64 log1p(counts), column k = ``genes[k]``.  r: (K,) Pearson r of each gene on the slide.
     gene_source: how the genes were chosen ("HVG": best-predicted of the HVG list).
     pathways: pathway scores on the same spots, or None.
-    image: (h, w, 3) uint8 slide image under the spots (``spatial_view.tissue_crop``), or None;
+    image: (h, w, 3) uint8 slide image under the spots (``spatial.tissue_crop``), or None;
     image_extent: (4,) float64 ``(x0, x1, y0, y1)``, level-0 px of its outer pixel edges (x0 left,
     y0 top), set with ``image``.
     """

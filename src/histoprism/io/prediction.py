@@ -1,7 +1,7 @@
 """Reading ``PRED/{id}.h5ad``, dense or factorised, one way for every reader.
 
 A dense file holds X (N, G). A factorised file (``predict --output factorised``, the default for
-slides whose dense X would pass ``predict.DENSE_MAX_BYTES``, e.g. Visium HD) holds no X but the
+slides whose dense X would pass ``inference.writer.DENSE_MAX_BYTES``, e.g. Visium HD) holds no X but the
 model's last hidden layer ``obsm['histoprism_hidden']`` (N, H) and its linear head
 ``varm['histoprism_head']`` (G, H) + ``var['histoprism_bias']`` (G,): any gene is
 max(hidden @ head[g] + bias[g], 0), computed when read, and any gene set's score in closed form

@@ -67,8 +67,8 @@ class ModelConfig:
     # stream carries each spot's own projection to the head unchanged (a per-spot skip path)
     # Subtract each slide's mean embedding before anything else: a slide's stain and scanner
     # shift its embeddings as a whole, and a model fitted on a few slides learns those shifts as
-    # biology. Costs the slide-level mean, which per-slide metrics do not score (README, "Model
-    # recipes"). Applied where slides become tensors (``tensors.to_tensors``), over the whole
+    # biology. Costs the slide-level mean, which per-slide metrics do not score (docs/recipes.md).
+    # Applied where slides become tensors (``inputs.to_tensors``), over the whole
     # slide, so that training crops and tiled prediction see the same centre.
     centre_slides: bool = False
     # The authors' released network (the "paper" preset; ``authors.py`` imports its checkpoints)

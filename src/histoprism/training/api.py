@@ -92,9 +92,10 @@ def train(
         # evaluate must see the same test slides whatever --seed a model was trained with
         cohort = Cohort(data, split_dir=split)
         if init is not None:  # refused before the slides are read
-            from .adapt import adapt, load_init
+            from ..models.run import load_network
+            from .adapt import adapt
 
-            init_config, _ = load_init(init, encoder)
+            init_config, _ = load_network(init, encoder)
             if prompt:  # the prompt head corrects the run's own genes
                 if genes is not None:
                     raise InputError("--prompt keeps the run's gene panel: leave --genes out")

@@ -47,6 +47,7 @@ from ..models.inputs import (
 from ..models.network import HistoPrism, ModelConfig
 from ..models.noise import noise_from_model
 from ..models.registry import FitOptions
+from ..models.run import trunk_output
 from .data import TrainingData, random_crop
 from .recipes import TrainConfig, resolve_config
 from .validation import RidgeReference, moment_sums, pearson_from_sums, ridge_reference
@@ -121,7 +122,7 @@ def health_message(model_r: float, ridge: RidgeReference, epoch: int, *, final: 
     return (
         f"health check: validation r {model_r:.3f} {when} {what} a per-spot ridge's on the same "
         f"slides ({ridge.pearson:.3f}, {len(ridge.genes)} most variable genes): the model has "
-        "learned less than the embeddings show (see README, 'Model recipes')"
+        "learned less than the embeddings show (docs/recipes.md, 'Health check')"
     )
 
 
@@ -290,7 +291,7 @@ def _validate(
     mine = slides[ctx.rank :: ctx.world]
     checked = set(check.tolist())
     for s in mine:
-        h = model.trunk(**_to_device(s.model_inputs(), ctx.device))[0]  # (N, H)
+        h = trunk_output(model, s, ctx.device)  # (N, H)
         cols, y = s.target_cols.to(ctx.device), s.target.to(ctx.device)
         step = max(1, VAL_CHUNK_BYTES // (4 * len(cols)))
         sums = torch.zeros(6, len(cols), dtype=torch.float64, device=ctx.device)
