@@ -6,7 +6,11 @@ the ``cohort_copy`` factory (it copies what a cohort needs, not the synthetic ``
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import shutil
+import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,8 +21,48 @@ import pandas as pd
 import pytest
 import torch
 
-from histoprism._core import keys
-from histoprism.synthetic.cohort import make_cohort, tiny
+# huggingface_hub reads this when imported: no user-agent telemetry (its agent registry is
+# fetched from huggingface.co whatever HF_ENDPOINT says)
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from histoprism._core import keys  # noqa: E402
+from histoprism.synthetic.cohort import make_cohort, tiny  # noqa: E402
+
+# --- no network: the package opens none unless asked, and no test asks beyond 127.0.0.1 --------
+NETWORK_ATTEMPTS: list[str] = []  # every refused connection or name lookup, for the session's end
+
+
+def _is_loopback(host) -> bool:
+    host = host.decode() if isinstance(host, bytes) else str(host)
+    if host in ("", "localhost", socket.gethostname()):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuse_network(event: str, args: tuple) -> None:
+    """Audit hook: a connection or DNS lookup beyond this machine fails, and is remembered."""
+    if event == "socket.connect":
+        sock, address = args
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+            NETWORK_ATTEMPTS.append(f"connect {address}")
+            raise ConnectionRefusedError(f"network access during the tests: {address}")
+    elif event == "socket.getaddrinfo" and args[0] is not None and not _is_loopback(args[0]):
+        NETWORK_ATTEMPTS.append(f"getaddrinfo {args[0]}")
+        raise socket.gaierror(f"network access during the tests: {args[0]}")
+
+
+sys.addaudithook(_refuse_network)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Any attempt fails the run, even one a library caught and swallowed."""
+    if NETWORK_ATTEMPTS:
+        print(f"\nnetwork access attempted during the tests: {NETWORK_ATTEMPTS}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 ENCODER = "synthetic"  # embedding folder of the synthetic cohort
 EPOCHS = 3  # training epochs of the tiny HistoPrism and MLP runs

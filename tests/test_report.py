@@ -673,3 +673,10 @@ def test_every_report_table_scrolls_inside_the_page(tmp_path):
     for page in (eval_page, bench_page):
         assert "<table" in page and _tables_outside_scroll(page) == 0
         assert re.search(r"div\.table-scroll\s*\{[^}]*overflow-x:\s*auto", page)
+
+
+def test_per_cancer_counts_are_whole_numbers_whatever_the_dtype():
+    """metrics.json per_cancer as a DataFrame turns n_slides into floats: labels stay (n=2)."""
+    fig = pl.per_cancer_bars(PER_CANCER.astype({"n_slides": float}))
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert any("(n=2)" in t for t in labels) and not any(".0)" in t for t in labels)

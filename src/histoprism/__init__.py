@@ -27,6 +27,7 @@ _EXPORTS = {
     "explain": "histoprism.inference.explain:explain_to_files",
     "import_sample": "histoprism.io.importer:import_sample",
     "import_checkpoint": "histoprism.integrations.authors:import_checkpoint",
+    "import_published": "histoprism.integrations.published:import_published",
     "export_spatialdata": "histoprism.integrations.spatialdata:export_spatialdata",
     "report": "histoprism.plotting.report:regenerate",
     "demo": "histoprism.workflows.demo:run_demo",
@@ -71,6 +72,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .inference.explain import explain_to_files as explain
     from .inference.predict import predict
     from .integrations.authors import import_checkpoint
+    from .integrations.published import import_published
     from .integrations.spatialdata import export_spatialdata
     from .io.cohort import Cohort, Slide
     from .io.evaldir import load_eval

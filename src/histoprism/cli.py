@@ -565,23 +565,61 @@ def export(
 @app.command("import-checkpoint", cls=_Command)
 def import_checkpoint(
     ctx: typer.Context,
-    log_dir: Annotated[
-        Path, typer.Argument(help="The authors' log directory: config.yml, ckpt/best_model.pt.")
+    source: Annotated[
+        str,
+        typer.Argument(
+            metavar="SOURCE",
+            help="The authors' log directory (config.yml, ckpt/best_model.pt), or the published "
+            "model: hub:HuSusu/HistoPrism (hub:HuSusu/HistoPrism@REVISION for a revision).",
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Run directory to write (new or empty).")],
     encoder: Annotated[
         str | None, typer.Option(help="Embedding folder the run expects (default: config.yml).")
     ] = None,
+    split: Annotated[
+        int, typer.Option(help="hub: the paper run trained on split 0 or 1.", min=0, max=1)
+    ] = 0,
+    file: Annotated[
+        str | None,
+        typer.Option("--file", help="hub: the weights file (default HistoPrism_split{N}.ckpt)."),
+    ] = None,
+    weights: Annotated[
+        Path | None,
+        typer.Option(help="hub: a local copy of the weights file, used instead of the hub."),
+    ] = None,
+    allow_download: Annotated[
+        bool, Flag("--allow-download", help="hub: fetch the weights if not in the hub cache.")
+    ] = False,
 ) -> None:
-    """Import a checkpoint of the authors' HistoPrism code as a run directory for predict,
-    evaluate and benchmark."""
-    from .integrations import authors as api
-
+    """Import a checkpoint of the authors' HistoPrism code, or their published pan-cancer model,
+    as a run directory for predict, evaluate and benchmark."""
     t0 = time.perf_counter()
-    s = _run(ctx, api.import_checkpoint, log_dir, out, encoder=encoder)
+    if source.startswith("hub:"):
+        from .integrations.published import import_published
+
+        if encoder is not None:
+            _run(ctx, _bad, "--encoder is for a log directory: the published model takes uni")
+        s = _run(
+            ctx, import_published, out, ref=source, split=split, filename=file, weights=weights,
+            allow_download=allow_download,
+        )  # fmt: skip
+        w = s["source"]
+        origin = f"{w['repo']}/{w['filename']} (sha256 {w['sha256'][:12]}…)"
+        typer.echo(f"licence of the weights: {s['licence']} ({s['licence_source']})")
+    else:
+        from .integrations.authors import import_checkpoint as import_log_dir
+
+        for flag, given in (("--file", file), ("--weights", weights), ("--split", split != 0)):
+            if given:
+                _run(ctx, _bad, f"{flag} is for hub: references, not a log directory")
+        if allow_download:
+            _run(ctx, _bad, "--allow-download is for hub: references, not a log directory")
+        s = _run(ctx, import_log_dir, Path(source), out, encoder=encoder)
+        origin = source
     skipped = f"; {len(s['ignored'])} unused weights skipped" if s["ignored"] else ""
     typer.echo(
-        f"imported {log_dir} (epoch {s['epoch']}, validation loss {s['best_val_loss']}, "
+        f"imported {origin} (epoch {s['epoch']}, validation loss {s['best_val_loss']}, "
         f"{s['n_parameters']:,} parameters{skipped}) -> {s['out']} "
         f"[{time.perf_counter() - t0:.0f}s]"
     )

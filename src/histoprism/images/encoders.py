@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._core.errors import InputError
+from ..io.hub import HubFile, fetch
 from .stain_texture import STAIN_TEXTURE, check_patches, stain_texture_features
 
 log = logging.getLogger(__name__)
@@ -632,10 +633,8 @@ def _download(config: EncoderConfig) -> nn.Module:
     """
     timm = _import_timm()
     if config.hub_file is not None:
-        from huggingface_hub import hf_hub_download  # allow_download=True only
-
-        fetched = hf_hub_download(config.hub_id, config.hub_file)  # allow_download=True only
-        return load_weights(config, fetched)
+        fetched = fetch(HubFile(config.hub_id, config.hub_file), allow_download=True)
+        return load_weights(config, fetched.path)
     if config.arch == RESNET50_TRUNC_ARCH:
         net = timm.create_model(f"hf-hub:{config.hub_id}", pretrained=True, num_classes=0)
         net.layer4 = nn.Identity()

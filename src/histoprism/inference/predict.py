@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from .._core import keys
-from .._core.distributed import rank_share
+from .._core.distributed import rank_share, torchrun_env
 from .._core.errors import InputError
 from .._core.files import atomic_path, directory_lock, remove_partials
 from .._core.names import child
@@ -36,7 +36,7 @@ from ..expression.pathways import (
     panel_membership,
 )
 from ..io.cohort import Cohort, Slide
-from ..io.rundir import check_encoder
+from ..io.rundir import check_encoder, weights_notice
 from ..io.spatial import spatial_uns
 from ..models.cancer_type import CLASSIFIER_FILE, CancerTypeClassifier
 from ..models.run import Run, check_hidden, load
@@ -246,6 +246,9 @@ def predict(
         )  # fmt: skip
         run = unc.runs[0]
     ids = rank_share(cohort.select(samples))
+    notice = weights_notice(run.config)
+    if notice and torchrun_env()[0] == 0:  # once per run, whatever the number of processes
+        log.warning("%s", notice)
     told = _cancer_rule(run, cancer)
     genesets = default_genesets(run.panel)
     out = output_dir(out)

@@ -50,6 +50,7 @@ from ..training.recipes import PRESETS
 
 log = logging.getLogger(__name__)
 
+AUTHORS_CODE = "github.com/susuhu/HistoPrism"
 CONFIG_FILE = "config.yml"
 CHECKPOINT_FILE = Path("ckpt") / "best_model.pt"
 # their PFM_name -> our encoder (both the CLS token of the same network); others need --encoder
@@ -85,9 +86,28 @@ def import_checkpoint(
     count, ``authors_parameter_count``), ignored (their unused keys), genes (count), cancers,
     encoder.
     """
-    log_dir, out = Path(log_dir), Path(out)
+    log_dir = Path(log_dir)
     config_path, ckpt_path = log_dir / CONFIG_FILE, log_dir / CHECKPOINT_FILE
     settings = read_config(config_path)
+    imported = dict(source=AUTHORS_CODE, log_dir=str(log_dir.resolve()))
+    return convert(settings, ckpt_path, out, config_path=config_path, encoder=encoder, genes=genes,
+                   imported=imported)  # fmt: skip
+
+
+def convert(
+    settings: dict,
+    ckpt_path: Path,
+    out: str | Path,
+    *,
+    config_path: Path,
+    encoder: str | None = None,
+    genes: Sequence[str] | None = None,
+    imported: dict | None = None,
+) -> dict:
+    """The authors' checkpoint ``ckpt_path`` with its training ``settings`` (their config.yml,
+    read from ``config_path``, named in errors) as the run directory ``out``; the summary of
+    ``import_checkpoint``. ``imported``: where it came from, kept in config.json ``imported``."""
+    out = Path(out)
     ckpt = read_checkpoint(ckpt_path)
     state, ignored = _split_unused(ckpt["model_state"])
     panel = GenePanel(tuple(genes if genes is not None else _bundled_panel(settings, config_path)))
@@ -109,8 +129,7 @@ def import_checkpoint(
         best_epoch=_number(ckpt.get("epoch"), int),  # their count of epochs run, as ours
         best_val_loss=_number(ckpt.get("best_val_loss"), float),  # theirs: not our masked loss
         imported=dict(
-            source="github.com/susuhu/HistoPrism",
-            log_dir=str(log_dir.resolve()),
+            **(imported or {}),
             ignored=ignored,
             authors_config=json.loads(json.dumps(settings, default=str)),  # YAML dates etc.
         ),

@@ -124,3 +124,17 @@ def load_optimizer(path: str | Path, opt: torch.optim.Optimizer, param_groups: l
         idx, name = key.split(".", 1)
         per_param.setdefault(int(idx), {})[name] = value
     opt.load_state_dict({"state": per_param, "param_groups": param_groups})
+
+
+def weights_notice(config: dict) -> str | None:
+    """One line naming the licence of imported weights (config.json ``imported``), or None for a
+    run without one."""
+    imported = config.get("imported")
+    if not isinstance(imported, dict) or not imported.get("licence"):
+        return None
+    weights = imported.get("weights") or {}
+    origin = f"{weights.get('repo')}/{weights.get('filename')}" if weights else "imported weights"
+    return (
+        f"the weights of this run ({origin}) are published under {imported['licence']}: "
+        "their terms apply to what you do with the predictions"
+    )

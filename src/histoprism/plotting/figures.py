@@ -89,7 +89,7 @@ def per_cancer_bars(per_cancer: pd.DataFrame, *, ax: Axes | None = None) -> Figu
         offset = (k - (len(cols) - 1) / 2) * width
         ax.bar(x + offset, per_cancer[col].to_numpy(dtype=float), width, label=col)
     labels = [
-        f"{c}\n(n={n})" for c, n in zip(per_cancer.index, per_cancer["n_slides"], strict=True)
+        f"{c}\n(n={n:.0f})" for c, n in zip(per_cancer.index, per_cancer["n_slides"], strict=True)
     ]
     ax.set_xticks(x, labels)
     ax.axhline(0.0, color="black", linewidth=0.8)
