@@ -6,16 +6,16 @@ the ``cohort_copy`` factory (it copies what a cohort needs, not the synthetic ``
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import shutil
-import socket
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import anndata as ad
 import h5py
+import netguard
 import numpy as np
 import pandas as pd
 import pytest
@@ -29,39 +29,18 @@ from histoprism._core import keys  # noqa: E402
 from histoprism.synthetic.cohort import make_cohort, tiny  # noqa: E402
 
 # --- no network: the package opens none unless asked, and no test asks beyond 127.0.0.1 --------
-NETWORK_ATTEMPTS: list[str] = []  # every refused connection or name lookup, for the session's end
-
-
-def _is_loopback(host) -> bool:
-    host = host.decode() if isinstance(host, bytes) else str(host)
-    if host in ("", "localhost", socket.gethostname()):
-        return True
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
-def _refuse_network(event: str, args: tuple) -> None:
-    """Audit hook: a connection or DNS lookup beyond this machine fails, and is remembered."""
-    if event == "socket.connect":
-        sock, address = args
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
-            NETWORK_ATTEMPTS.append(f"connect {address}")
-            raise ConnectionRefusedError(f"network access during the tests: {address}")
-    elif event == "socket.getaddrinfo" and args[0] is not None and not _is_loopback(args[0]):
-        NETWORK_ATTEMPTS.append(f"getaddrinfo {args[0]}")
-        raise socket.gaierror(f"network access during the tests: {args[0]}")
-
-
-sys.addaudithook(_refuse_network)
+NETWORK_GUARD = Path(tempfile.mkdtemp(prefix="histoprism-netguard-"))
+NETWORK_LOG = NETWORK_GUARD / "attempts.log"
+netguard.install_everywhere(NETWORK_GUARD, NETWORK_LOG)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Any attempt fails the run, even one a library caught and swallowed."""
-    if NETWORK_ATTEMPTS:
-        print(f"\nnetwork access attempted during the tests: {NETWORK_ATTEMPTS}", file=sys.stderr)
+    """Any attempt, in any process, fails the run, even one a library caught and swallowed."""
+    tried = netguard.attempts(NETWORK_LOG)
+    if tried:
+        print("\nnetwork access attempted during the tests:", *tried, sep="\n  ", file=sys.stderr)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    shutil.rmtree(NETWORK_GUARD, ignore_errors=True)
 
 
 ENCODER = "synthetic"  # embedding folder of the synthetic cohort

@@ -335,3 +335,20 @@ def test_attention_flags_reach_the_run(tiny_cohort, tmp_path):
     result = invoke("train", "--data", tiny_cohort, "--encoder", ENCODER, "--out", tmp_path / "r2",
                     "--attention", "sideways")  # fmt: skip
     assert result.exit_code == 2 and "sideways" in result.output
+
+
+def test_a_failed_predict_leaves_no_lock_and_no_folder(cohort_copy, trained_runs, tmp_path):
+    """The slide fails inside the locked output folder: the folder it made goes with the lock;
+    a folder that was there before stays, without the lock."""
+    cohort = cohort_copy()
+    sid = Cohort(cohort.root).ids("test")[0]
+    cohort.emb_path(sid).unlink()
+    args = ["--model", trained_runs["histoprism"], "--data", cohort.root, "--encoder", ENCODER]
+    out = tmp_path / "new" / "pred"
+    result = invoke("predict", *args, "--out", out, "--samples", sid)
+    assert result.exit_code == 2 and sid in result.output
+    assert not out.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert invoke("predict", *args, "--out", kept, "--samples", sid).exit_code == 2
+    assert kept.is_dir() and list(kept.iterdir()) == []

@@ -240,17 +240,25 @@ def test_import_checkpoint_from_the_hub_command(hub, tmp_path):
     assert log_only.returncode == 2 and "--split is for hub: references" in log_only.stderr
 
 
-def test_the_suite_refuses_connections_beyond_this_machine():
-    """conftest's audit hook: what it refuses fails the session, so take this one back."""
+def test_the_suite_refuses_connections_beyond_this_machine(tmp_path):
+    """conftest's guard, in this process and in a child: what it refuses would fail the
+    session, so the log is put back as it was."""
     import conftest
 
-    n = len(conftest.NETWORK_ATTEMPTS)
-    with (
-        socket.socket() as sock,
-        pytest.raises(ConnectionRefusedError, match="network access during the tests"),
-    ):
-        sock.connect(("192.0.2.1", 443))  # TEST-NET-1: never routed
-    with pytest.raises(socket.gaierror, match="network access during the tests"):
-        socket.getaddrinfo("huggingface.co", 443)
-    assert len(conftest.NETWORK_ATTEMPTS) == n + 2
-    del conftest.NETWORK_ATTEMPTS[n:]
+    log = conftest.NETWORK_LOG
+    before = log.read_text() if log.exists() else ""
+    try:
+        with (
+            socket.socket() as sock,
+            pytest.raises(ConnectionRefusedError, match="network access during the tests"),
+        ):
+            sock.connect(("192.0.2.1", 443))  # TEST-NET-1: never routed
+        with pytest.raises(socket.gaierror, match="network access during the tests"):
+            socket.getaddrinfo("huggingface.co", 443)
+        child = "import socket; socket.socket().connect(('192.0.2.1', 443))"
+        result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
+        assert result.returncode != 0 and "network access during the tests" in result.stderr
+        tried = log.read_text()[len(before) :].splitlines()
+        assert len(tried) == 3 and "getaddrinfo huggingface.co" in tried[1], tried
+    finally:
+        log.write_text(before)

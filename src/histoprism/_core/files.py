@@ -173,7 +173,9 @@ def remove_partials(directory: str | Path) -> list[Path]:
 
 # --- one writer per directory ------------------------------------------------------------------
 @contextlib.contextmanager
-def directory_lock(directory: str | Path, what: str = "") -> Iterator[Path]:
+def directory_lock(
+    directory: str | Path, what: str = "", *, created: bool | None = None
+) -> Iterator[Path]:
     """Hold an exclusive lock on ``directory`` (created if missing) for the block, so that two
     processes never write into one run or output directory; yield the directory. ``what`` (e.g.
     "training"), with the pid, goes into the message of a process that finds the directory locked.
@@ -181,11 +183,12 @@ def directory_lock(directory: str | Path, what: str = "") -> Iterator[Path]:
     ``flock`` on ``{directory}/.lock``, non-blocking: a second process (or a second lock in this
     one: the lock belongs to the open file) gets an InputError naming the holder's pid. The holder
     removes the file when it is done (and the directory it created, if a failed command leaves it
-    empty); a killed one leaves the file, and the kernel drops its lock.
+    empty; ``created``: whether this command made it, default whether it is missing now); a killed
+    one leaves the file, and the kernel drops its lock.
     Without fcntl (Windows) or where the file system refuses locks, nothing is locked.
     """
     directory = Path(directory)
-    created = not directory.exists()
+    created = not directory.exists() if created is None else created
     directory.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
         yield directory

@@ -251,9 +251,11 @@ def predict(
         log.warning("%s", notice)
     told = _cancer_rule(run, cancer)
     genesets = default_genesets(run.panel)
+    created = not Path(out).exists()  # a failed run removes the folder it made, if left empty
     out = output_dir(out)
     written: list[Path] = []
-    with directory_lock(out, "predicting"), progress_bar(enabled=progress) as bar:
+    lock = directory_lock(out, "predicting", created=created)
+    with lock, progress_bar(enabled=progress) as bar:
         remove_partials(out)
         task = bar.add_task("predicting", total=len(ids), info="")
         for sample_id in ids:
