@@ -42,6 +42,7 @@ from histoprism.io.rundir import load_tensors, weights_notice
 from histoprism.models.run import load
 
 SPLIT0, SPLIT1 = "HistoPrism_split0.ckpt", "HistoPrism_split1.ckpt"
+HUB = f"hub:{PUBLISHED_REPO}"
 CARD = b"---\nlicense: cc-by-nc-nd-4.0\ntags:\n- pathology\n---\n# HistoPrism\n"
 
 
@@ -119,7 +120,7 @@ def test_licence_of_a_model_card():
 # --- fetching ----------------------------------------------------------------------------------
 def test_download_cache_and_folder_import_predict_the_same(endpoint, weights, tmp_path):
     cache = tmp_path / "cache"
-    s = import_published(tmp_path / "hub_run", split=0, allow_download=True, cache_dir=cache)
+    s = import_published(HUB, tmp_path / "hub_run", split=0, allow_download=True, cache_dir=cache)
     sha = hashlib.sha256(weights).hexdigest()
     assert s["source"] == dict(repo=PUBLISHED_REPO, filename=SPLIT0, revision=COMMIT, sha256=sha)
     assert (
@@ -148,14 +149,14 @@ def test_download_cache_and_folder_import_predict_the_same(endpoint, weights, tm
 
     # offline from the cache: no request at all, the same record
     before = len(endpoint.requests)
-    again = import_published(tmp_path / "cached_run", split=0, cache_dir=cache)
+    again = import_published(HUB, tmp_path / "cached_run", split=0, cache_dir=cache)
     assert len(endpoint.requests) == before and again["source"] == s["source"]
     assert again["licence"] == "cc-by-nc-nd-4.0"
 
 
 def test_nothing_is_fetched_without_allow_download(endpoint, tmp_path):
     with pytest.raises(InputError) as err:
-        import_published(tmp_path / "run", split=0, cache_dir=tmp_path / "cache")
+        import_published(HUB, tmp_path / "run", split=0, cache_dir=tmp_path / "cache")
     msg = str(err.value)
     assert "\n" not in msg and "--allow-download" in msg
     assert f"{endpoint.url}/{PUBLISHED_REPO}/resolve/main/{SPLIT0}" in msg
@@ -166,34 +167,36 @@ def test_nothing_is_fetched_without_allow_download(endpoint, tmp_path):
     ("kwargs", "message"),
     [
         (dict(split=1), "cannot read as a torch checkpoint"),  # truncated
-        (dict(filename="opaque.ckpt"), "cannot read as a torch checkpoint"),  # not weights
-        (dict(filename="other.ckpt"), r"expected \(38982, 32\)"),  # another model's weights
-        (dict(filename="absent.ckpt"), "cannot fetch"),
+        (dict(file="opaque.ckpt"), "cannot read as a torch checkpoint"),  # not weights
+        (dict(file="other.ckpt"), r"expected \(38982, 32\)"),  # another model's weights
+        (dict(file="absent.ckpt"), "cannot fetch"),
     ],
 )
 def test_a_wrong_file_is_one_line_naming_it(endpoint, tmp_path, kwargs, message):
     with pytest.raises(InputError, match=message) as err:
-        import_published(tmp_path / "run", allow_download=True, cache_dir=tmp_path / "c", **kwargs)
+        import_published(
+            HUB, tmp_path / "run", allow_download=True, cache_dir=tmp_path / "c", **kwargs
+        )
     assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
-    if "filename" in kwargs and kwargs["filename"] != "absent.ckpt":
-        assert kwargs["filename"] in str(err.value)
+    if "file" in kwargs and kwargs["file"] != "absent.ckpt":
+        assert kwargs["file"] in str(err.value)
 
 
 def test_a_local_copy_works_offline_and_records_its_hash(endpoint, weights, tmp_path):
     local = tmp_path / "HistoPrism_split0.ckpt"
     local.write_bytes(weights)
-    s = import_published(tmp_path / "run", weights=local, cache_dir=tmp_path / "cache")
+    s = import_published(HUB, tmp_path / "run", weights=local, cache_dir=tmp_path / "cache")
     assert endpoint.requests == []
     assert s["source"]["sha256"] == hashlib.sha256(weights).hexdigest()
     assert s["licence"] == RECORDED_LICENCE and s["licence_source"] == "recorded by histoprism"
     with pytest.raises(InputError, match="file not found"):
-        import_published(tmp_path / "x", weights=tmp_path / "missing.ckpt")
+        import_published(HUB, tmp_path / "x", weights=tmp_path / "missing.ckpt")
 
 
 # --- predict names the licence once --------------------------------------------------------------
 def test_predict_names_the_licence_once(endpoint, cohort_copy, tmp_path, caplog):
     run = tmp_path / "run"
-    import_published(run, split=0, allow_download=True, cache_dir=tmp_path / "cache")
+    import_published(HUB, run, split=0, allow_download=True, cache_dir=tmp_path / "cache")
     notice = weights_notice(load(run, device="cpu").config)
     assert "cc-by-nc-nd-4.0" in notice and f"{PUBLISHED_REPO}/{SPLIT0}" in notice
     cohort = cohort_copy()

@@ -601,7 +601,7 @@ def import_checkpoint(
         if encoder is not None:
             _run(ctx, _bad, "--encoder is for a log directory: the published model takes uni")
         s = _run(
-            ctx, import_published, out, ref=source, split=split, filename=file, weights=weights,
+            ctx, import_published, source, out, split=split, file=file, weights=weights,
             allow_download=allow_download,
         )  # fmt: skip
         w = s["source"]

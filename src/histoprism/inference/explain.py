@@ -597,10 +597,10 @@ def slide_tissue(explanation: Explanation, cohort: Cohort) -> tuple[np.ndarray, 
 
 
 def explain_to_files(
-    run_dir: str | Path,
-    cohort_dir: str | Path,
+    model: str | Path,
+    data: str | Path,
     encoder: str,
-    sample_id: str,
+    sample: str,
     target: str,
     out: str | Path,
     *,
@@ -608,20 +608,19 @@ def explain_to_files(
     steps: int = STEPS,
     unknown_cancer: bool = False,
 ) -> tuple[Explanation, list[Path]]:
-    """What ``histoprism explain`` does: ``explain``, then the PNG and CSV in ``out`` (and the
-    top spots' patches when the cohort has the slide's image or HEST patches) and, with ``pred``
-    (a PRED folder), ``obsm['attribution_<target>']`` in ``pred/{id}.h5ad``."""
-    if pred is not None and not child(pred, sample_id, ".h5ad").is_file():
-        raise InputError(f"no prediction of {sample_id} here (run predict first)", pred)
-    ex = explain(
-        run_dir, cohort_dir, encoder, sample_id, target, steps=steps, unknown_cancer=unknown_cancer
-    )
-    cohort = Cohort(cohort_dir)
+    """What ``histoprism explain`` does, with its parameter names (``model``: the run directory,
+    ``data``: the cohort, ``sample``: the slide's id): ``explain``, then the PNG and CSV in
+    ``out`` (and the top spots' patches when the cohort has the slide's image or HEST patches)
+    and, with ``pred`` (a PRED folder), ``obsm['attribution_<target>']`` in ``pred/{id}.h5ad``."""
+    if pred is not None and not child(pred, sample, ".h5ad").is_file():
+        raise InputError(f"no prediction of {sample} here (run predict first)", pred)
+    ex = explain(model, data, encoder, sample, target, steps=steps, unknown_cancer=unknown_cancer)
+    cohort = Cohort(data)
     paths = list(save_explanation(ex, out, tissue=slide_tissue(ex, cohort)))
     top = save_top_patches(ex, cohort, out)
     paths += [top] if top is not None else []
     if pred is not None:
-        paths.append(write_explanation(child(pred, sample_id, ".h5ad"), ex))
+        paths.append(write_explanation(child(pred, sample, ".h5ad"), ex))
     return ex, paths
 
 

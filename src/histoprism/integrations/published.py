@@ -55,11 +55,11 @@ def paper_settings(split: int) -> dict:
 
 
 def import_published(
+    source: str,
     out: str | Path,
     *,
-    ref: str = f"hub:{PUBLISHED_REPO}",
     split: int = 0,
-    filename: str | None = None,
+    file: str | None = None,
     weights: str | Path | None = None,
     allow_download: bool = False,
     cache_dir: str | Path | None = None,
@@ -68,38 +68,38 @@ def import_published(
     ``import_checkpoint`` plus ``source`` (repository, filename, revision, sha256), ``licence``
     and ``licence_source``.
 
-    ref: ``hub:owner/name[@revision]`` (default the authors' repository). filename: the weights
+    source: ``hub:owner/name[@revision]``, e.g. ``hub:HuSusu/HistoPrism``. file: the weights
     file in it (default ``HistoPrism_split{split}.ckpt``). weights: a local copy of that file,
     used instead of the hub (nothing fetched). Otherwise the hub cache is used, and the file is
     downloaded only with ``allow_download``; without it, a file not in the cache is a one-line
     InputError saying what would be fetched.
     """
-    repo, revision = parse_hub_ref(ref)
-    file = HubFile(repo, filename or published_file(split), revision or "main")
+    repo, revision = parse_hub_ref(source)
+    hub_file = HubFile(repo, file or published_file(split), revision or "main")
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
             raise InputError("file not found (--weights: a local copy of the weights)", path)
-        source = dict(repo=file.repo, filename=file.filename, revision=None, sha256=sha256_of(path))
-        source["local_file"] = str(path.resolve())
+        origin = dict(repo=repo, filename=hub_file.filename, revision=None, sha256=sha256_of(path))
+        origin["local_file"] = str(path.resolve())
     else:
-        fetched = fetch(file, allow_download=allow_download, cache_dir=cache_dir)
-        path, source = fetched.path, fetched.record()
+        fetched = fetch(hub_file, allow_download=allow_download, cache_dir=cache_dir)
+        path, origin = fetched.path, fetched.record()
     licence = card_licence(
-        repo, source["revision"] or file.revision, allow_download=allow_download,
+        repo, origin["revision"] or hub_file.revision, allow_download=allow_download,
         cache_dir=cache_dir,
     )  # fmt: skip
     licence_source = f"model card of {repo}" if licence else "recorded by histoprism"
     imported = dict(
         source=AUTHORS_CODE,
-        weights=source,
+        weights=origin,
         split=split,
         licence=licence or RECORDED_LICENCE,
         licence_source=licence_source,
     )
     settings = paper_settings(split)
     summary = convert(settings, path, out, config_path=path, imported=imported)
-    return {**summary, "source": source, "licence": imported["licence"],
+    return {**summary, "source": origin, "licence": imported["licence"],
             "licence_source": licence_source}  # fmt: skip
 
 
