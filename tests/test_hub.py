@@ -243,9 +243,10 @@ def test_import_checkpoint_from_the_hub_command(hub, tmp_path):
     assert log_only.returncode == 2 and "--split is for hub: references" in log_only.stderr
 
 
-def test_the_suite_refuses_connections_beyond_this_machine(tmp_path):
-    """conftest's guard, in this process and in a child: what it refuses would fail the
-    session, so the log is put back as it was."""
+def test_the_suite_refuses_connections_beyond_this_machine():
+    """conftest's guard, in this process and in a child. The audit events are raised by hand
+    (``sys.audit``), so nothing could leave the machine even without the guard; what it refuses
+    would fail the session, so the log is put back as it was."""
     import conftest
 
     log = conftest.NETWORK_LOG
@@ -255,10 +256,12 @@ def test_the_suite_refuses_connections_beyond_this_machine(tmp_path):
             socket.socket() as sock,
             pytest.raises(ConnectionRefusedError, match="network access during the tests"),
         ):
-            sock.connect(("192.0.2.1", 443))  # TEST-NET-1: never routed
+            sys.audit("socket.connect", sock, ("192.0.2.1", 443))  # TEST-NET-1
+        with socket.socket() as sock:
+            sys.audit("socket.connect", sock, ("127.0.0.1", 443))  # loopback: allowed
         with pytest.raises(socket.gaierror, match="network access during the tests"):
-            socket.getaddrinfo("huggingface.co", 443)
-        child = "import socket; socket.socket().connect(('192.0.2.1', 443))"
+            sys.audit("socket.getaddrinfo", "huggingface.co", 443, 0, 0, 0)
+        child = "import socket, sys; sys.audit('socket.connect', socket.socket(), ('192.0.2.1', 1))"
         result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
         assert result.returncode != 0 and "network access during the tests" in result.stderr
         tried = log.read_text()[len(before) :].splitlines()
