@@ -72,7 +72,9 @@ def test_every_docs_reference_resolves():
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("page", ["README.md", *(f"docs/{p.name}" for p in DOCS.glob("*.md"))])
+@pytest.mark.parametrize(
+    "page", ["README.md", *(str(p.relative_to(ROOT)) for p in sorted(DOCS.rglob("*.md")))]
+)
 def test_markdown_links_resolve(page):
     source = ROOT / page
     bad = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from rich.console import Console
@@ -29,6 +30,10 @@ class _InfoColumn(ProgressColumn):
 def progress_bar(*, enabled: bool = True) -> Progress:
     """A rich Progress to use as a context manager; tasks may carry an ``info`` field."""
     quiet = os.environ.get("HISTOPRISM_QUIET") or torchrun_env()[0] != 0
+    console = Console(stderr=True)
+    # in a notebook rich draws through ipywidgets; without them it warns at every refresh
+    if console.is_jupyter and importlib.util.find_spec("ipywidgets") is None:
+        quiet = True
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -36,7 +41,7 @@ def progress_bar(*, enabled: bool = True) -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         _InfoColumn(),
-        console=Console(stderr=True),
+        console=console,
         disable=bool(quiet) or not enabled,
         transient=False,
     )

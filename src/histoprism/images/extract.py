@@ -63,6 +63,7 @@ def extract(
     batch_size: int = 64,
     device: str = "auto",
     overwrite: bool = False,
+    progress: bool = True,
 ) -> list[SlideExtraction]:
     """Embed every slide of cohort ``data`` (or ``samples``: comma-separated ids) with ``encoder``.
 
@@ -84,7 +85,7 @@ def extract(
     if not todo:
         return records
     model = load_encoder(encoder, weights, allow_download=allow_download, device=_device(device))
-    with progress_bar() as bar:
+    with progress_bar(enabled=progress) as bar:
         slides = bar.add_task(f"extract {encoder}", total=len(todo))
         for sample_id in todo:
             records.append(

@@ -100,7 +100,7 @@ def train(
                 if genes is not None:
                     raise InputError("--prompt keeps the run's gene panel: leave --genes out")
                 genes = tuple(init_config["genes"])
-        td = load_training_data(cohort, encoder, genes=genes, seed=seed)
+        td = load_training_data(cohort, encoder, genes=genes, seed=seed, progress=progress)
         if prompt:
             from ..models.prompt import PromptConfig
             from .prompt import fit_prompt

@@ -46,6 +46,7 @@ def load_training_data(
     *,
     genes: str | Path | tuple[str, ...] | None = None,
     seed: int = 0,
+    progress: bool = True,
 ) -> TrainingData:
     """Load train and val slides; the panel is ``genes`` (a gene list file, or the genes
     themselves as a tuple) or every gene measured in a training slide."""
@@ -57,7 +58,7 @@ def load_training_data(
         val_ids = sorted(rng.choice(train_ids, max(1, len(train_ids) // 10), replace=False))
         train_ids = [i for i in train_ids if i not in set(val_ids)]
         log.warning("no validation split: holding out %s from training", ", ".join(val_ids))
-    with progress_bar() as bar:
+    with progress_bar(enabled=progress) as bar:
         load = bar.add_task("loading slides", total=len(train_ids) + len(val_ids))
         train = [_load(cohort, i, encoder, bar, load) for i in train_ids]
         val = [_load(cohort, i, encoder, bar, load) for i in val_ids]
