@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 PIP_INSTALL := $(PIP) install --quiet --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint docs clean
+.PHONY: install demo test docs-test lint docs clean
 
 install: $(STAMP)
 
@@ -24,7 +24,11 @@ demo: install
 	$(VENV)/bin/histoprism demo --out demo_out
 
 test: install
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -m "not docs"
+
+# the documentation site built and its tutorials executed (~5 min); CI runs it after make test
+docs-test: install
+	$(VENV)/bin/python -m pytest -q -m docs
 
 docs: install
 	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
