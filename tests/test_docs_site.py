@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # page -> figures it draws at least
 TUTORIALS = {
     "tutorials/quickstart": 4,
+    "tutorials/own-data": 1,
     "tutorials/unsequenced": 1,
     "tutorials/compare": 3,
     "tutorials/trust": 3,

@@ -499,6 +499,21 @@ def test_evaluate_bench_hvg_and_samples(toy, tmp_path):
     assert metrics["headline"]["hvg_micro"] == pytest.approx(expected, rel=1e-9)
 
 
+def test_evaluate_samples_follow_the_rule_of_predict(toy, tmp_path):
+    """hp.evaluate(samples=...): all = every predicted slide, a split name, or listed ids."""
+    from histoprism import verbs
+
+    root, pred_dir, _ = toy
+    every = verbs.evaluate(pred_dir, root, tmp_path / "all", hvg="bench", samples="all")
+    assert every["n_slides"] == len(TEST_IDS)
+    test = verbs.evaluate(pred_dir, root, tmp_path / "test", hvg="bench", samples="test")
+    assert test["headline"] == every["headline"]  # the predictions are the test split's
+    one = verbs.evaluate(pred_dir, root, tmp_path / "one", hvg="bench", samples=TEST_IDS[0])
+    assert one["n_slides"] == 1
+    with pytest.raises(InputError, match="not in metadata: NOPE"):
+        verbs.evaluate(pred_dir, root, tmp_path / "x", hvg="bench", samples="NOPE")
+
+
 def test_evaluate_bad_input(toy, tmp_path):
     root, pred_dir, _ = toy
     with pytest.raises(InputError, match=r"V1\.h5ad"):

@@ -22,6 +22,8 @@ from histoprism.cli import app
 from histoprism.io.cohort import Cohort
 from histoprism.io.importer import import_sample
 from histoprism.io.readers import read_spaceranger, read_st, read_visium_hd
+from histoprism.io.readers.spaceranger import POSITION_COLUMNS
+from histoprism.synthetic.spaceranger import write_matrix_h5, write_positions, write_spaceranger
 
 ENCODER = "uni"
 
@@ -53,14 +55,7 @@ POSITIONS = [
     ("AAACAGCTTTCAGAAG-1", 0, 43, 9, 7000, 250),  # out of tissue
     ("AAACATTTCCCGGATT-1", 0, 61, 97, 9500, 1450),  # a spot with no counts (not in matrix)
 ]
-COLUMNS = [
-    "barcode",
-    "in_tissue",
-    "array_row",
-    "array_col",
-    "pxl_row_in_fullres",
-    "pxl_col_in_fullres",
-]
+COLUMNS = list(POSITION_COLUMNS)
 SCALEFACTORS = {
     "spot_diameter_fullres": 89.4,
     "tissue_hires_scalef": 0.15,
@@ -69,41 +64,9 @@ SCALEFACTORS = {
 }
 
 
-def write_matrix_h5(path: Path, counts=COUNTS, barcodes=BARCODES, features=FEATURES) -> None:
-    """A 10x HDF5 v3 filtered_feature_bc_matrix.h5: CSC by barcode, byte strings."""
-    m = sp.csc_matrix(counts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as h5:
-        h5.attrs["filetype"] = "matrix"
-        h5.attrs["version"] = 2
-        g = h5.create_group("matrix")
-        g.create_dataset("data", data=m.data.astype(np.int32))
-        g.create_dataset("indices", data=m.indices.astype(np.int64))
-        g.create_dataset("indptr", data=m.indptr.astype(np.int64))
-        g.create_dataset("shape", data=np.array(counts.shape, dtype=np.int32))
-        g.create_dataset("barcodes", data=np.array(barcodes, dtype="S"))
-        f = g.create_group("features")
-        f.create_dataset("id", data=np.array([x[0] for x in features], dtype="S"))
-        f.create_dataset("name", data=np.array([x[1] for x in features], dtype="S"))
-        f.create_dataset("feature_type", data=np.array([x[2] for x in features], dtype="S"))
-        f.create_dataset("genome", data=np.array([b"GRCh38"] * len(features)))
-        f.create_dataset("_all_tag_keys", data=np.array([b"genome"]))
-
-
-def write_positions(spatial: Path, variant: str, positions=POSITIONS) -> None:
-    spatial.mkdir(parents=True, exist_ok=True)
-    df = pd.DataFrame(positions, columns=COLUMNS)
-    if variant == "csv":
-        df.to_csv(spatial / "tissue_positions.csv", index=False)
-    elif variant == "list":
-        df.to_csv(spatial / "tissue_positions_list.csv", index=False, header=False)
-    else:
-        df.to_parquet(spatial / "tissue_positions.parquet", index=False)
-
-
 def make_outs(root: Path, variant: str = "csv") -> Path:
-    write_matrix_h5(root / "filtered_feature_bc_matrix.h5")
-    write_positions(root / "spatial", variant)
+    write_matrix_h5(root / "filtered_feature_bc_matrix.h5", COUNTS, BARCODES, FEATURES)
+    write_positions(root / "spatial", pd.DataFrame(POSITIONS, columns=COLUMNS), variant)
     (root / "spatial" / "scalefactors_json.json").write_text(json.dumps(SCALEFACTORS))
     return root
 
@@ -261,7 +224,8 @@ def test_cli_import_bad_input_one_line(tmp_path, problem):
         expect = "filtered_feature_bc_matrix.h5"
     else:
         shutil.rmtree(outs / "spatial")
-        write_positions(outs / "spatial", "csv", POSITIONS[1:])  # first barcode has no position
+        positions = pd.DataFrame(POSITIONS[1:], columns=COLUMNS)  # first barcode has no position
+        write_positions(outs / "spatial", positions)
         expect = "tissue_positions.csv"
     result = invoke(
         "import", "--format", "spaceranger", "--src", outs, "--data", tmp_path / "c", "--id", "S1"
@@ -272,3 +236,16 @@ def test_cli_import_bad_input_one_line(tmp_path, problem):
     assert len(lines) == 1 and expect in lines[0], result.stderr
     if problem == "barcode_without_position":
         assert BARCODES[0] in lines[0]
+
+
+def test_a_synthetic_slide_written_as_spaceranger_reads_back_the_same(tiny_cohort, tmp_path):
+    """write_spaceranger (the tutorials' Space Ranger folder) round-trips through the reader."""
+    sid = Cohort(tiny_cohort).ids("test")[0]
+    st = read_st(tiny_cohort / "st" / f"{sid}.h5ad")
+    back = read_spaceranger(write_spaceranger(st, tmp_path / "outs"))
+    assert back.n_obs == (st.obs["in_tissue"] == 1).sum() and back.n_vars == st.n_vars
+    back = back[:, st.var_names]
+    kept = st[back.obs_names]
+    np.testing.assert_array_equal(back.X.toarray(), kept.X.toarray())
+    np.testing.assert_array_equal(back.obsm["spatial"], np.rint(kept.obsm["spatial"]))
+    assert (back.var["gene_ids"] == st.var["gene_ids"]).all()

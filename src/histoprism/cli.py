@@ -346,7 +346,10 @@ def evaluate(
         typer.Option("--genesets", help="gpc (bundled Hallmark + GO) or FILE.gmt; repeatable."),
     ] = None,
     samples: Annotated[
-        str | None, typer.Option(help="Comma-separated ids instead of the test split.")
+        str | None,
+        typer.Option(
+            help="Instead of the test split: all (every predicted slide), a split, or ids A,B."
+        ),
     ] = None,
 ) -> None:
     """Score predictions against measured counts: HVG-50, GPC, all genes, pooled Pearson."""

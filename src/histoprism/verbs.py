@@ -17,13 +17,17 @@ def evaluate(
     samples: str | list[str] | None = None,
 ) -> dict:
     """``histoprism evaluate``: score ``pred`` (PRED folder) against the cohort ``data``; write the
-    EVAL folder ``out`` (docs/formats.md). ``samples``: ids (a list or comma-separated) instead of
-    the test split. Returns metrics.json as a dict."""
+    EVAL folder ``out`` (docs/formats.md). ``samples`` instead of the test split: ``all`` (every
+    slide with a prediction), a split name, or ids (a list or comma-separated), the rule of
+    ``predict --samples`` (``Cohort.select``). Returns metrics.json as a dict."""
     from .evaluation.evaluate import evaluate as evaluate_cohort
     from .io.cohort import Cohort
 
-    ids = [s.strip() for s in samples.split(",")] if isinstance(samples, str) else samples
     cohort = Cohort(data, split_dir=split)
+    ids = samples
+    if isinstance(samples, str):
+        predicted = sorted(p.stem for p in Path(pred).glob("*.h5ad") if not p.name.startswith("."))
+        ids = cohort.select(samples, among=predicted)
     return evaluate_cohort(pred, cohort, out, hvg=hvg, genesets=genesets, samples=ids)
 
 
