@@ -25,6 +25,7 @@ TUTORIALS = {
     "tutorials/quickstart": 4,
     "tutorials/own-data": 1,
     "tutorials/unsequenced": 1,
+    "tutorials/visium-hd": 1,
     "tutorials/compare": 3,
     "tutorials/trust": 3,
 }
