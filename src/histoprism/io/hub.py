@@ -101,33 +101,14 @@ def fetch(
     InputError that names the URL it would fetch and how to allow it. ``cache_dir``: the hub
     cache to use (default: huggingface_hub's, ``HF_HUB_CACHE``).
     """
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-    except ImportError as exc:  # pragma: no cover - a dependency of timm and of ours
-        raise InputError(f"fetching from the hub needs huggingface_hub: {exc}") from None
-    kwargs = dict(
-        repo_id=file.repo,
-        filename=file.filename,
-        revision=file.revision,
-        cache_dir=str(cache_dir) if cache_dir is not None else None,
-        endpoint=hub_endpoint(),
-    )
-    downloaded = False
-    try:
-        path = hf_hub_download(**kwargs, local_files_only=True)
-    except LocalEntryNotFoundError:
+    path, downloaded = cached(file, cache_dir), False
+    if path is None:
         if not allow_download:
             raise InputError(
                 f"{file.filename} of {file.repo} is not in the hub cache: this would fetch "
                 f"{file.url()}; add --allow-download to fetch it (or give a local copy)"
-            ) from None
-        try:
-            path = hf_hub_download(**kwargs)  # the one network access, asked for
-        except Exception as exc:  # HTTP, DNS, disk, auth: one line naming the URL
-            raise InputError(f"cannot fetch {file.url()}: {first_line(exc)}") from None
-        downloaded = True
-    path = Path(path)
+            )
+        path, downloaded = _download(file, cache_dir), True
     return FetchedFile(
         path=path,
         repo=file.repo,
@@ -136,6 +117,34 @@ def fetch(
         sha256=sha256_of(path),
         downloaded=downloaded,
     )
+
+
+def cached(file: HubFile, cache_dir: str | Path | None = None) -> Path | None:
+    """``file`` as the hub cache holds it, or None: reads the disk, never the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(
+        file.repo, file.filename, cache_dir=cache_dir, revision=file.revision
+    )
+    return Path(found) if isinstance(found, str) else None
+
+
+def _download(file: HubFile, cache_dir: str | Path | None) -> Path:
+    """The package's one network access: reached from ``fetch`` with ``allow_download`` alone."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(
+            hf_hub_download(
+                file.repo,
+                file.filename,
+                revision=file.revision,
+                cache_dir=cache_dir,
+                endpoint=hub_endpoint(),
+            )
+        )
+    except Exception as exc:  # HTTP, DNS, disk, auth: one line naming the URL
+        raise InputError(f"cannot fetch {file.url()}: {first_line(exc)}") from None
 
 
 def _commit_of(path: Path) -> str | None:
@@ -179,6 +188,7 @@ def licence_of_card(text: str) -> str | None:
 __all__ = [
     "FetchedFile",
     "HubFile",
+    "cached",
     "card_licence",
     "fetch",
     "hub_endpoint",
