@@ -289,22 +289,12 @@ def _seed_authors(seeds: Seeds) -> None:
     import yaml
 
     from histoprism.integrations.authors import cancer_codes, expected_shapes, import_checkpoint
+    from histoprism.integrations.published import paper_settings
     from histoprism.models.network import ModelConfig
     from histoprism.training.recipes import PRESETS
 
     genes = seeds.genes()
-    settings = dict(
-        model="HistoPrism",
-        PFM_name="uni",
-        dropout_rate=0.1,
-        transformer_heads=4,
-        hidden_dim=32,
-        graph_config=dict(conv_type=None, n_conv_layers=0, knn=8),
-        onco_onehot_dim=29,
-        conditioning_strategy="cross_attention",
-        cross_attn_heads=4,
-        paths_config=dict(gene_list_path="data/gene_panel/stpath_genes.yaml"),
-    )
+    settings = dict(paper_settings(0), transformer_heads=4, hidden_dim=32)
     cfg = ModelConfig(
         **{
             **PRESETS["paper"][0],

@@ -25,6 +25,7 @@ from histoprism.integrations.authors import (
     expected_shapes,
     import_checkpoint,
 )
+from histoprism.integrations.published import paper_settings
 from histoprism.io.cohort import Slide
 from histoprism.io.rundir import save_tensors
 from histoprism.models.network import CancerConditioning, HistoPrism, ModelConfig
@@ -89,19 +90,8 @@ def reference(seed: int = 0, **kw) -> AuthorsNet:
     return net.eval()
 
 
-SETTINGS = dict(
-    model="HistoPrism",
-    PFM_name="uni",
-    dropout_rate=0.1,
-    transformer_heads=4,
-    transformer_layers=2,
-    hidden_dim=H,
-    graph_config=dict(conv_type=None, n_conv_layers=0, knn=8),
-    onco_onehot_dim=29,
-    conditioning_strategy="cross_attention",
-    cross_attn_heads=4,
-    paths_config=dict(gene_list_path="data/gene_panel/stpath_genes.yaml"),
-)
+# the paper's config.yml at the small test sizes
+SETTINGS = dict(paper_settings(0), transformer_heads=4, hidden_dim=H)
 
 
 def write_log_dir(root, state: dict, settings: dict | None = None, **ckpt):
