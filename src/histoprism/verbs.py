@@ -22,12 +22,12 @@ def evaluate(
     ``predict --samples`` (``Cohort.select``). Returns metrics.json as a dict."""
     from .evaluation.evaluate import evaluate as evaluate_cohort
     from .io.cohort import Cohort
+    from .io.prediction import predicted_ids
 
     cohort = Cohort(data, split_dir=split)
     ids = samples
     if isinstance(samples, str):
-        predicted = sorted(p.stem for p in Path(pred).glob("*.h5ad") if not p.name.startswith("."))
-        ids = cohort.select(samples, among=predicted)
+        ids = cohort.select(samples, among=predicted_ids(pred))
     return evaluate_cohort(pred, cohort, out, hvg=hvg, genesets=genesets, samples=ids)
 
 

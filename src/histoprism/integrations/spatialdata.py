@@ -36,7 +36,7 @@ from .._core import keys
 from .._core.errors import InputError
 from .._core.progress import progress_bar
 from ..io.cohort import Cohort
-from ..io.prediction import gene_columns, peek, read_prediction
+from ..io.prediction import gene_columns, peek, predicted_ids, read_prediction
 from ..io.readers import read_h5ad
 
 log = logging.getLogger(__name__)
@@ -398,7 +398,7 @@ def _predicted_ids(pred: Path, cohort: Cohort, samples: str) -> list[str]:
     """``cohort.select(samples)`` among the slides with a prediction in ``pred``."""
     if not pred.is_dir():
         raise InputError("predictions folder not found", pred)
-    have = sorted(p.stem for p in pred.glob("*.h5ad") if not p.name.startswith("."))
+    have = predicted_ids(pred)
     if not have:
         raise InputError("no predictions (*.h5ad) in this folder", pred)
     ids = cohort.select(samples, among=have)

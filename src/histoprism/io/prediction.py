@@ -31,6 +31,12 @@ FACTOR_SLOTS = (
 )
 
 
+def predicted_ids(pred: str | Path) -> list[str]:
+    """Sample ids of the predictions in a PRED folder (``{id}.h5ad``), sorted; the hidden
+    temporaries of a run in progress left out."""
+    return sorted(p.stem for p in Path(pred).glob("*.h5ad") if not p.name.startswith("."))
+
+
 def is_factorised(path: str | Path) -> bool:
     """Whether a prediction file stores the hidden layer and head instead of X."""
     return peek(path)[2]
