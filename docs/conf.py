@@ -35,6 +35,7 @@ myst_enable_extensions = ["colon_fence", "dollarmath"]
 suppress_warnings = ["myst.xref_missing"]
 
 # Tutorials run top to bottom at each build; an error fails the build
+# (HISTOPRISM_DOCS_EXECUTE=off builds the pages without running them, for quick edits)
 nb_execution_mode = os.environ.get("HISTOPRISM_DOCS_EXECUTE", "force")
 nb_execution_timeout = 300  # seconds per cell
 nb_execution_raise_on_error = True
