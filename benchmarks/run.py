@@ -31,10 +31,17 @@ PAPER_GPU = dict(spots=19_600, seconds=0.109, memory_gb=3.15)  # paper: A100, fu
 
 TIMED_FACTORISED = (
     "scaling entries with output=factorised (--visium-hd): predict_slide with output='factorised' "
-    "on an 8 µm grid (pitch_um): trunk (local attention, 400 µm), closed-form pathway scores and "
+    "on an 8 µm grid (pitch_um) by the default recipe's network: trunk (64 µm sites, rings, "
+    "attention over the sites), closed-form pathway scores and "
     "the h5ad (hidden layer float16, head float32); output_mb = file size; read_gene_seconds = "
     "histoprism.io.prediction.read_genes of one gene for every bin; read_pathway_seconds = "
     "read_pathways of one Hallmark set (closed form), both from the just-written file"
+)
+TIMED_PITCH = (
+    "pitch entries (--pitch): predict_slide with output='factorised' of the same 2 x 2 mm square "
+    "of tissue binned at each pitch, by the default recipe's network (variant histoprism: sites of "
+    "64 µm and rings) and the recipe before it (neighbour-mean: 6-neighbour mean, dense "
+    "attention up to 20k spots, local 400 µm above); us_per_spot = seconds / spots"
 )
 TIMED = {
     "gemm_gflops": "best of 3 torch.mm of two 4096 x 4096 float32 matrices (2·4096³ FLOP)",
@@ -80,14 +87,21 @@ def make_slide(n: int, dim: int = 1024, seed: int = 0, pitch_um: float = PITCH_U
     )
 
 
-def make_model(attention: str = "auto", device: str = "cpu"):
+def make_model(attention: str = "auto", device: str = "cpu", variant: str | None = None):
+    """The paper's shape at 38,982 genes; ``variant``: with that registry row's recipe (the
+    default recipe plus its overrides), else ModelConfig's own settings."""
     from histoprism.models.network import HistoPrism, ModelConfig
+    from histoprism.models.registry import VARIANTS
+    from histoprism.training.recipes import resolve_config
 
+    recipe = resolve_config(VARIANTS[variant].config or "default")[0] if variant else {}
+    if attention != "auto" or not variant:
+        recipe["attention"] = attention
     torch.manual_seed(0)
-    return HistoPrism(ModelConfig(n_genes=GENES, attention=attention)).to(device)
+    return HistoPrism(ModelConfig(**{**recipe, "n_genes": GENES})).to(device)
 
 
-def make_run(kind: str, device: str = "cpu", attention: str = "auto"):
+def make_run(kind: str, device: str = "cpu", attention: str = "auto", variant: str | None = None):
     """An in-memory ``predict.Run`` over the real 38,982-gene panel (Ensembl ids)."""
     from histoprism.expression.genes import GenePanel, data_path
     from histoprism.models.baselines import RidgeBaseline
@@ -98,7 +112,8 @@ def make_run(kind: str, device: str = "cpu", attention: str = "auto"):
     panel, vocab = GenePanel(genes), CancerVocabulary(("IDC", "Unknown"))
     if kind == "histoprism":
         dev = torch.device(device)
-        predictor = HistoPrismPredictor(make_model(attention, device).eval(), vocab, dev)
+        model = make_model(attention, device, variant).eval()
+        predictor = HistoPrismPredictor(model, vocab, dev)
     else:
         rng = np.random.default_rng(0)
         k, d = 256, 1024
@@ -265,7 +280,7 @@ def child_train(spec: dict) -> dict:
         target=torch.from_numpy(rng.random((n, GENES), dtype=np.float32)).to(dev),
         target_cols=torch.arange(GENES, device=dev),
     )
-    inputs = {k: v if v is None else v.to(dev) for k, v in s.model_inputs().items()}
+    inputs = s.model_inputs(dev)
     times = []
     for _ in range(spec.get("steps", 3)):
         sync(dev)
@@ -289,7 +304,7 @@ def child_scaling(spec: dict) -> dict:
 
     n, dev = spec["spots"], spec["device"]
     attention = spec.get("attention", "auto")
-    run = make_run(spec["model"], dev, attention=attention)
+    run = make_run(spec["model"], dev, attention=attention, variant=spec.get("variant"))
     slide = make_slide(n, pitch_um=spec.get("pitch_um", PITCH_UM))
     out = Path(spec["tmp"]) / f"{spec['model']}_{n}.h5ad"
     output = spec.get("output", "dense")
@@ -299,11 +314,16 @@ def child_scaling(spec: dict) -> dict:
     size = out.stat().st_size / 1e9
     reads = _time_reads(out, run.panel.genes) if spec.get("reads") else {}
     out.unlink()
+    sites = n
     if spec["model"] == "histoprism":
-        attention = "local" if run.predictor.model.uses_local_attention(n) else "full"
+        model = run.predictor.model
+        if model.needs_spatial_plan:
+            sites = model.spatial_plan(torch.from_numpy(slide.coords_um).float()).n_sites
+        attention = "local" if model.uses_local_attention(sites) else "full"
     else:
         attention = "none"
     res = {"seconds": seconds, "file_gb": size, "output_mb": size * 1e3, "attention": attention}
+    res["sites"] = sites
     return {**res, "output": output, **reads, **gpu_memory(dev)}
 
 
@@ -440,11 +460,14 @@ def scaling_entry(n: int, res: dict, dtype: str) -> dict:
 
 
 VISIUM_HD = dict(spots=[200_000, 600_000], pitch_um=8.0)  # a whole slide of 8 µm bins
+# the same 2 x 2 mm of tissue at each pitch: Visium-like 100 µm, Visium HD 16, 8 and 2 µm
+PITCH = dict(side_um=2_000.0, pitches_um=[100.0, 16.0, 8.0, 2.0], timeout=900)
+PITCH_VARIANTS = ("histoprism", "neighbour-mean")  # the default, and the one before the rings
 
 
 def visium_hd(args) -> list[dict]:
-    """Whole Visium HD slides predicted to factorised files (8 µm bins, 38,982 genes), with
-    the time to read one gene and one pathway back for every bin."""
+    """Whole Visium HD slides predicted to factorised files (8 µm bins, 38,982 genes) by the
+    default recipe's network, with the time to read one gene and one pathway back for every bin."""
     tmp = Path(tempfile.mkdtemp(prefix="histoprism_bench_", dir=args.tmp))
     rows = []
     for n in VISIUM_HD["spots"]:
@@ -453,6 +476,7 @@ def visium_hd(args) -> list[dict]:
             device=args.device,
             spots=n,
             model="histoprism",
+            variant="histoprism",
             dtype="float16",
             output="factorised",
             pitch_um=VISIUM_HD["pitch_um"],
@@ -460,9 +484,74 @@ def visium_hd(args) -> list[dict]:
             tmp=str(tmp),
         )
         entry = scaling_entry(n, measure(spec, 3600), "float16")
-        rows.append({**entry, "pitch_um": VISIUM_HD["pitch_um"]})
+        rows.append({**entry, "pitch_um": VISIUM_HD["pitch_um"], "variant": "histoprism"})
         print(f"  visium-hd {n:>7,} bins: {_brief(rows[-1])}")
     return rows
+
+
+def per_pitch(args) -> list[dict]:
+    """The same tissue area predicted (factorised output) at every pitch of PITCH, by the
+    default recipe and the one before it: time per spot should follow the tissue, not the pitch."""
+    tmp = Path(tempfile.mkdtemp(prefix="histoprism_bench_", dir=args.tmp))
+    rows = []
+    for variant in PITCH_VARIANTS:
+        for pitch in PITCH["pitches_um"]:
+            n = int(round(PITCH["side_um"] / pitch)) ** 2
+            spec = dict(
+                kind="scaling",
+                device=args.device,
+                spots=n,
+                model="histoprism",
+                variant=variant,
+                dtype="float16",
+                output="factorised",
+                pitch_um=pitch,
+                tmp=str(tmp),
+            )
+            e = scaling_entry(n, measure(spec, PITCH["timeout"]), "float16")
+            e = {
+                "variant": variant,
+                "pitch_um": pitch,
+                "area_mm2": (PITCH["side_um"] / 1e3) ** 2,
+                **e,
+            }
+            if "seconds" in e:
+                e["us_per_spot"] = e["seconds"] / n * 1e6
+            rows.append(e)
+            print(f"  {variant} {pitch:>5} µm {n:>9,} spots: {_brief(e)}")
+    return rows
+
+
+def pitch_table(rows: list[dict]) -> str:
+    """Markdown: per pitch and variant, seconds, µs per spot and peak RSS."""
+    variants = list(dict.fromkeys(e["variant"] for e in rows))
+    pitches = list(dict.fromkeys(e["pitch_um"] for e in rows))
+    lines = [
+        "| pitch | spots | "
+        + " | ".join(f"{v}: s / µs per spot / peak GB" for v in variants)
+        + " |",
+        "|---" * (2 + len(variants)) + "|",
+    ]
+    for p in pitches:
+        cells, n = [], ""
+        for v in variants:
+            e = next((x for x in rows if x["variant"] == v and x["pitch_um"] == p), None)
+            if e is None:
+                cells.append("")
+                continue
+            n = f"{e['spots']:,}"
+            if "error" in e:
+                cells.append(e["error"])
+            else:
+                sites = (
+                    f", {e['sites']:,} sites" if e.get("sites", e["spots"]) != e["spots"] else ""
+                )
+                cells.append(
+                    f"{e['seconds']:.1f} / {e['us_per_spot']:.0f} / "
+                    f"{e['peak_rss_mb'] / 1e3:.2f} ({e['attention']}{sites})"
+                )
+        lines.append(f"| {p:g} µm | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def benchmark(args) -> dict:
@@ -675,6 +764,9 @@ def print_tables(r: dict) -> None:
     con.print(t)
     if "paper_gpu_comparison" in r:
         con.print(r["paper_gpu_comparison"])
+    if "pitch" in r:
+        con.print("Same tissue at every pitch (2 x 2 mm, factorised output):")
+        con.print(pitch_table(r["pitch"]))
 
 
 def plot_scaling(r: dict, path: Path) -> None:
@@ -759,10 +851,22 @@ def main() -> None:
         action="store_true",
         help="only the whole-slide Visium HD series (factorised output), merged into --out",
     )
+    ap.add_argument(
+        "--pitch",
+        action="store_true",
+        help="only the per-pitch series (2 x 2 mm at 100, 16, 8, 2 µm), merged into --out",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return run_child(json.loads(args.child))
+    if args.pitch:
+        results = json.loads(args.out.read_text()) if args.out.exists() else {}
+        results["pitch"] = per_pitch(args)
+        results.setdefault("timed", TIMED)["pitch"] = TIMED_PITCH
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        print(pitch_table(results["pitch"]))
+        return print(f"wrote the per-pitch entries into {args.out}")
     if args.visium_hd:
         results = json.loads(args.out.read_text()) if args.out.exists() else {"scaling": []}
         kept = [e for e in results.get("scaling", []) if e.get("output") != "factorised"]

@@ -280,10 +280,18 @@ def test_attention_rollout_rows_are_distributions_and_match_the_layers(setup, ge
         model.trunk(**inputs)
     hook.remove()
     x = seen[0]
-    a = block.attention_weights(x)  # (1, h, N, N)
+    assert model.uses_local_attention(n)  # the default: within 300 µm, so weights are masked
+    a = block.attention_weights(x, inputs["coords_um"], model.cfg.attention_radius_um)
+    assert (a == 0).float().mean() > 0.5  # (1, h, N, N): most spots lie outside the radius
     y = block.norm1(x) if block.norm_first else x
     v = block.qkv(y).view(1, n, 3, block.n_heads, -1)[:, :, 2].transpose(1, 2)
+    plans = model.local_plans(inputs["coords_um"], n, inputs.get("spatial"))
+    attended = block._attend(y, plans)  # (1, N, H): the tiled kernel prediction uses
+    torch.testing.assert_close(
+        (a @ v).transpose(1, 2).reshape(1, n, -1), attended, atol=1e-5, rtol=1e-4
+    )
+    dense = block.attention_weights(x)  # and without coordinates, the dense layer
     fused = torch.nn.functional.scaled_dot_product_attention(
         *(block.qkv(y).view(1, n, 3, block.n_heads, -1)[:, :, i].transpose(1, 2) for i in range(3))
     )
-    torch.testing.assert_close(a @ v, fused, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(dense @ v, fused, atol=1e-5, rtol=1e-4)

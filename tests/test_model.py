@@ -21,6 +21,14 @@ CONFIGS = {
     "default": dict(conditioning_site="hidden", norm_first=True, standardize_inputs=True),
     "hidden-context-tokens": dict(conditioning_site="hidden", norm_first=True, context_tokens=3),
     "authors": dict(activation="relu", ff_mult=8, head_norm=True, cross_output_dropout=False),
+    "rings-sites-mixed": dict(
+        conditioning_site="hidden",
+        norm_first=True,
+        context_rings_um=(800.0, 1600.0),
+        site_um=64.0,
+        attention="mixed",
+        attention_radius_um=1500.0,
+    ),
 }
 # a zero-initialised output layer passes no gradient to what feeds it on the first step
 ZERO_AT_INIT = ("condition.tokens.", "condition.kv.", "condition.q.", "condition.norm.")
@@ -52,7 +60,7 @@ def test_shapes_gradients_finite(name):
     hidden = model.cfg.conditioning_site == "hidden"
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        if not (hidden and name.startswith(ZERO_AT_INIT)):
+        if not (hidden and name.startswith(ZERO_AT_INIT) or name.startswith("rings.inp.")):
             assert float(p.grad.abs().sum()) > 0, name
 
 
@@ -257,3 +265,46 @@ def test_inference_path_equals_the_autograd_path(name, monkeypatch):
     monkeypatch.setattr(model_mod, "SPOT_CHUNK", 7)  # several blocks, the last a partial one
     with torch.no_grad():
         torch.testing.assert_close(model(**x), with_grad.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "mode, n, expected",
+    [
+        ("full", 10, 4),
+        ("auto", 10, 4),
+        ("auto", 30, 0),
+        ("local", 10, 0),
+        ("mixed", 10, 2),
+        ("mixed", 30, 0),
+    ],
+)
+def test_heads_attending_over_the_whole_slide(mode, n, expected):
+    model = HistoPrism(small(attention=mode, full_attention_max_spots=20))
+    assert model.dense_heads(n) == expected
+    assert model.uses_local_attention(n) == (expected < 4)
+
+
+def test_mixed_attention_is_half_within_the_radius_half_over_the_slide():
+    torch.manual_seed(0)
+    model = HistoPrism(small(attention="mixed", attention_radius_um=1e-3, norm_first=True)).eval()
+    x = inputs(n=20)
+    block = model.blocks[0]
+    y = torch.randn(1, 20, 32)
+    w = block.attention_weights(y, x["coords_um"], 1e-3, dense_heads=model.dense_heads(20))
+    torch.testing.assert_close(w[0, :2], torch.eye(20).expand(2, -1, -1))  # local: itself only
+    assert (w[0, 2:] > 0).all()  # dense heads: every spot
+    v = block.qkv(block.norm1(y)).view(1, 20, 3, 4, -1)[:, :, 2].transpose(1, 2)
+    plans = model.local_plans(x["coords_um"], 20)
+    tiled = block._attend(block.norm1(y), plans, model.dense_heads(20))  # the prediction path
+    torch.testing.assert_close(
+        tiled, (w @ v).transpose(1, 2).reshape(1, 20, 32), atol=1e-5, rtol=1e-4
+    )
+
+
+def test_mixed_attention_with_a_radius_over_the_slide_is_full_attention():
+    torch.manual_seed(0)
+    full = HistoPrism(small(attention="full")).eval()
+    mixed = HistoPrism(small(attention="mixed", attention_radius_um=1e5)).eval()
+    mixed.load_state_dict(full.state_dict())
+    x = inputs(n=25)
+    torch.testing.assert_close(mixed(**x), full(**x), atol=1e-5, rtol=1e-4)

@@ -51,10 +51,14 @@ GLOBAL_FLAGS = ("--debug", "--verbose", "-v")
 Data = Annotated[Path, typer.Option("--data", help="Cohort directory (layout: docs/formats.md).")]
 Encoder = Annotated[str, typer.Option("--encoder", help="Embedding folder name under embeddings/.")]
 Attention = Annotated[
-    str | None, typer.Option(help="auto (full up to 20,000 spots, local above) | full | local.")
+    str | None,
+    typer.Option(
+        help="auto (full up to 20,000 spots, local above) | full | local | mixed (half the heads local, half full up to 20,000)."
+    ),
 ]
 AttentionRadius = Annotated[
-    float | None, typer.Option(help="Local attention radius, µm (default 400).")
+    float | None,
+    typer.Option(help="Local attention radius, µm (default: the recipe's, 300 in default)."),
 ]
 Split = Annotated[
     Path | None, typer.Option("--split", help="Folder with {train,val,test}_split.csv.")

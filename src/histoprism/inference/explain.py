@@ -334,19 +334,31 @@ def _occluded(model, inputs: dict, a: torch.Tensor, beta: float, rows: np.ndarra
             m = len(chunk)
             z = x.expand(m, -1, -1).clone()  # (m, N, D)
             z[torch.arange(m), chunk] = mean
-            spatial = {k: v.expand(m, *v.shape[1:]) for k, v in extra.items()}
+            spatial = _repeat(extra, m)
             h = model.trunk(z, inputs["condition"].expand(m), **spatial)  # (m, N, H)
             out.append(h[torch.arange(m), chunk].double() @ a + beta)
     return torch.cat(out).cpu().numpy() if out else np.zeros(0)
 
 
+def _repeat(inputs: dict, m: int) -> dict:
+    """A slide's non-feature inputs as a batch of ``m`` copies of it (tensors expanded, per-slide
+    lists such as the spatial plans repeated)."""
+    return {
+        k: v * m if isinstance(v, list) else v.expand(m, *v.shape[1:]) for k, v in inputs.items()
+    }
+
+
 def attention_rollout(model, inputs: dict) -> np.ndarray | None:
     """(N, N) float32 attention rollout of a slide (module doc): row i = how much each input spot
-    contributes to spot i's last layer, rows summing to 1; None with local attention or above
-    ``ROLLOUT_SPOTS`` spots."""
+    contributes to spot i's last layer, rows summing to 1; local attention as dense attention
+    masked to its radius; None above ``ROLLOUT_SPOTS`` spots or where spots are pooled into
+    sites (attention is then between sites, not spots)."""
     n = inputs["features"].shape[1]
-    if n > ROLLOUT_SPOTS or model.uses_local_attention(n):
+    plans = inputs.get("spatial") or []
+    if n > ROLLOUT_SPOTS or any(p.site is not None for p in plans):
         return None
+    local, dense = model.uses_local_attention(n), model.dense_heads(n)
+    coords = inputs["coords_um"] if local else None
     seen = []
     hooks = [
         b.register_forward_pre_hook(lambda _m, args: seen.append(args[0])) for b in model.blocks
@@ -356,7 +368,8 @@ def attention_rollout(model, inputs: dict) -> np.ndarray | None:
             model.trunk(**inputs)
             rollout = torch.eye(n, device=inputs["features"].device)
             for block, x in zip(model.blocks, seen, strict=True):
-                a = block.attention_weights(x)[0].mean(0)  # (N, N) mean over heads
+                a = block.attention_weights(x, coords, model.cfg.attention_radius_um, dense)
+                a = a[0].mean(0)  # (N, N) mean over heads
                 rollout = (0.5 * a + 0.5 * torch.eye(n, device=a.device)) @ rollout
     finally:
         for h in hooks:
@@ -385,14 +398,14 @@ def _integrated_gradients(
         for chunk in alphas.split(per_batch):
             m = len(chunk)
             z = (base + chunk[:, None, None] * diff).requires_grad_(True)  # (m, N, D)
-            spatial = {k: v.expand(m, *v.shape[1:]) for k, v in extra.items()}
+            spatial = _repeat(extra, m)
             h = model.trunk(z, inputs["condition"].expand(m), **spatial)  # (m, N, H)
             (grad,) = torch.autograd.grad((h[:, sel] @ a32).sum(), z)
             grad_sum += grad.sum(0)
     ig = (diff[0] * grad_sum / steps).sum(1)  # (N,)
     with torch.no_grad():
         ends = torch.cat([x, base])  # (2, N, D): F(x) and F(baseline) in one pass
-        spatial = {k: v.expand(2, *v.shape[1:]) for k, v in extra.items()}
+        spatial = _repeat(extra, 2)
         h = model.trunk(ends, inputs["condition"].expand(2), **spatial)[:, sel].double()
         f = (h @ a + beta).sum(1)  # (2,)
     return ig.double().cpu().numpy(), float(f[0] - f[1])

@@ -13,6 +13,7 @@ from .._core.errors import InputError
 from ..expression.genes import GenePanel, panel_counts
 from ..io.cohort import Slide
 from .network import ModelConfig
+from .spatial import SpatialPlan, spatial_plan
 
 # context field -> (its ModelConfig vocabulary, the metadata column it reads)
 CONTEXT_COLUMNS = {
@@ -53,6 +54,7 @@ class SlideTensors:
     """One slide ready for the model. Row i is spot i of the ``Slide``.
 
     features (N, D) float32; coords_um (N, 2) float32 µm; neighbours (N, K) int64 or None;
+    spatial: sites and rings (``spatial.spatial_plan``) when the model reads them, else None;
     target (N, G_m) float32 log1p(counts) of the measured panel genes at ``target_cols`` (G_m,) int64.
     """
 
@@ -63,6 +65,7 @@ class SlideTensors:
     coords_um: torch.Tensor
     neighbours: torch.Tensor | None
     target: torch.Tensor | None = None
+    spatial: SpatialPlan | None = None
     target_cols: torch.Tensor | None = None
     context: dict[str, int] = field(default_factory=dict)  # organ/technology index, if used
 
@@ -70,16 +73,21 @@ class SlideTensors:
     def n_spots(self) -> int:
         return self.features.shape[0]
 
-    def model_inputs(self) -> dict:
-        """Keyword arguments of ``HistoPrism.forward`` for this slide as a batch of one."""
-        nb = None if self.neighbours is None else self.neighbours[None]
-        return dict(
+    def model_inputs(self, device: torch.device | str | None = None) -> dict:
+        """Keyword arguments of ``HistoPrism.forward`` for this slide as a batch of one (on
+        ``device`` when given; absent inputs are None)."""
+        inputs = dict(
             features=self.features[None],
             condition=torch.tensor([self.condition]),
             coords_um=self.coords_um[None],
-            neighbours=nb,
+            neighbours=None if self.neighbours is None else self.neighbours[None],
+            spatial=None if self.spatial is None else [self.spatial],
             **{name: torch.tensor([i]) for name, i in self.context.items()},
         )
+        if device is None:
+            return inputs
+        move = lambda v: [p.to(device) for p in v] if isinstance(v, list) else v.to(device)  # noqa: E731
+        return {k: None if v is None else move(v) for k, v in inputs.items()}
 
 
 def knn_index(coords: np.ndarray, k: int) -> np.ndarray:
@@ -114,6 +122,8 @@ def input_options(cfg: ModelConfig) -> dict:
     return dict(
         in_dim=cfg.in_dim,
         neighbours=cfg.neighbours,
+        rings_um=cfg.context_rings_um,
+        site_um=cfg.site_um,
         centre=cfg.centre_slides,
         context={
             name: getattr(cfg, vocabulary)
@@ -152,13 +162,16 @@ def to_tensors(
     vocab: CancerVocabulary,
     in_dim: int,
     neighbours: int = 0,
+    rings_um: tuple[float, ...] = (),
+    site_um: float = 0.0,
     centre: bool = False,
     panel: GenePanel | None = None,
     unknown_cancer: bool = False,
     context: dict[str, tuple[str, ...]] | None = None,
 ) -> SlideTensors:
     """Convert a ``Slide``; with a ``panel`` and counts, also the targets. ``centre``: subtract
-    the slide's mean embedding (``ModelConfig.centre_slides``). ``context``: field -> vocabulary
+    the slide's mean embedding (``ModelConfig.centre_slides``). ``rings_um``, ``site_um``: the
+    model's rings and sites (``spatial.spatial_plan``), computed here once per slide. ``context``: field -> vocabulary
     of the model's context fields (``input_options``); a value outside it is "Unknown".
 
     Raises ``InputError`` when the embedding dimension differs from the model's ``in_dim``.
@@ -177,6 +190,9 @@ def to_tensors(
         features=torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)),
         coords_um=torch.from_numpy(slide.coords_um.astype(np.float32)),
         neighbours=nb,
+        spatial=(
+            spatial_plan(slide.coords_um, rings_um, site_um) if rings_um or site_um > 0 else None
+        ),
         context={
             name: CancerVocabulary(vocabulary).index(
                 _context_value(slide, CONTEXT_COLUMNS[name][1]), fallback=True

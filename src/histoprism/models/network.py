@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import LocalPlan, local_attention, plan_tiles
+from .spatial import RingContext, SpatialPlan, spatial_plan
 
 SPOT_CHUNK = 8192  # spots per block of the per-spot layers: bounds the (chunk, D) temporaries
-ATTENTION_MODES = ("auto", "full", "local")
+ATTENTION_MODES = ("auto", "full", "local", "mixed")
 CONDITIONING_SITES = ("input", "hidden")
 CONTEXT_FIELDS = ("organ", "technology")  # ModelConfig.context_fields: the slide context used
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}  # nonlinearity of the feed-forward and head
@@ -48,13 +49,22 @@ class ModelConfig:
     neighbours: int = (
         0  # K > 0: add the mean embedding of each spot's K nearest spots (spatial context)
     )
+    # What surrounds a spot at several scales (``spatial.py``): outer radii (µm) of the rings
+    # around it whose mean, gradient and tissue share the model reads; () for none.
+    context_rings_um: tuple[float, ...] = ()
+    ring_channels: int = 64  # width of the features the rings average (0: the hidden width)
+    # > 0: spots much finer than this (Visium HD bins) are pooled into square sites of this side
+    # (µm) for attention and rings, so their cost follows the tissue area, not the pitch
+    site_um: float = 0.0
     standardize_inputs: bool = (
         False  # z-score embeddings with training-set statistics (stored buffers)
     )
     # Dense attention up to the paper's scale (19.6k patches), local above: 400 µm is 4 Visium
     # pitches (~58 spots; 2 layers see 800 µm, tissue-compartment scale) and ~2,000 Visium HD
     # 16 µm bins, whose cost grows as (radius / pitch)².
-    attention: str = "auto"  # "full" (paper), "local" (within the radius), "auto": full up to max
+    # "full" (paper), "local" (within the radius), "auto": full up to max, "mixed": half the
+    # heads within the radius, half over the whole slide up to max (all local above)
+    attention: str = "auto"
     attention_radius_um: float = 400.0  # local: a spot attends to the spots within this many µm
     full_attention_max_spots: int = 20_000  # auto: dense attention up to this many spots
     # Where the cancer type enters. "input" (the paper): cross-attention from the patch embedding
@@ -112,6 +122,18 @@ class ModelConfig:
                 f"conditioning_site must be one of {CONDITIONING_SITES}, "
                 f"got '{self.conditioning_site}'"
             )
+        self.context_rings_um = tuple(float(r) for r in self.context_rings_um)
+        rings = self.context_rings_um
+        if rings and (rings[0] <= 0 or any(b <= a for a, b in zip(rings, rings[1:], strict=False))):
+            raise ValueError(f"context_rings_um must be increasing radii > 0, got {list(rings)}")
+        if (
+            isinstance(self.ring_channels, bool)
+            or not isinstance(self.ring_channels, int)
+            or self.ring_channels < 0
+        ):
+            raise ValueError(f"ring_channels must be an integer >= 0, got {self.ring_channels!r}")
+        if isinstance(self.site_um, bool) or not self.site_um >= 0:
+            raise ValueError(f"site_um must be >= 0 µm, got {self.site_um!r}")
         for name in ("context_fields", "organs", "technologies"):  # JSON lists -> tuples
             setattr(self, name, tuple(str(v) for v in getattr(self, name)))
         unknown = set(self.context_fields) - set(CONTEXT_FIELDS)
@@ -230,20 +252,32 @@ class EncoderBlock(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(h), nn.LayerNorm(h)
         self.norm_first = cfg.norm_first
 
-    def forward(self, x: torch.Tensor, local: list[LocalPlan] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        local: list[LocalPlan] | None = None,
+        sites: list[SpatialPlan] | None = None,
+        dense_heads: int = 0,
+    ) -> torch.Tensor:
+        """x (B, N, H) -> (B, N, H). ``local``: plans of local attention (None: dense); with
+        them, the last ``dense_heads`` heads still attend densely. ``sites``: one plan per slide
+        whose pooled spots attend as sites (their mean), each spot then receiving its site's
+        attention output."""
         B, N, H = x.shape
+        p = self.dropout if self.training else 0.0
         y = self.norm1(x) if self.norm_first else x
-        q, k, v = self.qkv(y).view(B, N, 3, self.n_heads, -1).unbind(2)  # (B, N, h, H/h)
-        p, p_attn = (self.dropout, self.attn_dropout) if self.training else (0.0, 0.0)
-        if local is None:
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, h, N, H/h)
-            a = F.scaled_dot_product_attention(q, k, v, dropout_p=p_attn).transpose(1, 2)
-        else:  # one plan per slide: its spots' neighbourhoods
+        if sites is None or all(s.site is None for s in sites):
+            a = self._attend(y, local, dense_heads)  # (B, N, H)
+        else:  # attention over each slide's sites, spread back to its spots
             a = torch.stack(
-                [local_attention(q[b], k[b], v[b], local[b], dropout_p=p_attn) for b in range(B)]
-            )  # (B, N, h, H/h)
-        del q, k, v, y  # (B, N, 3H) of activations: freed before the per-spot layers
-        a = a.reshape(B, N, H)
+                [
+                    s.spread(
+                        self._attend(s.pool(y[b])[None], local and local[b : b + 1], dense_heads)[0]
+                    )
+                    for b, s in enumerate(sites)
+                ]
+            )
+        del y
         if not (self.training or torch.is_grad_enabled()):
             return self._per_spot_inference(x, a)
         a = F.dropout(self.out(a), p, self.training)  # (B, N, H)
@@ -254,14 +288,59 @@ class EncoderBlock(nn.Module):
         f = F.dropout(f, p, self.training)
         return x + f if self.norm_first else self.norm2(x + f)
 
-    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """The dense attention of this layer on its input x (B, N, H): (B, h, N, N) softmax
-        weights, row = query spot (for attribution; prediction never forms them)."""
+    def _attend(
+        self, y: torch.Tensor, local: list[LocalPlan] | None, dense_heads: int = 0
+    ) -> torch.Tensor:
+        """Multi-head self-attention of y (B, N, H) before the output projection -> (B, N, H):
+        dense without ``local`` plans; with them, local but for the last ``dense_heads`` heads."""
+        B, N, H = y.shape
+        q, k, v = self.qkv(y).view(B, N, 3, self.n_heads, -1).unbind(2)  # (B, N, h, H/h)
+        p_attn = self.attn_dropout if self.training else 0.0
+        n_local = 0 if local is None else self.n_heads - dense_heads
+        parts = []
+        if n_local:  # one plan per slide: its spots' neighbourhoods
+            ql, kl, vl = (t[:, :, :n_local] for t in (q, k, v))
+            parts.append(
+                torch.stack(
+                    [
+                        local_attention(ql[b], kl[b], vl[b], local[b], dropout_p=p_attn)
+                        for b in range(B)
+                    ]
+                )  # (B, N, h_local, H/h)
+            )
+        if n_local < self.n_heads:
+            qd, kd, vd = (t[:, :, n_local:].transpose(1, 2) for t in (q, k, v))  # (B, h, N, H/h)
+            parts.append(
+                F.scaled_dot_product_attention(qd, kd, vd, dropout_p=p_attn).transpose(1, 2)
+            )
+        a = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        return a.reshape(B, N, H)
+
+    def attention_weights(
+        self,
+        x: torch.Tensor,
+        coords_um: torch.Tensor | None = None,
+        radius_um: float = 0.0,
+        dense_heads: int = 0,
+    ) -> torch.Tensor:
+        """The attention of this layer on its input x (B, N, H): (B, h, N, N) softmax weights,
+        row = query spot (for attribution; prediction never forms them). With ``coords_um``
+        (B, N, 2): local attention, keys within ``radius_um`` of the query (``attention.py``),
+        but for the last ``dense_heads`` heads."""
         B, N, H = x.shape
         y = self.norm1(x) if self.norm_first else x
         q, k, _ = self.qkv(y).view(B, N, 3, self.n_heads, -1).unbind(2)  # (B, N, h, H/h)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, h, N, H/h)
-        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, h, N, N)
+        if coords_um is not None:
+            c = coords_um.double()
+            d2 = (c[:, :, None] - c[:, None]).square().sum(-1)  # (B, N, N) µm²
+            n_local = self.n_heads - dense_heads
+            far = (d2 > radius_um**2)[:, None] & (torch.arange(self.n_heads) < n_local)[
+                :, None, None
+            ]
+            scores = scores.masked_fill(far, float("-inf"))
+        return torch.softmax(scores, dim=-1)
 
     def _per_spot_inference(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The layers after attention, block of spots by block, written over the attention
@@ -291,6 +370,8 @@ class HistoPrism(nn.Module):
         self.condition = CancerConditioning(cfg) if cfg.conditioning else None
         self.proj = nn.Linear(d, h)
         self.proj_neighbours = nn.Linear(d, h) if cfg.neighbours > 0 else None
+        rings = cfg.context_rings_um
+        self.rings = RingContext(d, cfg.ring_channels or h, h, len(rings)) if rings else None
         self.position = SinusoidalPosition(h, cfg.pe_scale_um) if cfg.positional_encoding else None
         if cfg.context_fields and not cfg.conditioning:
             raise ValueError("context_fields join the cancer-type conditioning: it must be on")
@@ -318,29 +399,38 @@ class HistoPrism(nn.Module):
         *,
         coords_um: torch.Tensor | None = None,
         neighbours: torch.Tensor | None = None,
+        spatial: list[SpatialPlan] | None = None,
         organ: torch.Tensor | None = None,
         technology: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Everything up to the last linear layer: (B, N, D) -> (B, N, H).
 
         condition: (B,) int64 cancer index.  coords_um: (B, N, 2) float µm, needed with positional
-        encoding and local attention.  neighbours: (B, N, K) int64 spot indices, needed when
-        ``cfg.neighbours > 0``.  organ, technology: (B,) int64 indices into ``cfg.organs`` and
-        ``cfg.technologies``, needed when ``cfg.context_fields`` names them.
+        encoding, local attention, rings and sites.  neighbours: (B, N, K) int64 spot indices,
+        needed when ``cfg.neighbours > 0``.  spatial: one ``SpatialPlan`` per slide (built from
+        coords_um when not given).  organ, technology: (B,) int64 indices into ``cfg.organs``
+        and ``cfg.technologies``, needed when ``cfg.context_fields`` names them.
         """
         # per-spot layers in blocks of spots: without autograd, memory holds one (B, chunk, D)
         # temporary of the wide inputs, not several (B, N, D) ones
         context = self._context(organ, technology)  # (B, D or H) or None
         parts = [self._per_spot(f, condition, context) for f in features.split(SPOT_CHUNK, dim=1)]
-        h = torch.cat([p for p, _ in parts], dim=1)  # (B, N, H)
+        h = torch.cat([p[0] for p in parts], dim=1)  # (B, N, H)
         if self.proj_neighbours is not None:
             # the mean over neighbours commutes with the linear projection: gather H columns, not D
-            h = h + _gather_mean(torch.cat([n for _, n in parts], dim=1), neighbours)
+            h = h + _gather_mean(torch.cat([p[1] for p in parts], dim=1), neighbours)
+        if spatial is None and self.needs_spatial_plan:
+            spatial = [self.spatial_plan(c) for c in _need_coords(coords_um)]
+        if self.rings is not None:
+            c = torch.cat([p[2] for p in parts], dim=1)  # (B, N, H)
+            h = h + torch.stack([self.rings(c[b], plan) for b, plan in enumerate(spatial)])
+        del parts
         if self.position is not None:
             h = h + self.position(coords_um)
-        plans = self.local_plans(coords_um, h.shape[1])
+        plans = self.local_plans(coords_um, h.shape[1], spatial)
+        dense = self.dense_heads(h.shape[1] if spatial is None else max(p.n_sites for p in spatial))
         for block in self.blocks:
-            h = block(h, plans)
+            h = block(h, plans, spatial, dense)
         return self.head_hidden(self.final_norm(h))  # (B, N, H)
 
     def _context(self, organ, technology) -> torch.Tensor | None:
@@ -355,30 +445,65 @@ class HistoPrism(nn.Module):
         return out
 
     def _per_spot(self, features: torch.Tensor, condition: torch.Tensor, context=None):
-        """(B, n, D) -> projection (B, n, H) and neighbour projection (B, n, H) or None."""
+        """(B, n, D) -> projection (B, n, H), neighbour projection (B, n, H) or None, ring
+        input (B, n, H) or None."""
         x = (features - self.feature_mean) / self.feature_std  # (B, n, D)
         cond = self.condition
         if cond is not None and not cond.residual:  # the paper: on the patch embedding
             x = cond(x, condition, context)  # (B, n, D)
         nb = self.proj_neighbours(x) if self.proj_neighbours is not None else None
+        ring_in = self.rings.inp(x) if self.rings is not None else None
         h = self.proj(x)  # (B, n, H)
         if cond is not None and cond.residual:  # in the hidden space, after the projection
             h = cond(h, condition, context)
-        return h, nb
+        return h, nb, ring_in
+
+    @property
+    def needs_spatial_plan(self) -> bool:
+        """Whether the trunk reads sites or rings (``spatial_plan`` of each slide)."""
+        return bool(self.cfg.context_rings_um) or self.cfg.site_um > 0
+
+    def spatial_plan(self, coords_um: torch.Tensor) -> SpatialPlan:
+        """Sites and rings of one slide from its (N, 2) µm spot centres, on their device."""
+        plan = spatial_plan(
+            coords_um.detach().cpu().double().numpy(), self.cfg.context_rings_um, self.cfg.site_um
+        )
+        return plan.to(coords_um.device)
 
     def uses_local_attention(self, n_spots: int) -> bool:
+        """Whether any head attends within the radius on a slide of ``n_spots`` spots (sites)."""
         mode = self.cfg.attention
-        return mode == "local" or (mode == "auto" and n_spots > self.cfg.full_attention_max_spots)
+        big = n_spots > self.cfg.full_attention_max_spots
+        return mode in ("local", "mixed") or (mode == "auto" and big)
 
-    def local_plans(self, coords_um: torch.Tensor | None, n_spots: int) -> list[LocalPlan] | None:
+    def dense_heads(self, n_spots: int) -> int:
+        """Heads attending over the whole slide of ``n_spots`` spots (sites)."""
+        mode, small = self.cfg.attention, n_spots <= self.cfg.full_attention_max_spots
+        if mode == "full":
+            return self.cfg.n_heads
+        if mode == "mixed" and small:
+            return self.cfg.n_heads // 2
+        return self.cfg.n_heads if mode == "auto" and small else 0
+
+    def local_plans(
+        self,
+        coords_um: torch.Tensor | None,
+        n_spots: int,
+        spatial: list[SpatialPlan] | None = None,
+    ) -> list[LocalPlan] | None:
         """Tile plans of local attention, one per slide (built once, shared by the layers), or
-        None for dense attention."""
+        None for dense attention. With sites, over the sites: their number decides the mode."""
+        if spatial is not None:
+            n_spots = max(p.n_sites for p in spatial)
         if not self.uses_local_attention(n_spots):
             return None
-        if coords_um is None:
-            raise ValueError("local attention needs the spot centres: coords_um (B, N, 2) µm")
         r = self.cfg.attention_radius_um
-        return [plan_tiles(c.float(), r, heads=self.cfg.n_heads) for c in coords_um]
+        if spatial is not None:  # a batch of copies of one slide (attribution) plans it once
+            tiles = {
+                id(p): plan_tiles(p.site_xy.float(), r, heads=self.cfg.n_heads) for p in spatial
+            }
+            return [tiles[id(p)] for p in spatial]
+        return [plan_tiles(c.float(), r, heads=self.cfg.n_heads) for c in _need_coords(coords_um)]
 
     def head(self, h: torch.Tensor, genes: torch.Tensor | None = None) -> torch.Tensor:
         """(..., H) -> (..., G), or only the panel columns ``genes`` (G_m,): training computes the
@@ -407,6 +532,12 @@ def _context_embedding(vocabulary: tuple[str, ...], hidden: int) -> nn.Embedding
     table = nn.Embedding(len(vocabulary), hidden)
     nn.init.zeros_(table.weight)
     return table
+
+
+def _need_coords(coords_um: torch.Tensor | None) -> torch.Tensor:
+    if coords_um is None:
+        raise ValueError("the model's spatial layers need the spot centres: coords_um (B, N, 2) µm")
+    return coords_um
 
 
 def _gather_mean(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -152,7 +152,7 @@ class Variant:
 
     name: folder and table name.  label: row label for people.  options: keyword arguments of
     ``histoprism.training.api.train``.  config: recipe overrides (``{"model": {...}, "train": {...}}``)
-    on top of the default recipe.
+    on top of the default recipe. compared_by_default: part of ``benchmark`` without --models.
     """
 
     name: str
@@ -160,6 +160,7 @@ class Variant:
     kind: str
     options: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    compared_by_default: bool = True  # False: a comparison runs it only when named
 
     def train_options(self) -> dict:
         """Keyword arguments of ``histoprism.training.api.train`` for this row."""
@@ -179,6 +180,16 @@ class Variant:
                 flags += [f"--{key.replace('_', '-')}", str(value)]
         return flags
 
+
+# the default's spatial context before the rings: the mean of each spot's 6 nearest spots, dense
+# attention up to 20,000 spots (local within 400 µm above)
+_NEIGHBOUR_MEAN = {
+    "neighbours": 6,
+    "context_rings_um": [],
+    "site_um": 0.0,
+    "attention": "auto",
+    "attention_radius_um": 400.0,
+}
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
@@ -202,6 +213,30 @@ VARIANTS: dict[str, Variant] = {
             "histoprism",
             config={"model": {"context_tokens": 4}},
         ),
+        # the spatial modules the rings replaced (docs/recipes.md), named for comparisons
+        Variant(
+            "neighbour-mean",
+            "HistoPrism, 6-neighbour mean (default until 2026-12-07)",
+            "histoprism",
+            config={"model": _NEIGHBOUR_MEAN},
+            compared_by_default=False,
+        ),
+        Variant(
+            "neighbours-18",
+            "HistoPrism, 18-neighbour mean",
+            "histoprism",
+            config={"model": {**_NEIGHBOUR_MEAN, "neighbours": 18}},
+            compared_by_default=False,
+        ),
+        Variant(
+            "local-attention-300",
+            "HistoPrism, 6-neighbour mean, attention within 300 µm",
+            "histoprism",
+            config={
+                "model": {**_NEIGHBOUR_MEAN, "attention": "local", "attention_radius_um": 300.0}
+            },
+            compared_by_default=False,
+        ),
         Variant("mlp", "per-spot MLP", "mlp"),
         Variant("ridge-knn", "ridge + kNN smoothing", "ridge-knn"),
         Variant("ridge", "ridge (HEST-bench)", "ridge"),
@@ -210,9 +245,10 @@ VARIANTS: dict[str, Variant] = {
 
 
 def select_variants(names: list[str] | None) -> tuple[Variant, ...]:
-    """The variants named in ``names`` (all when None or empty), in registry order."""
+    """The variants named in ``names`` (those compared by default when None or empty), in
+    registry order."""
     if not names:
-        return tuple(VARIANTS.values())
+        return tuple(v for v in VARIANTS.values() if v.compared_by_default)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise InputError(f"unknown model(s) {', '.join(unknown)} (have: {', '.join(VARIANTS)})")

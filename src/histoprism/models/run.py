@@ -149,8 +149,7 @@ def load_histoprism(
 
 def slide_inputs(slide: SlideTensors, device: torch.device | str | None = None) -> dict:
     """The network's keyword inputs for one slide (absent ones left out), on ``device``."""
-    inputs = {k: v for k, v in slide.model_inputs().items() if v is not None}
-    return inputs if device is None else {k: v.to(device) for k, v in inputs.items()}
+    return {k: v for k, v in slide.model_inputs(device).items() if v is not None}
 
 
 def trunk_output(

@@ -20,6 +20,7 @@ from ..models.inputs import (
     SlideTensors,
     knn_index,
 )
+from ..models.spatial import spatial_plan
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,8 @@ def random_crop(slide: SlideTensors, k: int, rng: np.random.Generator) -> SlideT
     """The ``k`` spots nearest to a random spot of the slide (a disc of tissue, in the slide's
     spot order), or the slide itself when it has at most ``k`` spots (``k`` <= 0: no crop).
 
-    Bounds the memory of a training step on a Visium HD-size slide; kNN neighbours are recomputed
-    inside the crop, as if its edge were the tissue's.
+    Bounds the memory of a training step on a Visium HD-size slide; kNN neighbours, sites and rings
+    are recomputed inside the crop, as if its edge were the tissue's.
     """
     if k <= 0 or slide.n_spots <= k:
         return slide
@@ -107,6 +108,14 @@ def random_crop(slide: SlideTensors, k: int, rng: np.random.Generator) -> SlideT
     if nb is not None:
         nb = torch.from_numpy(knn_index(c[keep].double().numpy(), nb.shape[1]))
     target = slide.target[keep] if slide.target is not None else None
+    plan = slide.spatial
+    if plan is not None:
+        plan = spatial_plan(c[keep].double().numpy(), plan.rings_um, plan.site_um)
     return replace(
-        slide, features=slide.features[keep], coords_um=c[keep], neighbours=nb, target=target
+        slide,
+        features=slide.features[keep],
+        coords_um=c[keep],
+        neighbours=nb,
+        spatial=plan,
+        target=target,
     )

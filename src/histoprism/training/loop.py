@@ -258,7 +258,7 @@ def _train_epoch(net, opt, slides, state, cfg_t, schedule, rng, data, ctx) -> fl
         for g in opt.param_groups:
             g["lr"] = cfg_t.lr * lr_factor(state.step, **schedule)
         s = _target_on(random_crop(s, cfg_t.crop_spots, crop_rng), ctx.device)
-        inputs = _to_device(s.model_inputs(), ctx.device)
+        inputs = s.model_inputs(ctx.device)
         if rng.random() < cfg_t.condition_dropout:
             inputs["condition"] = torch.full_like(inputs["condition"], data.vocab.unknown)
         total += train_step(net, opt, inputs, s, grad_clip=cfg_t.grad_clip)
@@ -304,10 +304,6 @@ def _validate(
         c_sum, c_n = c_sum + float(rc.nansum()), c_n + float((~rc.isnan()).sum())
     loss, n, r_sum, r_n, c_sum, c_n = ctx.all_sum([loss, float(len(mine)), r_sum, r_n, c_sum, c_n])
     return Validation(loss / max(n, 1), r_sum / max(r_n, 1), c_sum / c_n if c_n else math.nan)
-
-
-def _to_device(inputs: dict, device: torch.device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
 
 
 def _target_on(s: SlideTensors, device: torch.device) -> SlideTensors:

@@ -45,12 +45,16 @@ class TrainConfig:
 # HD-size slide trains on 5,000-spot discs (1.1 mm across at 16 µm bins). Bounds CPU memory: with
 # attention dropout, SDPA falls back to materialising N x N weights (22 GB peak at 8,192 spots).
 # "paper" builds the authors' network and training exactly; "default" is what measured better
-# over many drawn worlds (input-site conditioning, pre-norm, centred and z-scored inputs, the
-# 6-neighbour mean). Each difference, why, and the command that re-measures it: docs/recipes.md.
+# over many drawn worlds (hidden-site conditioning, pre-norm, centred and z-scored inputs, rings
+# and sites, half the heads within 300 µm). Each difference, why, and the command that re-measures
+# it: docs/recipes.md.
 PRESETS: dict[str, tuple[dict, dict]] = {
     "default": (
         dict(
-            neighbours=6,
+            context_rings_um=(150.0, 250.0, 450.0),
+            site_um=64.0,
+            attention="mixed",
+            attention_radius_um=300.0,
             standardize_inputs=True,
             centre_slides=True,
             attn_dropout=0.0,
