@@ -9,7 +9,7 @@ evaluate`` for each model on each world's test split, plus the ceiling (what the
 Worlds are split in two: the tuning worlds (``--worlds``) and held-out worlds (``--held-out``)
 that no modelling choice was made on; each group gets its own median.
 
-    python benchmarks/robustness.py                       # the full run (6 + 2 worlds)
+    python benchmarks/robustness.py                       # the full run (6 + 2 worlds, ~80 min)
     python benchmarks/robustness.py --worlds 0 1 --held-out --models histoprism mlp
 
 Prints a table and writes ``benchmarks/robustness.json``: records ``{world, held_out, model, hvg,
@@ -43,7 +43,15 @@ TUNING_WORLDS = tuple(range(6))
 HELD_OUT_WORLDS = (1001, 1002)  # never looked at while choosing the recipe
 ENCODER = "synthetic"
 # names of histoprism.models.registry.VARIANTS
-MODELS = ("histoprism", "no-conditioning", "mlp", "ridge-knn")
+MODELS = (
+    "histoprism",
+    "neighbour-mean",
+    "neighbours-18",
+    "local-attention-300",
+    "no-conditioning",
+    "mlp",
+    "ridge-knn",
+)
 WORLD_KEYS = (
     "n_slides",
     "n_cancers",

@@ -319,7 +319,8 @@ def child_scaling(spec: dict) -> dict:
         model = run.predictor.model
         if model.needs_spatial_plan:
             sites = model.spatial_plan(torch.from_numpy(slide.coords_um).float()).n_sites
-        attention = "local" if model.uses_local_attention(sites) else "full"
+        dense = model.dense_heads(sites)
+        attention = "full" if dense == model.cfg.n_heads else "mixed" if dense else "local"
     else:
         attention = "none"
     res = {"seconds": seconds, "file_gb": size, "output_mb": size * 1e3, "attention": attention}
@@ -455,13 +456,14 @@ def scaling_entry(n: int, res: dict, dtype: str) -> dict:
         "read_pathway_seconds",
         "load_avg_1min",
         "gpu_max_memory_gb",
+        "sites",
     )
     return {"spots": n, **{k: res[k] for k in keep if k in res}, "dtype": dtype}
 
 
 VISIUM_HD = dict(spots=[200_000, 600_000], pitch_um=8.0)  # a whole slide of 8 µm bins
 # the same 2 x 2 mm of tissue at each pitch: Visium-like 100 µm, Visium HD 16, 8 and 2 µm
-PITCH = dict(side_um=2_000.0, pitches_um=[100.0, 16.0, 8.0, 2.0], timeout=900)
+PITCH = dict(side_um=2_000.0, pitches_um=[100.0, 16.0, 8.0, 2.0], timeout=300)
 PITCH_VARIANTS = ("histoprism", "neighbour-mean")  # the default, and the one before the rings
 
 
@@ -494,7 +496,7 @@ def per_pitch(args) -> list[dict]:
     default recipe and the one before it: time per spot should follow the tissue, not the pitch."""
     tmp = Path(tempfile.mkdtemp(prefix="histoprism_bench_", dir=args.tmp))
     rows = []
-    for variant in PITCH_VARIANTS:
+    for variant in args.pitch_variants:
         for pitch in PITCH["pitches_um"]:
             n = int(round(PITCH["side_um"] / pitch)) ** 2
             spec = dict(
@@ -524,7 +526,10 @@ def per_pitch(args) -> list[dict]:
 
 def pitch_table(rows: list[dict]) -> str:
     """Markdown: per pitch and variant, seconds, µs per spot and peak RSS."""
-    variants = list(dict.fromkeys(e["variant"] for e in rows))
+    seen = list(dict.fromkeys(e["variant"] for e in rows))
+    variants = [v for v in PITCH_VARIANTS if v in seen] + [
+        v for v in seen if v not in PITCH_VARIANTS
+    ]
     pitches = list(dict.fromkeys(e["pitch_um"] for e in rows))
     lines = [
         "| pitch | spots | "
@@ -856,13 +861,20 @@ def main() -> None:
         action="store_true",
         help="only the per-pitch series (2 x 2 mm at 100, 16, 8, 2 µm), merged into --out",
     )
+    ap.add_argument(
+        "--pitch-variants",
+        nargs="*",
+        default=list(PITCH_VARIANTS),
+        help="registry variants of the per-pitch series (others' entries in --out are kept)",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return run_child(json.loads(args.child))
     if args.pitch:
         results = json.loads(args.out.read_text()) if args.out.exists() else {}
-        results["pitch"] = per_pitch(args)
+        kept = [e for e in results.get("pitch", []) if e["variant"] not in args.pitch_variants]
+        results["pitch"] = kept + per_pitch(args)
         results.setdefault("timed", TIMED)["pitch"] = TIMED_PITCH
         args.out.write_text(json.dumps(results, indent=1) + "\n")
         print(pitch_table(results["pitch"]))

@@ -330,7 +330,8 @@ def test_local_attention_override_covering_the_slide_equals_full(
         **kw,
         attention_radius_um=150.0,
     )
-    full = ad.read_h5ad(predictions[0] / f"{sid}.h5ad").X
+    predict(run, tiny_cohort, ENCODER, tmp_path / "full", attention="full", **kw)
+    full = ad.read_h5ad(tmp_path / "full" / f"{sid}.h5ad").X
     wide = ad.read_h5ad(tmp_path / "wide" / f"{sid}.h5ad").X
     near = ad.read_h5ad(tmp_path / "near" / f"{sid}.h5ad").X
     np.testing.assert_allclose(wide, full, atol=1e-5, rtol=0)

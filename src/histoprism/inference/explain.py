@@ -386,7 +386,9 @@ def _integrated_gradients(
     F(x) - F(baseline)."""
     x = inputs["features"]  # (1, N, D)
     n = x.shape[1]
-    base = model.feature_mean.to(x.dtype).expand_as(x)  # (1, N, D)
+    base = model.feature_mean.to(x.dtype).expand_as(x)  # (1, N, D): the training mean
+    if inputs.get("centre") is not None:  # of centred embeddings: here, plus the slide's centre
+        base = base + inputs["centre"][:, None].to(x.dtype)
     diff = x - base
     sel = torch.from_numpy(mask).to(x.device)
     a32 = a.to(x.dtype)

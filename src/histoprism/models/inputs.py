@@ -66,6 +66,7 @@ class SlideTensors:
     neighbours: torch.Tensor | None
     target: torch.Tensor | None = None
     spatial: SpatialPlan | None = None
+    centre: torch.Tensor | None = None  # (D,) slide mean the model subtracts (centre_slides)
     target_cols: torch.Tensor | None = None
     context: dict[str, int] = field(default_factory=dict)  # organ/technology index, if used
 
@@ -82,6 +83,7 @@ class SlideTensors:
             coords_um=self.coords_um[None],
             neighbours=None if self.neighbours is None else self.neighbours[None],
             spatial=None if self.spatial is None else [self.spatial],
+            centre=None if self.centre is None else self.centre[None],
             **{name: torch.tensor([i]) for name, i in self.context.items()},
         )
         if device is None:
@@ -150,10 +152,16 @@ def _context_value(slide: Slide, column: str) -> str:
     return text if text and text.lower() != "nan" else keys.UNKNOWN_CANCER
 
 
+def slide_mean(features: np.ndarray) -> np.ndarray:
+    """(D,) float32 mean embedding over a slide's (N, D) spots (accumulated in float64): the
+    centre ``centre_slides`` subtracts."""
+    return features.mean(axis=0, dtype=np.float64).astype(np.float32)
+
+
 def centred(features: np.ndarray) -> np.ndarray:
-    """(N, D) embeddings minus their mean over the slide's spots, float32 (mean in float64)."""
-    mean = features.mean(axis=0, dtype=np.float64)
-    return (features - mean).astype(np.float32)
+    """(N, D) embeddings minus their ``slide_mean``, float32 (what the model sees with
+    ``centre_slides``; it subtracts the mean block by block, without this (N, D) copy)."""
+    return np.subtract(features, slide_mean(features), dtype=np.float32)
 
 
 def to_tensors(
@@ -182,12 +190,13 @@ def to_tensors(
             f"the model expects {in_dim} (wrong --encoder?)"
         )
     nb = torch.from_numpy(knn_index(slide.coords, neighbours)) if neighbours > 0 else None
-    features = centred(slide.features) if centre else slide.features
+    # the model subtracts the centre block by block: no second (N, D) copy of a large slide
     t = SlideTensors(
         id=slide.id,
         cancer=slide.cancer,
         condition=vocab.index(slide.cancer, fallback=unknown_cancer),
-        features=torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)),
+        features=torch.from_numpy(np.ascontiguousarray(slide.features, dtype=np.float32)),
+        centre=torch.from_numpy(slide_mean(slide.features)) if centre else None,
         coords_um=torch.from_numpy(slide.coords_um.astype(np.float32)),
         neighbours=nb,
         spatial=(
@@ -224,5 +233,6 @@ def gene_means(slides: list[SlideTensors], n_genes: int) -> torch.Tensor:
 
 def feature_stats(slides: list[SlideTensors]) -> tuple[torch.Tensor, torch.Tensor]:
     """(D,) mean and std of the embeddings over all training spots (std floored to avoid /0)."""
-    x = torch.cat([s.features for s in slides]).double()
+    x = torch.cat([s.features if s.centre is None else s.features - s.centre for s in slides])
+    x = x.double()
     return x.mean(0).float(), x.std(0).clamp(min=1e-6).float()

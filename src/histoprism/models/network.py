@@ -400,6 +400,7 @@ class HistoPrism(nn.Module):
         coords_um: torch.Tensor | None = None,
         neighbours: torch.Tensor | None = None,
         spatial: list[SpatialPlan] | None = None,
+        centre: torch.Tensor | None = None,
         organ: torch.Tensor | None = None,
         technology: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -408,30 +409,38 @@ class HistoPrism(nn.Module):
         condition: (B,) int64 cancer index.  coords_um: (B, N, 2) float µm, needed with positional
         encoding, local attention, rings and sites.  neighbours: (B, N, K) int64 spot indices,
         needed when ``cfg.neighbours > 0``.  spatial: one ``SpatialPlan`` per slide (built from
-        coords_um when not given).  organ, technology: (B,) int64 indices into ``cfg.organs``
+        coords_um when not given).  centre: (B, D) each slide's mean embedding, subtracted
+        first (``centre_slides``; ``inputs.to_tensors`` gives it).  organ, technology: (B,) int64 indices into ``cfg.organs``
         and ``cfg.technologies``, needed when ``cfg.context_fields`` names them.
         """
         # per-spot layers in blocks of spots: without autograd, memory holds one (B, chunk, D)
         # temporary of the wide inputs, not several (B, N, D) ones
         context = self._context(organ, technology)  # (B, D or H) or None
-        parts = [self._per_spot(f, condition, context) for f in features.split(SPOT_CHUNK, dim=1)]
-        h = torch.cat([p[0] for p in parts], dim=1)  # (B, N, H)
-        if self.proj_neighbours is not None:
+        shift = None if centre is None else centre[:, None]  # (B, 1, D)
+        parts = [
+            self._per_spot(f if shift is None else f - shift, condition, context)
+            for f in features.split(SPOT_CHUNK, dim=1)
+        ]
+        h, nb, ring_in = (_cat_freeing(parts, i) for i in range(3))  # (B, N, H) each, or None
+        if nb is not None:
             # the mean over neighbours commutes with the linear projection: gather H columns, not D
-            h = h + _gather_mean(torch.cat([p[1] for p in parts], dim=1), neighbours)
+            h = h + _gather_mean(nb, neighbours)
         if spatial is None and self.needs_spatial_plan:
             spatial = [self.spatial_plan(c) for c in _need_coords(coords_um)]
-        if self.rings is not None:
-            c = torch.cat([p[2] for p in parts], dim=1)  # (B, N, H)
-            h = h + torch.stack([self.rings(c[b], plan) for b, plan in enumerate(spatial)])
-        del parts
+        if ring_in is not None:  # in place: h is the concatenation's own, fresh tensor
+            h += torch.stack([self.rings(ring_in[b], plan) for b, plan in enumerate(spatial)])
+        del nb, ring_in
         if self.position is not None:
             h = h + self.position(coords_um)
         plans = self.local_plans(coords_um, h.shape[1], spatial)
         dense = self.dense_heads(h.shape[1] if spatial is None else max(p.n_sites for p in spatial))
         for block in self.blocks:
             h = block(h, plans, spatial, dense)
-        return self.head_hidden(self.final_norm(h))  # (B, N, H)
+        if self.training or torch.is_grad_enabled():
+            return self.head_hidden(self.final_norm(h))  # (B, N, H)
+        for s in range(0, h.shape[1], SPOT_CHUNK):  # without autograd: over h, block by block
+            h[:, s : s + SPOT_CHUNK] = self.head_hidden(self.final_norm(h[:, s : s + SPOT_CHUNK]))
+        return h
 
     def _context(self, organ, technology) -> torch.Tensor | None:
         """Sum of the slide's organ and technology vectors (B, d), None without context fields."""
@@ -532,6 +541,17 @@ def _context_embedding(vocabulary: tuple[str, ...], hidden: int) -> nn.Embedding
     table = nn.Embedding(len(vocabulary), hidden)
     nn.init.zeros_(table.weight)
     return table
+
+
+def _cat_freeing(parts: list[tuple], i: int) -> torch.Tensor | None:
+    """Concatenate item ``i`` of every chunk's outputs along the spots, dropping the chunks' own
+    references as it goes (a whole Visium HD slide holds each (B, N, H) once, not twice)."""
+    if parts[0][i] is None:
+        return None
+    out = torch.cat([p[i] for p in parts], dim=1)
+    for k, p in enumerate(parts):
+        parts[k] = p[:i] + (None,) + p[i + 1 :]
+    return out
 
 
 def _need_coords(coords_um: torch.Tensor | None) -> torch.Tensor:
