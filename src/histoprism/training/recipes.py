@@ -44,10 +44,8 @@ class TrainConfig:
 # crop_spots: every Visium (<= 4,992 spots) and ST slide trains whole, as in the paper; a Visium
 # HD-size slide trains on 5,000-spot discs (1.1 mm across at 16 µm bins). Bounds CPU memory: with
 # attention dropout, SDPA falls back to materialising N x N weights (22 GB peak at 8,192 spots).
-# "paper" builds the authors' network and training exactly; "default" is what measured better
-# over many drawn worlds (hidden-site conditioning, pre-norm, centred and z-scored inputs, rings
-# and sites, half the heads within 300 µm). Each difference, why, and the command that re-measures
-# it: docs/recipes.md.
+# "paper" is the authors' network and training; "default" measured better over many drawn worlds
+# (conditioning site, pre-norm, centred inputs, rings, sites, mixed attention): docs/recipes.md.
 PRESETS: dict[str, tuple[dict, dict]] = {
     "default": (
         dict(
