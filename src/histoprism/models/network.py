@@ -410,8 +410,9 @@ class HistoPrism(nn.Module):
         encoding, local attention, rings and sites.  neighbours: (B, N, K) int64 spot indices,
         needed when ``cfg.neighbours > 0``.  spatial: one ``SpatialPlan`` per slide (built from
         coords_um when not given).  centre: (B, D) each slide's mean embedding, subtracted
-        first (``centre_slides``; ``inputs.to_tensors`` gives it).  organ, technology: (B,) int64 indices into ``cfg.organs``
-        and ``cfg.technologies``, needed when ``cfg.context_fields`` names them.
+        first (``centre_slides``; ``inputs.to_tensors`` gives it).  organ, technology: (B,)
+        int64 indices into ``cfg.organs`` and ``cfg.technologies``, needed when
+        ``cfg.context_fields`` names them.
         """
         # per-spot layers in blocks of spots: without autograd, memory holds one (B, chunk, D)
         # temporary of the wide inputs, not several (B, N, D) ones
