@@ -35,6 +35,7 @@ from .._core import keys
 from .._core.errors import InputError, first_line
 from ..expression.genes import GenePanel, panel_counts
 from ..io.cohort import Slide
+from .spatial import spot_pitch
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,11 @@ def measured_spots(n: int, fraction: float, *, seed: int, slide_id: str) -> np.n
     return mask
 
 
-def spot_pitch(coords_um: np.ndarray) -> float:
-    """Median distance from a spot to its nearest other spot (µm): the grid's pitch."""
-    if len(coords_um) < 2:
-        return 1.0
-    d, _ = cKDTree(coords_um).query(coords_um, k=2)
-    pitch = float(np.median(d[:, 1]))
-    return pitch if pitch > 0 else 1.0
+def _distance_unit(coords_um: np.ndarray) -> float:
+    """The grid's pitch (µm, ``spatial.spot_pitch``) as the unit of neighbour distances; 1 where
+    a slide has no pitch (a single spot, or all spots at one place)."""
+    pitch = spot_pitch(coords_um)
+    return pitch if 0 < pitch < float("inf") else 1.0
 
 
 @dataclass
@@ -107,7 +106,7 @@ def prompt_graph(coords_um: np.ndarray, measured: np.ndarray, k: int) -> PromptG
     take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
     return PromptGraph(
         keys=torch.from_numpy(take(idx).astype(np.int64)),
-        distance=torch.from_numpy((take(dist) / spot_pitch(coords_um)).astype(np.float32)),
+        distance=torch.from_numpy((take(dist) / _distance_unit(coords_um)).astype(np.float32)),
         valid=torch.from_numpy(take(valid)),
     )
 
