@@ -16,10 +16,10 @@ from histoprism.models.inputs import SlideTensors
 from histoprism.training.loop import health_message, masked_mse
 from histoprism.training.validation import (
     RidgeReference,
+    RunningMoments,
+    block_pearson,
     check_genes,
     mean_pearson,
-    moment_sums,
-    pearson_from_sums,
     pearson_on_genes,
     ridge_reference,
 )
@@ -30,8 +30,8 @@ from histoprism.training.validation import (
     arrays(np.float64, (12, 3), elements=st.floats(-1e3, 1e3)),
     arrays(np.float64, (12, 3), elements=st.floats(-1e3, 1e3)),
 )
-def test_pearson_from_sums_matches_numpy(p: np.ndarray, t: np.ndarray) -> None:
-    r = pearson_from_sums(moment_sums(torch.from_numpy(p), torch.from_numpy(t))[:5], 12).numpy()
+def test_block_pearson_matches_numpy(p: np.ndarray, t: np.ndarray) -> None:
+    r = block_pearson(torch.from_numpy(p), torch.from_numpy(t)).numpy()
     for g in range(3):
         if np.ptp(p[:, g]) < 1e-6 * (1 + np.abs(p[:, g]).max()) or np.ptp(t[:, g]) < 1e-6 * (
             1 + np.abs(t[:, g]).max()
@@ -50,20 +50,31 @@ def test_training_and_evaluation_share_one_pearson(p, t, c) -> None:
     """Validation r from running sums equals the evaluator's from centred co-moments, constant
     columns (here column 0 of the prediction, at any level c) included: NaN in both."""
     p[:, 0] = c
-    from_sums = pearson_from_sums(moment_sums(torch.from_numpy(p), torch.from_numpy(t))[:5], 9)
+    running = RunningMoments()
+    for block in (slice(0, 2), slice(2, 3), slice(3, 9)):  # the loop pools blocks of spots
+        running.add(torch.from_numpy(p[block]), torch.from_numpy(t[block]))
     reference = pearson_per_gene(p, t)
-    assert math.isnan(float(from_sums[0])) and math.isnan(reference[0])
-    np.testing.assert_allclose(from_sums.numpy(), reference, atol=1e-6, equal_nan=True)
+    assert math.isnan(float(running.pearson()[0])) and math.isnan(reference[0])
+    np.testing.assert_allclose(running.pearson().numpy(), reference, atol=1e-6, equal_nan=True)
+
+
+def test_nearly_constant_columns_do_not_cancel() -> None:
+    """Deviations of 1e-4 around 50 (the raw-sums formula lost them: -1.0 for -0.99994)."""
+    t = np.array([50.0, 50.0001, 50.0, 49.9999, 50.0002, 50.0, 49.9998, 50.0001, 50.0])
+    p = -t + np.array([0, 0, 0, 0, 0, 0, 0, 0, 1e-5])
+    running = RunningMoments().add(torch.from_numpy(p[:4, None]), torch.from_numpy(t[:4, None]))
+    running.add(torch.from_numpy(p[4:, None]), torch.from_numpy(t[4:, None]))
+    reference = np.corrcoef(p, t)[0, 1]
+    assert reference > -0.9999 and float(running.pearson()[0]) == pytest.approx(reference, abs=1e-9)
 
 
 def test_constant_column_is_nan_and_skipped_by_the_mean() -> None:
     p = torch.tensor([[1.0, 1.0], [2.0, 1.0], [3.0, 1.0]])
     t = torch.tensor([[1.0, 0.0], [2.0, 5.0], [4.0, 1.0]])
-    r = pearson_from_sums(moment_sums(p, t)[:5], 3)
+    r = block_pearson(p, t)
     assert math.isnan(float(r[1])) and float(r[0]) > 0.95
     assert mean_pearson([r]) == float(r[0])
-    sums = moment_sums(p, t)
-    assert float(sums[5, 0]) == float(((p[:, 0] - t[:, 0]) ** 2).sum())
+    assert float(RunningMoments().add(p, t).sq_err[0]) == float(((p[:, 0] - t[:, 0]) ** 2).sum())
 
 
 def _slide(rng, n, d, w, cancer, cols=None, noise=0.5) -> SlideTensors:
@@ -157,14 +168,14 @@ def test_mse_over_measured_genes_matches_direct_computation() -> None:
 
 
 def test_torch_squared_error_sums_agree_with_correlation_mse() -> None:
-    """The validation loss (moment_sums' last row, on device) and the training loss are the same
+    """The validation loss (RunningMoments.sq_err, on device) and the training loss are the same
     definition as correlation.mse."""
     rng = np.random.default_rng(1)
     pred = rng.normal(size=(9, 6))
     cols = np.array([1, 2, 5])
     truth = rng.normal(size=(9, 3))
-    sums = moment_sums(torch.from_numpy(pred[:, cols]), torch.from_numpy(truth))
-    assert float(sums[5].sum()) / truth.size == pytest.approx(mse(pred, truth, cols), rel=1e-12)
+    sq_err = RunningMoments().add(torch.from_numpy(pred[:, cols]), torch.from_numpy(truth)).sq_err
+    assert float(sq_err.sum()) / truth.size == pytest.approx(mse(pred, truth, cols), rel=1e-12)
     slide = SlideTensors(
         id="s",
         cancer="IDC",

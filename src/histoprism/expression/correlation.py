@@ -17,32 +17,11 @@ import scipy.sparse as sp
 
 MOMENT_COLUMNS = ("n", "mean_pred", "mean_truth", "m2_pred", "m2_truth", "cross")
 CONST_RTOL = 1e-12  # std below this share of |mean| is rounding error: the column is constant
-SUMS_CANCELLATION = 1e-12  # from raw sums, a squared deviation below this share of Σx² is rounding
 
 
 def constant_genes(std: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """(G,) bool: columns whose std is rounding error of their mean (or 0, or undefined)."""
     return (std <= CONST_RTOL * np.maximum(np.abs(mean), 1e-300)) | ~(std > 0)
-
-
-def moments_from_sums(sums: np.ndarray, n: float) -> dict[str, np.ndarray]:
-    """(5, G) sums of p, t, p², t², p·t over n rows -> co-moments (``MOMENT_COLUMNS``): for
-    running sums kept on a device during training (``validation.moment_sums``)."""
-    sp, st, spp, stt, spt = np.asarray(sums, dtype=np.float64)
-
-    def m2(s: np.ndarray, ss: np.ndarray) -> np.ndarray:
-        # ss - s²/n cancels: what is left below ~1e-12 of ss is rounding, i.e. a constant column
-        d = ss - s * s / n
-        return np.where(d > SUMS_CANCELLATION * np.abs(ss), d, 0.0)
-
-    return {
-        "n": np.full(sp.shape, float(n)),
-        "mean_pred": sp / n,
-        "mean_truth": st / n,
-        "m2_pred": m2(sp, spp),
-        "m2_truth": m2(st, stt),
-        "cross": spt - sp * st / n,
-    }
 
 
 # --- Pearson r per gene -------------------------------------------------------------------------
@@ -108,22 +87,25 @@ def merge_moments(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     a = a.reindex(genes, fill_value=0.0)
     b = b.reindex(genes, fill_value=0.0)
     n = a["n"] + b["n"]
-    w = (b["n"] / n).where(n > 0, 0.0)  # weight of b in the pooled mean
+    pooled = pool_comoments(a, b, w=(b["n"] / n).where(n > 0, 0.0))
+    return pd.DataFrame({**pooled, "n_slides": a["n_slides"] + b["n_slides"]}, index=genes)
+
+
+def pool_comoments(a: Mapping, b: Mapping, w) -> dict:
+    """Chan et al.'s parallel update of two sets of co-moments (``MOMENT_COLUMNS``), ``w`` the
+    weight of ``b`` in the pooled mean (n_b / n). Plain arithmetic, so numpy arrays, pandas
+    columns and torch tensors (``validation.RunningMoments``, on the training device) share it."""
     k = a["n"] * w  # = n_a n_b / n
     d_p = b["mean_pred"] - a["mean_pred"]
     d_t = b["mean_truth"] - a["mean_truth"]
-    return pd.DataFrame(
-        {
-            "n": n,
-            "mean_pred": a["mean_pred"] + d_p * w,
-            "mean_truth": a["mean_truth"] + d_t * w,
-            "m2_pred": a["m2_pred"] + b["m2_pred"] + d_p * d_p * k,
-            "m2_truth": a["m2_truth"] + b["m2_truth"] + d_t * d_t * k,
-            "cross": a["cross"] + b["cross"] + d_p * d_t * k,
-            "n_slides": a["n_slides"] + b["n_slides"],
-        },
-        index=genes,
-    )
+    return {
+        "n": a["n"] + b["n"],
+        "mean_pred": a["mean_pred"] + d_p * w,
+        "mean_truth": a["mean_truth"] + d_t * w,
+        "m2_pred": a["m2_pred"] + b["m2_pred"] + d_p * d_p * k,
+        "m2_truth": a["m2_truth"] + b["m2_truth"] + d_t * d_t * k,
+        "cross": a["cross"] + b["cross"] + d_p * d_t * k,
+    }
 
 
 def pooled_pearson(moments: pd.DataFrame, n_slides: int) -> pd.Series:
@@ -136,8 +118,8 @@ def squared_error(pred, truth, cols=None) -> tuple[float, int]:
     """(Σ (p - t)², number of terms) in float64 of predicted against measured log1p(counts), over
     the measured genes only: ``truth`` (N, G_m) holds the genes a slide measured and ``cols``
     (G_m,) their columns in ``pred`` (N, G); None when ``pred`` is already (N, G_m). Sums and
-    counts add over slides: the pooled MSE is Σ sums / Σ counts. ``validation.moment_sums``'s
-    last row is this sum per gene, kept in torch on the training device."""
+    counts add over slides: the pooled MSE is Σ sums / Σ counts. ``validation.RunningMoments``
+    keeps this sum per gene in torch on the training device."""
     pred, truth = np.asarray(pred), np.asarray(truth)
     if cols is not None:
         pred = pred[:, np.asarray(cols)]

@@ -50,7 +50,7 @@ from ..models.registry import FitOptions
 from ..models.run import trunk_output
 from .data import TrainingData, random_crop
 from .recipes import TrainConfig, resolve_config
-from .validation import RidgeReference, moment_sums, pearson_from_sums, ridge_reference
+from .validation import RidgeReference, RunningMoments, ridge_reference
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ def _validate(
     """Scores of the model on the validation slides (``check``: the health check's panel columns).
 
     Whole slides, no crop; the head runs over blocks of spots, so that no (N, G) prediction is
-    held at once, and the per-gene sums of the Pearson r are accumulated in float64.
+    held at once, and the per-gene co-moments of the Pearson r are pooled in float64.
     """
     model.eval()
     loss, r_sum, r_n, c_sum, c_n = 0.0, 0.0, 0.0, 0.0, 0.0
@@ -294,11 +294,11 @@ def _validate(
         h = trunk_output(model, s, ctx.device)  # (N, H)
         cols, y = s.target_cols.to(ctx.device), s.target.to(ctx.device)
         step = max(1, VAL_CHUNK_BYTES // (4 * len(cols)))
-        sums = torch.zeros(6, len(cols), dtype=torch.float64, device=ctx.device)
+        acc = RunningMoments()
         for i in range(0, s.n_spots, step):
-            sums += moment_sums(model.head(h[i : i + step], cols), y[i : i + step])  # (6, G_m)
-        loss += float(sums[5].sum()) / y.numel()  # the slide's correlation.mse, summed on device
-        r = pearson_from_sums(sums[:5], s.n_spots).cpu()
+            acc.add(model.head(h[i : i + step], cols), y[i : i + step])
+        loss += float(acc.sq_err.sum()) / y.numel()  # the slide's correlation.mse, summed on device
+        r = acc.pearson()
         r_sum, r_n = r_sum + float(r.nansum()), r_n + float((~r.isnan()).sum())
         rc = r[[c in checked for c in s.target_cols.tolist()]]
         c_sum, c_n = c_sum + float(rc.nansum()), c_n + float((~rc.isnan()).sum())

@@ -35,7 +35,7 @@ from ..models.prompt import (
     prompt_graph,
 )
 from ..models.run import load_network, trunk_output
-from .validation import moment_sums, pearson_from_sums
+from .validation import block_pearson
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def unmeasured_pearson(
                     if gain
                     else s.linear[torch.from_numpy(~measured)].clamp(min=0)
                 )
-                r = pearson_from_sums(moment_sums(pred, truth)[:5], len(truth))
+                r = block_pearson(pred, truth)
                 total, count = total + float(r.nansum()), count + int((~r.isnan()).sum())
     return total / count if count else math.nan
 

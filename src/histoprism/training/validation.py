@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..expression.correlation import moments_from_sums, pearson_from_moments
+from ..expression.correlation import pearson_from_moments, pool_comoments
 from ..models.inputs import SlideTensors
 
 MAX_CHECK_GENES = 2_000  # the most variable training genes: bounds the ridge's (spots, genes) Y
@@ -20,28 +20,52 @@ MAX_CHECK_SPOTS = 20_000  # training spots the ridge sees, spread evenly over th
 RIDGE_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # x mean eigenvalue of the Gram matrix
 
 
-def pearson_from_sums(sums: torch.Tensor, n: int) -> torch.Tensor:
-    """(5, G) float64 sums of p, t, p², t², p·t over n spots -> (G,) float64 Pearson r on the
-    CPU (``correlation.pearson_from_moments``: evaluation's definition); NaN where either column
-    is constant."""
-    moments = moments_from_sums(sums.detach().cpu().numpy(), n)
-    return torch.from_numpy(pearson_from_moments(moments))
+@dataclass
+class RunningMoments:
+    """Per-gene co-moments of prediction and target, pooled block by block of spots (Chan et
+    al.'s update, ``correlation.pool_comoments``) in float64 on the tensors' device. Each block is
+    centred on its own means first, so nearly constant columns do not cancel as raw sums would.
+
+    ``sq_err`` (G,) is Σ (p - t)², ``correlation.squared_error``'s sum (the validation MSE's
+    numerator).
+    """
+
+    moments: dict[str, torch.Tensor] | None = None
+    sq_err: torch.Tensor | None = None
+
+    def add(self, pred: torch.Tensor, target: torch.Tensor) -> RunningMoments:
+        """Pool one (n, G) block of predictions and targets in; returns self."""
+        p, t = pred.detach().double(), target.detach().double()
+        n = len(p)
+        mean_p, mean_t = p.mean(0), t.mean(0)
+        dp, dt = p - mean_p, t - mean_t
+        block = {
+            "n": torch.full_like(mean_p, float(n)),
+            "mean_pred": mean_p,
+            "mean_truth": mean_t,
+            "m2_pred": dp.square().sum(0),
+            "m2_truth": dt.square().sum(0),
+            "cross": (dp * dt).sum(0),
+        }
+        sq = (p - t).square().sum(0)
+        if self.moments is None:
+            self.moments, self.sq_err = block, sq
+        else:
+            w = n / (float(self.moments["n"][0]) + n)
+            self.moments = pool_comoments(self.moments, block, w)
+            self.sq_err = self.sq_err + sq
+        return self
+
+    def pearson(self) -> torch.Tensor:
+        """(G,) float64 Pearson r on the CPU (``correlation.pearson_from_moments``: evaluation's
+        definition); NaN where either column is constant."""
+        m = {k: v.cpu().numpy() for k, v in self.moments.items()}
+        return torch.from_numpy(pearson_from_moments(m))
 
 
-def moment_sums(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(n, G) prediction and target -> (6, G) float64 sums of p, t, p², t², p·t, (p - t)²; the
-    last row summed is ``correlation.squared_error``'s sum (the validation MSE's numerator)."""
-    p, t = pred.double(), target.double()
-    return torch.stack(
-        [
-            p.sum(0),
-            t.sum(0),
-            (p * p).sum(0),
-            (t * t).sum(0),
-            (p * t).sum(0),
-            (p - t).square().sum(0),
-        ]
-    )
+def block_pearson(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(n, G) prediction and target -> (G,) float64 Pearson r per gene on the CPU."""
+    return RunningMoments().add(pred, target).pearson()
 
 
 def mean_pearson(r_by_slide: list[torch.Tensor]) -> float:
@@ -142,8 +166,7 @@ def pearson_on_genes(
         if len(have) == 0:
             continue
         pred = predict(s, have)
-        sums = moment_sums(pred, s.target[:, pos[have]])
-        out.append(pearson_from_sums(sums[:5], s.n_spots))
+        out.append(block_pearson(pred, s.target[:, pos[have]]))
     return out
 
 
