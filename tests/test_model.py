@@ -276,12 +276,14 @@ def test_inference_path_equals_the_autograd_path(name, monkeypatch):
         ("local", 10, 0),
         ("mixed", 10, 2),
         ("mixed", 30, 0),
+        ("gated", 10, 4),
+        ("gated", 30, 0),
     ],
 )
 def test_heads_attending_over_the_whole_slide(mode, n, expected):
     model = HistoPrism(small(attention=mode, full_attention_max_spots=20))
     assert model.dense_heads(n) == expected
-    assert model.uses_local_attention(n) == (expected < 4)
+    assert model.uses_local_attention(n) == (expected < 4 or mode == "gated")
 
 
 def test_mixed_attention_is_half_within_the_radius_half_over_the_slide():
@@ -299,6 +301,36 @@ def test_mixed_attention_is_half_within_the_radius_half_over_the_slide():
     torch.testing.assert_close(
         tiled, (w @ v).transpose(1, 2).reshape(1, 20, 32), atol=1e-5, rtol=1e-4
     )
+
+
+@pytest.mark.parametrize("gate", [-30.0, 0.0, 1.5, 30.0])
+def test_gated_heads_blend_local_and_slide_wide_attention(gate):
+    """Each head's output is its learned blend: identity (radius ~0) at gate +inf, dense
+    attention at -inf; the prediction path agrees with the weights that explain reads."""
+    torch.manual_seed(0)
+    model = HistoPrism(small(attention="gated", attention_radius_um=1e-3, norm_first=True)).eval()
+    block = model.blocks[0]
+    with torch.no_grad():
+        block.range_gate.fill_(gate)
+    x, y = inputs(n=20), torch.randn(1, 20, 32)
+    w = block.attention_weights(y, x["coords_um"], 1e-3, dense_heads=model.dense_heads(20))
+    dense = block.attention_weights(y)
+    g = torch.sigmoid(torch.tensor(gate))
+    torch.testing.assert_close(w, g * torch.eye(20) + (1 - g) * dense, atol=1e-6, rtol=1e-5)
+    v = block.qkv(block.norm1(y)).view(1, 20, 3, 4, -1)[:, :, 2].transpose(1, 2)
+    plans = model.local_plans(x["coords_um"], 20)
+    tiled = block._attend(block.norm1(y), plans, model.dense_heads(20))
+    torch.testing.assert_close(
+        tiled, (w @ v).transpose(1, 2).reshape(1, 20, 32), atol=1e-5, rtol=1e-4
+    )
+
+
+def test_gated_range_learns():
+    torch.manual_seed(0)
+    model = HistoPrism(small(attention="gated", attention_radius_um=200.0))
+    x = inputs(n=20)
+    model(**x).square().mean().backward()
+    assert all(b.range_gate.grad.abs().sum() > 0 for b in model.blocks)
 
 
 def test_mixed_attention_with_a_radius_over_the_slide_is_full_attention():

@@ -53,7 +53,7 @@ Encoder = Annotated[str, typer.Option("--encoder", help="Embedding folder name u
 Attention = Annotated[
     str | None,
     typer.Option(
-        help="auto (full up to 20,000 spots, local above) | full | local | mixed (half the heads local, half full up to 20,000)."
+        help="auto (full up to 20,000 spots, local above) | full | local | mixed (half the heads local, half full up to 20,000) | gated (every head both, blended by a learned weight per head)."
     ),
 ]
 AttentionRadius = Annotated[

@@ -22,7 +22,7 @@ from .attention import LocalPlan, local_attention, plan_tiles
 from .spatial import RingContext, SpatialPlan, spatial_plan
 
 SPOT_CHUNK = 8192  # spots per block of the per-spot layers: bounds the (chunk, D) temporaries
-ATTENTION_MODES = ("auto", "full", "local", "mixed")
+ATTENTION_MODES = ("auto", "full", "local", "mixed", "gated")
 CONDITIONING_SITES = ("input", "hidden")
 CONTEXT_FIELDS = ("organ", "technology")  # ModelConfig.context_fields: the slide context used
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}  # nonlinearity of the feed-forward and head
@@ -63,7 +63,8 @@ class ModelConfig:
     # pitches (~58 spots; 2 layers see 800 µm, tissue-compartment scale) and ~2,000 Visium HD
     # 16 µm bins, whose cost grows as (radius / pitch)².
     # "full" (paper), "local" (within the radius), "auto": full up to max, "mixed": half the
-    # heads within the radius, half over the whole slide up to max (all local above)
+    # heads within the radius, half over the whole slide up to max (all local above), "gated":
+    # every head both, blended by a learned weight per head (its range; local above max)
     attention: str = "auto"
     attention_radius_um: float = 400.0  # local: a spot attends to the spots within this many µm
     full_attention_max_spots: int = 20_000  # auto: dense attention up to this many spots
@@ -251,6 +252,9 @@ class EncoderBlock(nn.Module):
         )
         self.norm1, self.norm2 = nn.LayerNorm(h), nn.LayerNorm(h)
         self.norm_first = cfg.norm_first
+        # "gated": sigmoid(range_gate) is each head's weight on its local attention (0.5 at start)
+        gated = cfg.attention == "gated"
+        self.range_gate = nn.Parameter(torch.zeros(cfg.n_heads)) if gated else None
 
     def forward(
         self,
@@ -296,7 +300,8 @@ class EncoderBlock(nn.Module):
         B, N, H = y.shape
         q, k, v = self.qkv(y).view(B, N, 3, self.n_heads, -1).unbind(2)  # (B, N, h, H/h)
         p_attn = self.attn_dropout if self.training else 0.0
-        n_local = 0 if local is None else self.n_heads - dense_heads
+        gated = self.range_gate is not None and local is not None and dense_heads > 0
+        n_local = 0 if local is None else self.n_heads - (0 if gated else dense_heads)
         parts = []
         if n_local:  # one plan per slide: its spots' neighbourhoods
             ql, kl, vl = (t[:, :, :n_local] for t in (q, k, v))
@@ -308,12 +313,17 @@ class EncoderBlock(nn.Module):
                     ]
                 )  # (B, N, h_local, H/h)
             )
-        if n_local < self.n_heads:
-            qd, kd, vd = (t[:, :, n_local:].transpose(1, 2) for t in (q, k, v))  # (B, h, N, H/h)
+        if gated or n_local < self.n_heads:
+            first = 0 if gated else n_local
+            qd, kd, vd = (t[:, :, first:].transpose(1, 2) for t in (q, k, v))  # (B, h, N, H/h)
             parts.append(
                 F.scaled_dot_product_attention(qd, kd, vd, dropout_p=p_attn).transpose(1, 2)
             )
-        a = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        if gated:  # each head: its learned blend of local and slide-wide attention
+            g = torch.sigmoid(self.range_gate)[:, None]  # (h, 1)
+            a = parts[1] + g * (parts[0] - parts[1])
+        else:
+            a = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         return a.reshape(B, N, H)
 
     def attention_weights(
@@ -326,21 +336,23 @@ class EncoderBlock(nn.Module):
         """The attention of this layer on its input x (B, N, H): (B, h, N, N) softmax weights,
         row = query spot (for attribution; prediction never forms them). With ``coords_um``
         (B, N, 2): local attention, keys within ``radius_um`` of the query (``attention.py``),
-        but for the last ``dense_heads`` heads."""
+        but for the last ``dense_heads`` heads (gated: every head's learned blend of both)."""
         B, N, H = x.shape
         y = self.norm1(x) if self.norm_first else x
         q, k, _ = self.qkv(y).view(B, N, 3, self.n_heads, -1).unbind(2)  # (B, N, h, H/h)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, h, N, H/h)
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, h, N, N)
-        if coords_um is not None:
-            c = coords_um.double()
-            d2 = (c[:, :, None] - c[:, None]).square().sum(-1)  # (B, N, N) µm²
-            n_local = self.n_heads - dense_heads
-            far = (d2 > radius_um**2)[:, None] & (torch.arange(self.n_heads) < n_local)[
-                :, None, None
-            ]
-            scores = scores.masked_fill(far, float("-inf"))
-        return torch.softmax(scores, dim=-1)
+        if coords_um is None:
+            return torch.softmax(scores, dim=-1)
+        c = coords_um.double()
+        far = ((c[:, :, None] - c[:, None]).square().sum(-1) > radius_um**2)[:, None]  # (B,1,N,N)
+        local = torch.softmax(scores.masked_fill(far, float("-inf")), dim=-1)
+        dense = torch.softmax(scores, dim=-1)
+        if self.range_gate is not None and dense_heads > 0:  # gated: every head's own blend
+            g = torch.sigmoid(self.range_gate).to(local.dtype)[:, None, None]  # (h, 1, 1)
+            return dense + g * (local - dense)
+        n_local = self.n_heads - dense_heads
+        return torch.where((torch.arange(self.n_heads) < n_local)[:, None, None], local, dense)
 
     def _per_spot_inference(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The layers after attention, block of spots by block, written over the attention
@@ -484,7 +496,7 @@ class HistoPrism(nn.Module):
         """Whether any head attends within the radius on a slide of ``n_spots`` spots (sites)."""
         mode = self.cfg.attention
         big = n_spots > self.cfg.full_attention_max_spots
-        return mode in ("local", "mixed") or (mode == "auto" and big)
+        return mode in ("local", "mixed", "gated") or (mode == "auto" and big)
 
     def dense_heads(self, n_spots: int) -> int:
         """Heads attending over the whole slide of ``n_spots`` spots (sites)."""
@@ -493,6 +505,8 @@ class HistoPrism(nn.Module):
             return self.cfg.n_heads
         if mode == "mixed" and small:
             return self.cfg.n_heads // 2
+        if mode == "gated" and small:  # all heads, each blending its local part in
+            return self.cfg.n_heads
         return self.cfg.n_heads if mode == "auto" and small else 0
 
     def local_plans(
