@@ -158,12 +158,6 @@ def slide_mean(features: np.ndarray) -> np.ndarray:
     return features.mean(axis=0, dtype=np.float64).astype(np.float32)
 
 
-def centred(features: np.ndarray) -> np.ndarray:
-    """(N, D) embeddings minus their ``slide_mean``, float32 (what the model sees with
-    ``centre_slides``; it subtracts the mean block by block, without this (N, D) copy)."""
-    return np.subtract(features, slide_mean(features), dtype=np.float32)
-
-
 def to_tensors(
     slide: Slide,
     *,
