@@ -352,7 +352,8 @@ class EncoderBlock(nn.Module):
             g = torch.sigmoid(self.range_gate).to(local.dtype)[:, None, None]  # (h, 1, 1)
             return dense + g * (local - dense)
         n_local = self.n_heads - dense_heads
-        return torch.where((torch.arange(self.n_heads) < n_local)[:, None, None], local, dense)
+        is_local = torch.arange(self.n_heads, device=local.device) < n_local
+        return torch.where(is_local[:, None, None], local, dense)
 
     def _per_spot_inference(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The layers after attention, block of spots by block, written over the attention
