@@ -74,6 +74,12 @@ class SlideTensors:
     def n_spots(self) -> int:
         return self.features.shape[0]
 
+    def centred_features(self, rows=None) -> torch.Tensor:
+        """(n, D) embeddings of ``rows`` (all spots: None) as the model sees them: minus the
+        slide's centre where it has one (``centre_slides``)."""
+        x = self.features if rows is None else self.features[rows]
+        return x if self.centre is None else x - self.centre
+
     def model_inputs(self, device: torch.device | str | None = None) -> dict:
         """Keyword arguments of ``HistoPrism.forward`` for this slide as a batch of one (on
         ``device`` when given; absent inputs are None)."""
@@ -227,6 +233,5 @@ def gene_means(slides: list[SlideTensors], n_genes: int) -> torch.Tensor:
 
 def feature_stats(slides: list[SlideTensors]) -> tuple[torch.Tensor, torch.Tensor]:
     """(D,) mean and std of the embeddings over all training spots (std floored to avoid /0)."""
-    x = torch.cat([s.features if s.centre is None else s.features - s.centre for s in slides])
-    x = x.double()
+    x = torch.cat([s.centred_features() for s in slides]).double()
     return x.mean(0).float(), x.std(0).clamp(min=1e-6).float()

@@ -178,8 +178,7 @@ def _positions(target_cols: torch.Tensor, genes: torch.Tensor) -> np.ndarray:
 
 def _design(s: SlideTensors, rows: np.ndarray, n_conditions: int) -> torch.Tensor:
     """(len(rows), D + C) float64: the spots' embeddings and the slide's cancer one-hot."""
-    x = s.features[rows] if s.centre is None else s.features[rows] - s.centre
-    x = x.double()
+    x = s.centred_features(rows).double()
     onehot = torch.zeros(len(rows), n_conditions, dtype=torch.float64)
     onehot[:, s.condition] = 1.0
     return torch.cat([x, onehot], dim=1)
