@@ -302,6 +302,7 @@ class EncoderBlock(nn.Module):
         p_attn = self.attn_dropout if self.training else 0.0
         gated = self.range_gate is not None and local is not None and dense_heads > 0
         n_local = 0 if local is None else self.n_heads - (0 if gated else dense_heads)
+        first_dense = 0 if gated else n_local  # heads from here on attend over the whole slide
         parts = []
         if n_local:  # one plan per slide: its spots' neighbourhoods
             ql, kl, vl = (t[:, :, :n_local] for t in (q, k, v))
@@ -313,9 +314,8 @@ class EncoderBlock(nn.Module):
                     ]
                 )  # (B, N, h_local, H/h)
             )
-        if gated or n_local < self.n_heads:
-            first = 0 if gated else n_local
-            qd, kd, vd = (t[:, :, first:].transpose(1, 2) for t in (q, k, v))  # (B, h, N, H/h)
+        if first_dense < self.n_heads:
+            qd, kd, vd = (t[:, :, first_dense:].transpose(1, 2) for t in (q, k, v))  # (B,h,N,H/h)
             parts.append(
                 F.scaled_dot_product_attention(qd, kd, vd, dropout_p=p_attn).transpose(1, 2)
             )
