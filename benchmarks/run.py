@@ -319,8 +319,8 @@ def child_scaling(spec: dict) -> dict:
         model = run.predictor.model
         if model.needs_spatial_plan:
             sites = model.spatial_plan(torch.from_numpy(slide.coords_um).float()).n_sites
-        dense = model.dense_heads(sites)
-        attention = "full" if dense == model.cfg.n_heads else "mixed" if dense else "local"
+        local, dense = model.uses_local_attention(sites), model.dense_heads(sites)
+        attention = ("mixed" if dense else "local") if local else "full"
     else:
         attention = "none"
     res = {"seconds": seconds, "file_gb": size, "output_mb": size * 1e3, "attention": attention}
