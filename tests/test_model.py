@@ -227,6 +227,30 @@ def test_attention_dropout_is_the_attn_dropout_setting():
     torch.testing.assert_close(block(x), block(x))
 
 
+def test_input_dropout_drops_embedding_features_in_training_only():
+    """input_dropout zeroes z-scored embedding features (and rescales the rest) while training;
+    in evaluation the model is the one without it."""
+    torch.manual_seed(0)
+    kw = dict(dropout=0.0, attn_dropout=0.0, conditioning_site="hidden", norm_first=True)
+    plain = HistoPrism(small(**kw))
+    dropped = HistoPrism(small(**kw, input_dropout=0.5))
+    dropped.load_state_dict(plain.state_dict())
+    x = inputs()
+    torch.testing.assert_close(dropped.eval()(**x), plain.eval()(**x))
+    plain.train(), dropped.train()
+    torch.testing.assert_close(plain(**x), plain(**x))
+    assert not torch.allclose(dropped(**x), dropped(**x))
+    seen = []
+    dropped.proj.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    dropped(**x)
+    z = (x["features"] - dropped.feature_mean) / dropped.feature_std
+    kept = seen[0] != 0
+    assert 0.3 < kept.float().mean() < 0.7
+    torch.testing.assert_close(seen[0][kept], 2 * z[kept])
+    with pytest.raises(ValueError, match="input_dropout must be in"):
+        small(input_dropout=1.0)
+
+
 def test_hidden_conditioning_starts_as_the_unconditioned_model_and_then_learns_the_type():
     """A fresh model with the cancer type after the projection predicts the same for every type
     (its output layer is zero), so conditioning cannot hurt at the start; one step on a slide

@@ -39,6 +39,9 @@ class ModelConfig:
     cross_heads: int = 4  # cross-attention heads of the conditioning block
     ff_mult: int = 4  # feed-forward width = ff_mult * hidden
     dropout: float = 0.1  # dropout on residual branches, feed-forward and head
+    # dropout on the z-scored embedding before anything reads it: for a linear map this is a
+    # ridge penalty, so the network cannot fit noise in a wide embedding that a ridge would shrink
+    input_dropout: float = 0.0
     attn_dropout: float = 0.1  # dropout on attention weights (0 lets CPU/GPU use fused kernels)
     conditioning: bool = True  # False: the no-conditioning ablation
     context_tokens: int = 1  # tokens per condition; 1 reduces to a learned per-cancer shift
@@ -110,7 +113,7 @@ class ModelConfig:
             raise ValueError(f"neighbours must be an integer >= 0, got {self.neighbours!r}")
         if self.hidden % self.n_heads:
             raise ValueError(f"hidden {self.hidden} is not divisible by n_heads {self.n_heads}")
-        for name in ("dropout", "attn_dropout"):
+        for name in ("dropout", "attn_dropout", "input_dropout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
@@ -471,6 +474,7 @@ class HistoPrism(nn.Module):
         """(B, n, D) -> projection (B, n, H), neighbour projection (B, n, H) or None, ring
         input (B, n, H) or None."""
         x = (features - self.feature_mean) / self.feature_std  # (B, n, D)
+        x = F.dropout(x, self.cfg.input_dropout, self.training)
         cond = self.condition
         if cond is not None and not cond.residual:  # the paper: on the patch embedding
             x = cond(x, condition, context)  # (B, n, D)
