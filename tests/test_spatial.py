@@ -216,6 +216,11 @@ def test_the_spatial_modules_the_rings_replaced_stay_named_variants():
         model = resolve_config(VARIANTS[name].config)[0]
         assert not model["context_rings_um"] and model["site_um"] == 0
         assert {k: model[k] for k in settings_} == settings_
+        assert model["input_dropout"] == 0.0  # as the recipes they were measured with
+    # the default of 0.3.0: today's without input dropout, and nothing else changed
+    before = resolve_config(VARIANTS["no-input-dropout"].config)[0]
+    assert default["input_dropout"] == 0.2 and before == {**default, "input_dropout": 0.0}
+    expected["no-input-dropout"] = {}
     assert not set(expected) & {v.name for v in select_variants(None)}  # only when named
     assert [v.name for v in select_variants(["neighbours-18"])] == ["neighbours-18"]
 

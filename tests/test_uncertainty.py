@@ -206,6 +206,7 @@ def test_mc_dropout_without_dropout_is_the_prediction_plus_noise(
 ):
     def no_dropout(config):
         config["model_config"]["dropout"] = 0.0
+        config["model_config"]["input_dropout"] = 0.0
 
     run = _copy_run(trained_runs["histoprism"], tmp_path / "run", edit=no_dropout)
     out = tmp_path / "pred"

@@ -182,13 +182,14 @@ class Variant:
 
 
 # the default's spatial context before the rings: the mean of each spot's 6 nearest spots, dense
-# attention up to 20,000 spots (local within 400 µm above)
+# attention up to 20,000 spots (local within 400 µm above); no input dropout, as then
 _NEIGHBOUR_MEAN = {
     "neighbours": 6,
     "context_rings_um": [],
     "site_um": 0.0,
     "attention": "auto",
     "attention_radius_um": 400.0,
+    "input_dropout": 0.0,
 }
 
 VARIANTS: dict[str, Variant] = {
@@ -212,6 +213,13 @@ VARIANTS: dict[str, Variant] = {
             "HistoPrism, 4 context tokens",
             "histoprism",
             config={"model": {"context_tokens": 4}},
+        ),
+        Variant(
+            "no-input-dropout",
+            "HistoPrism without input dropout (default of 0.3.0)",
+            "histoprism",
+            config={"model": {"input_dropout": 0.0}},
+            compared_by_default=False,
         ),
         # the spatial modules the rings replaced (docs/recipes.md), named for comparisons
         Variant(

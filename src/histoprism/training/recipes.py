@@ -45,7 +45,8 @@ class TrainConfig:
 # HD-size slide trains on 5,000-spot discs (1.1 mm across at 16 µm bins). Bounds CPU memory: with
 # attention dropout, SDPA falls back to materialising N x N weights (22 GB peak at 8,192 spots).
 # "paper" is the authors' network and training; "default" measured better over many drawn worlds
-# (conditioning site, pre-norm, centred inputs, rings, sites, mixed attention): docs/recipes.md.
+# (conditioning site, pre-norm, centred inputs, rings, sites, mixed attention, input dropout):
+# docs/recipes.md.
 PRESETS: dict[str, tuple[dict, dict]] = {
     "default": (
         dict(
@@ -56,6 +57,7 @@ PRESETS: dict[str, tuple[dict, dict]] = {
             standardize_inputs=True,
             centre_slides=True,
             attn_dropout=0.0,
+            input_dropout=0.2,
             conditioning_site="hidden",
             norm_first=True,
         ),
