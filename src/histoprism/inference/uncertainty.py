@@ -186,9 +186,9 @@ def _dropout_pass(
     predictor: HistoPrismPredictor, slide, unknown_cancer: bool, *, seed: int
 ) -> torch.Tensor:
     """One forward pass with the network's dropout on (input features, residual branches,
-    feed-forward, cancer conditioning, head), attention-weight dropout off (with it SDPA materialises N x N weights);
-    LayerNorm has no train mode, local attention and centring are as in eval. Seeded, and the
-    global random state is left as it was."""
+    feed-forward, cancer conditioning, head), attention-weight dropout off (with it SDPA
+    materialises N x N weights); LayerNorm has no train mode, local attention and centring are
+    as in eval. Seeded, and the global random state is left as it was."""
     model = predictor.model
     blocks = list(model.blocks)
     saved = [b.attn_dropout for b in blocks]
