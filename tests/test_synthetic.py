@@ -19,6 +19,7 @@ from histoprism._core import keys
 from histoprism.expression.genes import bench_hvg
 from histoprism.synthetic import cohort as syn_cohort
 from histoprism.synthetic import slide as syn_slide
+from histoprism.synthetic import tissue as syn_tissue
 from histoprism.synthetic import world as syn_world
 from histoprism.synthetic.ceiling import ceiling_at, ceiling_table
 from histoprism.synthetic.cohort import SyntheticConfig, make_cohort, tiny
@@ -218,6 +219,30 @@ def test_ceiling_aligns_with_st(cohort: Path) -> None:
         assert (ceiling.obs[keys.OBS_CANCER] == code).all()
         assert ceiling.uns[keys.UNS_HISTOPRISM]["model"] == "ceiling"
         assert ceiling.uns[keys.UNS_HISTOPRISM]["units"] == keys.UNITS_LOG1P
+
+
+def test_true_drivers_replay_the_written_slides(cohort: Path) -> None:
+    # the replay must reproduce make_cohort's draws: the true niche of every spot (written to the
+    # ceiling file) is the largest of the replayed composition drivers, barcode by barcode
+    sids = list(_meta(cohort)["id"])
+    drivers = syn_cohort.true_drivers(tiny(), sids[:2])
+    assert list(drivers) == sids[:2]
+    for sid, table in drivers.items():
+        ceiling = _ceiling(cohort, sid)
+        assert list(table.columns) == list(syn_world.VIS_DRIVERS)
+        assert set(table.index) == set(ceiling.obs_names)
+        niches = list(ceiling.obs["niche"].cat.categories)
+        d = table.loc[ceiling.obs_names, niches].to_numpy()
+        k = len(niches)  # undo the standardisation and saturation of the niche shares
+        cap, centre, scale = (
+            syn_tissue.DRIVER_CAP,
+            syn_tissue.DRIVER_CENTRE,
+            syn_tissue.DRIVER_SCALE,
+        )
+        shares = centre[:k] + scale[:k] * cap * np.arctanh(d / cap)
+        np.testing.assert_allclose(shares.sum(1), 1.0, atol=1e-6)
+        assert (np.array(niches)[shares.argmax(1)] == ceiling.obs["niche"].to_numpy()).all()
+        assert np.isfinite(table.to_numpy()).all() and table.to_numpy().std(0).min() > 0
 
 
 def test_ceiling_beats_a_mean_predictor(cohort: Path) -> None:

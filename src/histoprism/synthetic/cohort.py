@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ from ..io.readers.embeddings import write_embeddings
 from .geometry import NICHES, PITCH_UM, UM_PER_PX
 from .slide import simulate_slide
 from .tissue import frame_px, frame_shape
-from .world import CANCERS, ORGANS, SyntheticConfig, draw_world, make_world, tiny
+from .world import CANCERS, ORGANS, VIS_DRIVERS, SyntheticConfig, draw_world, make_world, tiny
 
 log = logging.getLogger(__name__)
 
@@ -248,12 +249,7 @@ def make_cohort(out: str | Path, *, config: SyntheticConfig = BUILT_IN) -> Path:
     """
     cfg, out, start = config, Path(out), time.perf_counter()
     _validate(cfg)
-    world_seq, table_seq, *slide_seqs = np.random.SeedSequence(cfg.seed).spawn(2 + cfg.n_slides)
-    world_rng, table_rng = np.random.default_rng(world_seq), np.random.default_rng(table_seq)
-    world = make_world(cfg, world_rng)
-    shape = frame_shape(cfg)
-    whitelist = _barcode_whitelist(shape[0] * shape[1], world_rng)
-    table = _slide_table(cfg, table_rng)
+    world, shape, whitelist, table, table_rng, slide_seqs = _streams(cfg)
     image_seqs = np.random.SeedSequence([cfg.seed, IMAGE_STREAM]).spawn(cfg.n_slides)
     n_genes, image_s = [], np.zeros(2)
     for i, (slide, seq) in enumerate(zip(table.to_dict("records"), slide_seqs, strict=True)):
@@ -282,6 +278,39 @@ def make_cohort(out: str | Path, *, config: SyntheticConfig = BUILT_IN) -> Path:
     return out
 
 
+def _streams(cfg: SyntheticConfig):
+    """The cohort's world, frame shape, barcode whitelist, slide table, the table's stream (its
+    metadata draws come after the slides) and one seed sequence per slide, as ``make_cohort``
+    draws them: what replaying a cohort needs to reproduce it."""
+    world_seq, table_seq, *slide_seqs = np.random.SeedSequence(cfg.seed).spawn(2 + cfg.n_slides)
+    world_rng, table_rng = np.random.default_rng(world_seq), np.random.default_rng(table_seq)
+    world = make_world(cfg, world_rng)
+    shape = frame_shape(cfg)
+    whitelist = _barcode_whitelist(shape[0] * shape[1], world_rng)
+    table = _slide_table(cfg, table_rng)
+    return world, shape, whitelist, table, table_rng, slide_seqs
+
+
+def true_drivers(
+    config: SyntheticConfig, ids: Iterable[str] | None = None
+) -> dict[str, pd.DataFrame]:
+    """The visible drivers of expression behind a synthetic cohort's slides, which its files do
+    not hold: slide id -> (N, Kd) standardised drivers (``world.VIS_DRIVERS`` columns, indexed
+    by barcode), replayed from ``config`` exactly as ``make_cohort`` drew them. ``ids``: only
+    these slides (default all). For diagnostics: which part of the ceiling a model misses."""
+    world, shape, whitelist, table, _, slide_seqs = _streams(config)
+    wanted = None if ids is None else set(ids)
+    out = {}
+    for slide, seq in zip(table.to_dict("records"), slide_seqs, strict=True):
+        if wanted is not None and slide["id"] not in wanted:
+            continue
+        sim = simulate_slide(world, config, slide, shape, whitelist, np.random.default_rng(seq))
+        out[slide["id"]] = pd.DataFrame(
+            sim["tissue"].drivers, index=sim["barcodes"], columns=list(VIS_DRIVERS)
+        )
+    return out
+
+
 def _write_splits(out: Path, table: pd.DataFrame) -> None:
     for s, name in enumerate(keys.SPLIT_NAMES):
         part = table[table["split"] == s]
@@ -291,4 +320,12 @@ def _write_splits(out: Path, table: pd.DataFrame) -> None:
             frame.to_csv(tmp, index=False)
 
 
-__all__ = ["CANCERS", "NICHES", "SyntheticConfig", "draw_world", "make_cohort", "tiny"]
+__all__ = [
+    "CANCERS",
+    "NICHES",
+    "SyntheticConfig",
+    "draw_world",
+    "make_cohort",
+    "tiny",
+    "true_drivers",
+]
