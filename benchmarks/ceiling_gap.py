@@ -36,6 +36,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import torch
 
 from histoprism._core import keys
@@ -51,6 +52,7 @@ except ImportError:  # pragma: no cover
     from benchmarks.robustness import run_world
 
 HERE = Path(__file__).parent
+SLIDES = 20  # slides per world: the fit and the replay of its drivers must draw the same cohort
 GROUPS = {
     "own": list(range(N_SPOT_DRIVERS)),
     "context": list(range(N_SPOT_DRIVERS, len(VIS_DRIVERS))),
@@ -66,7 +68,9 @@ def _explained(y: np.ndarray, x: np.ndarray) -> np.ndarray:
     return 1.0 - ((y - fit) ** 2).sum(0) / np.maximum((y * y).sum(0), 1e-12)
 
 
-def slide_gap(pred: ad.AnnData, ceiling: ad.AnnData, drivers, genes: list[str]) -> dict:
+def slide_gap(
+    pred: ad.AnnData, ceiling: ad.AnnData, drivers: pd.DataFrame, genes: list[str]
+) -> dict:
     """One slide: shares of the ceiling's within-slide variance over ``genes`` (mean over genes)."""
     genes = [g for g in genes if g in pred.var_names and g in ceiling.var_names]
     spots = ceiling.obs_names
@@ -90,10 +94,10 @@ def world_gap(world: int, models: list[str], work: Path, *, config: str | None, 
     for kw in options.values():
         if config and kw["model"] == "histoprism":
             kw["config"] = config
-    run_world(world, options, work, epochs=None, held_out=False)
+    run_world(world, options, work, epochs=None, held_out=False, n_slides=SLIDES)
     cohort = Cohort(work / "cohort")
     test = cohort.ids("test")
-    drivers = true_drivers(draw_world(world, n_slides=20), test)
+    drivers = true_drivers(draw_world(world, n_slides=SLIDES), test)
     cancers = sorted({cohort.cancer(s) for s in test})
     hvg = train_hvg(cohort, cancers)
     records = []
